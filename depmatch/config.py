@@ -1,0 +1,245 @@
+"""Typed experiment configuration.
+
+An experiment is a tree of dataclasses. YAML files in `configs/` and `--set key=value`
+overrides are merged into it; an unknown key or a value of the wrong type is an error
+that names the key. The defaults are the embedded synthetic RGB-D run that
+`depmatch train` performs with no arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class SynthConfig:
+    """Procedural RGB-D scenes used when `data.root` holds no shards yet."""
+
+    labeled: int = 24  # labeled training images
+    unlabeled: int = 96
+    val: int = 24
+    height: int = 96
+    width: int = 128
+    seed: int = 0
+    depth_mode: str = "true"  # true | constant | random: the control where depth carries no class information
+    samples_per_shard: int = 32
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards/synthetic"  # folder holding manifest.json and the split shards
+    labeled_split: str = "labeled"
+    unlabeled_split: str = "unlabeled"
+    val_split: str = "val"
+    synthesize: bool = True  # build `root` with the synthetic generator when it has no manifest
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    crop_size: int = 98
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    workers: int = 0  # loader processes per rank; 0 decodes in the training process
+    shuffle_buffer: int = 64
+    max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
+    require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_tiny"  # vit_tiny | timm name (vit_small_patch14_dinov2, ...) | dinov2_{s,b,l,g} | resnet50 | resnet101
+    backend: str = "timm"  # timm | transformers (Dinov2Model) | torchvision-free resnet from timm
+    pretrained: Optional[str] = None  # local file or directory; None needs random_init: true
+    random_init: bool = True  # explicit opt-in to untrained encoder weights
+    head: str = "dpt"  # dpt | deeplabv3plus
+    head_features: int = 32  # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G)
+    head_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    intermediate_layers: Optional[tuple[int, ...]] = None  # None: method.md §6 defaults per size
+    drop_path: float = 0.0
+    # vit_tiny only: a randomly initialised DINOv2-shaped ViT small enough for CPU runs
+    tiny_embed_dim: int = 96
+    tiny_depth: int = 4
+    tiny_heads: int = 3
+
+
+@dataclass
+class CDDPConfig:
+    sigma: float = 1.0
+    inter_threshold: float = 1.0
+    inter_weight: float = 1.0  # 0 reproduces the reference code, 1 the paper
+    features: str = "clean"  # clean: extra head pass without dropout; dropped: reuse the perturbed pass
+
+
+@dataclass
+class ULDRConfig:
+    conf_threshold: float = 0.95
+    margin: float = 0.2
+    inter_threshold: float = 1.5
+
+
+@dataclass
+class DepMatchConfig:
+    enabled: bool = True
+    lambda_cddp: float = 0.03
+    lambda_uldr: float = 0.005
+    cddp: CDDPConfig = field(default_factory=CDDPConfig)
+    uldr: ULDRConfig = field(default_factory=ULDRConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # encoder learning rate; scale it with the global batch (docs/training.md)
+    lr_multi: float = 10.0  # head learning rate = lr * lr_multi
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    poly_power: float = 0.9
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    framework: str = "unimatch_v2"  # fixmatch | unimatch | unimatch_v2
+    steps: int = 300
+    batch_size: int = 4  # labeled images per rank per step
+    unlabeled_batch_size: int = 4
+    grad_accum: int = 1
+    conf_threshold: float = 0.95  # teacher confidence for the unlabeled CE
+    ema_decay: float = 0.996
+    labeled_loss: str = "ce"  # ce | ohem
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 200000
+    cutmix_prob: float = 0.5
+    mixed_precision: Optional[str] = None  # no | fp16 | bf16; None leaves it to the launch config
+    seed: int = 0
+    output_dir: str = "runs/synthetic"
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    online_depth_model: Optional[str] = None  # Depth Anything dir: compute depth per step (slow, as the reference)
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "resize"  # resize (Pascal protocol) | sliding (Cityscapes protocol)
+    window: Optional[int] = None  # sliding window size; None uses data.crop_size
+    stride_ratio: float = 2 / 3
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "synthetic"
+    num_classes: int = 6
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    depmatch: DepMatchConfig = field(default_factory=DepMatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _dotted_to_nested(assignment: str) -> dict:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    nested: dict = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML and JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+    values = to_dict(ExperimentConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        values = _merge(values, loaded)
+    for assignment in overrides:
+        values = _merge(values, _dotted_to_nested(assignment))
+    return _build(ExperimentConfig, values)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
