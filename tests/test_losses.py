@@ -1,0 +1,285 @@
+"""CDDP and ULDR against a direct loop over the formulas of method.md §3-§4, plus base losses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from depmatch.losses import cddp_loss, cross_entropy, masked_unlabeled_ce, ohem_cross_entropy, uldr_loss
+
+# ---------------------------------------------------------------- loop references
+
+
+def _resize_grid(features, depth, probs, pseudo_label, ignore, size):
+    """The §2 resampling, done per map exactly as the spec words it."""
+    resized = {}
+    if features is not None:
+        resized["features"] = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
+    resized["depth"] = F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+    if probs is not None:
+        resized["probs"] = F.interpolate(probs, size=size, mode="bilinear", align_corners=True)
+    resized["label"] = F.interpolate(pseudo_label[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    resized["ignore"] = F.interpolate(ignore[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return resized
+
+
+def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, inter_threshold=1.0, inter_weight=1.0):
+    grid = _resize_grid(features, depth, probs, pseudo_label, ignore, size)
+    batch = features.shape[0]
+    total = features.new_zeros(())
+    for b in range(batch):
+        f = grid["features"][b].flatten(1).T  # N×C
+        d = grid["depth"][b].flatten()
+        p = grid["probs"][b].flatten(1).T  # N×K
+        y = grid["label"][b].flatten()
+        v = grid["ignore"][b].flatten() != 255
+        n = f.shape[0]
+        entropy = [-(p[i] * torch.log(p[i] + 1e-10)).sum() for i in range(n)]
+        valid = [i for i in range(n) if v[i]]
+        if not valid:
+            continue
+
+        def dist(i, j):
+            if i == j:
+                return f.new_zeros(())
+            return torch.sqrt(((f[i] - f[j]) ** 2).sum())
+
+        classes = sorted({int(y[i]) for i in valid})
+        intra_values = []
+        for c in classes:
+            members = [i for i in valid if int(y[i]) == c]
+            s = f.new_zeros(())
+            for i in members:
+                for j in members:
+                    w = torch.exp(-((d[i] - d[j]) ** 2) / (2 * sigma**2))
+                    s = s + (dist(i, j) - w) ** 2 * torch.abs(entropy[i] - entropy[j])
+            intra_values.append(s / len(members) ** 2)
+        intra = torch.stack(intra_values).mean()
+        inter_pairs = [(i, j) for i in valid for j in valid if int(y[i]) != int(y[j])]
+        inter = f.new_zeros(())
+        if inter_pairs:
+            for i, j in inter_pairs:
+                gap = torch.abs(d[i] - d[j])
+                if gap > inter_threshold:
+                    inter = inter + (dist(i, j) - gap) ** 2
+            inter = inter / len(inter_pairs)
+        total = total + intra + inter_weight * inter
+    return total / batch
+
+
+def uldr_loop(logits, depth, pseudo_label, ignore, size, conf_threshold=0.95, margin=0.2, inter_threshold=1.5):
+    grid = _resize_grid(logits, depth, None, pseudo_label, ignore, size)
+    batch = logits.shape[0]
+    n = size[0] * size[1]
+    total = logits.new_zeros(())
+    uncertain_classes = set()
+    for b in range(batch):
+        z = grid["features"][b].flatten(1).T  # N×K
+        q = z.softmax(1)
+        d = grid["depth"][b].flatten()
+        y = grid["label"][b].flatten()
+        v = grid["ignore"][b].flatten() != 255
+        uncertain = [i for i in range(n) if v[i] and q[i, int(y[i])] < conf_threshold]
+        uncertain_classes |= {int(y[i]) for i in uncertain}
+        for i in uncertain:
+            for j in uncertain:
+                ci, cj = int(y[i]), int(y[j])
+                gap = torch.abs(d[i] - d[j])
+                if ci == cj and gap < margin:
+                    total = total + 1 - torch.sigmoid(z[i, ci] * z[j, ci])
+                elif ci != cj and gap > inter_threshold:
+                    total = total + torch.sigmoid(z[i, ci] * z[j, cj])
+    return total / (batch * n * max(1, len(uncertain_classes)))
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def make_inputs(seed, batch=2, classes=4, channels=5, height=12, width=15, feat_hw=(6, 8), ignore_fraction=0.2):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, channels, *feat_hw, generator=g, dtype=torch.float64)
+    logits = 3 * torch.randn(batch, classes, height, width, generator=g, dtype=torch.float64)
+    probs = torch.randn(batch, classes, height, width, generator=g, dtype=torch.float64).mul(2).softmax(1)
+    pseudo_label = probs.argmax(1)
+    depth = 4 * torch.rand(batch, height, width, generator=g, dtype=torch.float64)
+    ignore = torch.where(torch.rand(batch, height, width, generator=g) < ignore_fraction, 255, 0).long()
+    return features, logits, probs, pseudo_label, depth, ignore
+
+
+SIZES = [(4, 5), (3, 3), (1, 1), (6, 8)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("size", SIZES)
+def test_cddp_matches_loop(seed, size):
+    features, _, probs, pseudo_label, depth, ignore = make_inputs(seed)
+    kwargs = dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)
+    expected = cddp_loop(features, depth, probs, pseudo_label, ignore, size, **kwargs)
+    got = cddp_loss(features, depth, probs, pseudo_label, ignore, size=size, **kwargs)
+    assert got.shape == ()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("size", SIZES)
+def test_uldr_matches_loop(seed, size):
+    _, logits, _, pseudo_label, depth, ignore = make_inputs(seed)
+    # A low confidence threshold leaves some pixels certain, so both branches of U_c matter.
+    kwargs = dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)
+    expected = uldr_loop(logits, depth, pseudo_label, ignore, size, **kwargs)
+    got = uldr_loss(logits, depth, pseudo_label, ignore, size=size, **kwargs)
+    assert got.shape == ()
+    if size[0] * size[1] > 1:
+        assert expected > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_defaults_match_loop_on_depth_scale_inputs():
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(7)
+    depth = depth * 5  # raw Depth Anything range, where the default thresholds bite
+    torch.testing.assert_close(
+        cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5)),
+        cddp_loop(features, depth, probs, pseudo_label, ignore, (4, 5)),
+        rtol=1e-5,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        uldr_loss(logits, depth, pseudo_label, ignore, size=(5, 6)),
+        uldr_loop(logits, depth, pseudo_label, ignore, (5, 6)),
+        rtol=1e-5,
+        atol=1e-12,
+    )
+
+
+def test_inter_weight_zero_drops_the_inter_term():
+    features, _, probs, pseudo_label, depth, ignore = make_inputs(3)
+    with_inter = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5), inter_weight=1.0)
+    without = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5), inter_weight=0.0)
+    inter_only = cddp_loop(features, depth, probs, pseudo_label, ignore, (4, 5), inter_weight=1.0) - cddp_loop(
+        features, depth, probs, pseudo_label, ignore, (4, 5), inter_weight=0.0
+    )
+    assert inter_only > 0
+    torch.testing.assert_close(with_inter - without, inter_only, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_cddp_gradcheck():
+    features, _, probs, pseudo_label, depth, ignore = make_inputs(4, batch=2, channels=3, height=8, width=8, feat_hw=(4, 4))
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda f: cddp_loss(f, depth, probs, pseudo_label, ignore, size=(4, 4), inter_threshold=0.5), (features,)
+    )
+
+
+def test_uldr_gradcheck():
+    _, logits, _, pseudo_label, depth, ignore = make_inputs(5, batch=2, classes=3, height=8, width=8)
+    logits = (logits / 3).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: uldr_loss(z, depth, pseudo_label, ignore, size=(4, 4), margin=1.0, inter_threshold=1.0), (logits,)
+    )
+
+
+def test_gradient_finite_with_duplicated_features():
+    """Identical feature vectors (distance 0 off the diagonal) must not give NaN gradients."""
+    features = torch.ones(1, 4, 3, 3, dtype=torch.float32, requires_grad=True)
+    depth = torch.rand(1, 6, 6) * 5
+    probs = torch.rand(1, 3, 6, 6).softmax(1)
+    pseudo_label = probs.argmax(1)
+    ignore = torch.zeros(1, 6, 6, dtype=torch.long)
+    loss = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(3, 3))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(features.grad).all()
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+def edge_case_inputs():
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(6, batch=2, classes=3)
+    one_class = torch.zeros_like(pseudo_label)
+    yield "all ignored", features, logits, probs, pseudo_label, depth, torch.full_like(ignore, 255)
+    yield "one class everywhere", features, logits, probs, one_class, depth, torch.zeros_like(ignore)
+    single = torch.full_like(ignore, 255)
+    single[:, 0, 0] = 0
+    yield "one valid pixel", features, logits, probs, pseudo_label, depth, single
+    yield "one image without valid pixel", features, logits, probs, pseudo_label, depth, torch.stack(
+        [torch.full_like(ignore[0], 255), torch.zeros_like(ignore[0])]
+    )
+
+
+@pytest.mark.parametrize("case", list(edge_case_inputs()), ids=lambda case: case[0])
+@pytest.mark.parametrize("size", [(4, 5), (1, 1)])
+def test_edge_cases_finite_and_match_loop(case, size):
+    _, features, logits, probs, pseudo_label, depth, ignore = case
+    features = features.clone().requires_grad_(True)
+    logits = logits.clone().requires_grad_(True)
+    cddp = cddp_loss(features, depth, probs, pseudo_label, ignore, size=size)
+    uldr = uldr_loss(logits, depth, pseudo_label, ignore, size=size)
+    (cddp + uldr).backward()
+    for value in (cddp, uldr, features.grad, logits.grad):
+        assert torch.isfinite(value).all()
+    torch.testing.assert_close(cddp, cddp_loop(features, depth, probs, pseudo_label, ignore, size), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(uldr, uldr_loop(logits, depth, pseudo_label, ignore, size), rtol=1e-5, atol=1e-12)
+
+
+def test_all_ignored_gives_exact_zero():
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(8)
+    ignore = torch.full_like(ignore, 255)
+    assert cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 4)).item() == 0.0
+    assert uldr_loss(logits, depth, pseudo_label, ignore, size=(4, 4)).item() == 0.0
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(9)
+    reference = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5))
+    half = cddp_loss(features.bfloat16(), depth.float(), probs.float(), pseudo_label, ignore, size=(4, 5))
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), reference, rtol=2e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------- base losses
+
+
+def test_cross_entropy_ignores_255():
+    logits = torch.randn(2, 3, 4, 4)
+    label = torch.randint(0, 3, (2, 4, 4))
+    label[0, 0] = 255
+    valid = label != 255
+    log_probs = logits.log_softmax(1)
+    expected = -log_probs.gather(1, label.clamp(max=2)[:, None])[:, 0][valid].mean()
+    torch.testing.assert_close(cross_entropy(logits, label), expected)
+
+
+def test_ohem_keeps_hard_pixels_and_at_least_min_kept():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 8, 8) * 3
+    label = torch.randint(0, 3, (1, 8, 8))
+    label[0, :2] = 255
+    probs = logits.softmax(1).gather(1, label.clamp(max=2)[:, None])[:, 0].flatten()
+    losses = F.cross_entropy(logits, label, ignore_index=255, reduction="none").flatten()
+    valid = label.flatten() != 255
+    # Few min_kept: exactly the pixels at or below the threshold.
+    hard = valid & (probs <= 0.7)
+    torch.testing.assert_close(ohem_cross_entropy(logits, label, thresh=0.7, min_kept=1), losses[hard].mean())
+    # Large min_kept: the min_kept hardest valid pixels.
+    min_kept = int(valid.sum()) - 3
+    order = probs[valid].sort().values
+    kept = valid & (probs <= order[min_kept - 1])
+    torch.testing.assert_close(ohem_cross_entropy(logits, label, thresh=0.0, min_kept=min_kept), losses[kept].mean())
+
+
+def test_masked_unlabeled_ce_divides_by_valid_pixels():
+    logits = torch.randn(2, 3, 5, 5)
+    pseudo = torch.randint(0, 3, (2, 5, 5))
+    confidence = torch.rand(2, 5, 5)
+    ignore = torch.zeros(2, 5, 5, dtype=torch.long)
+    ignore[1, :, :2] = 255
+    losses = F.cross_entropy(logits, pseudo, reduction="none")
+    valid = ignore != 255
+    expected = losses[(confidence >= 0.5) & valid].sum() / valid.sum()
+    torch.testing.assert_close(masked_unlabeled_ce(logits, pseudo, confidence, ignore, 0.5), expected)
+    assert not math.isnan(masked_unlabeled_ce(logits, pseudo, confidence, torch.full_like(ignore, 255), 0.5).item())
