@@ -1,0 +1,5 @@
+import sys
+
+from depmatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""One trainer for every framework: build, then `train()` runs steps, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from depmatch.config import ExperimentConfig, save_config
+from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
+from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
+from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student
+from depmatch.engine.ema import EMATeacher
+from depmatch.engine.metrics_log import MetricLog
+from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
+from depmatch.evaluation.evaluate import evaluate
+from depmatch.frameworks import build_framework
+from depmatch.frameworks.cutmix import mix_with_partner
+from depmatch.frameworks.depmatch import DepMatch
+from depmatch.frameworks.objective import semi_supervised_loss
+from depmatch.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: ExperimentConfig, resume: Optional[str] = None, dataset: Optional[dict] = None):
+        """`dataset` is the shards' manifest; `resume` a checkpoint folder or "latest"."""
+        self.config = config
+        self.accelerator = build_accelerator(config)
+        set_seed(config.train.seed, device_specific=True)
+        self.classes = {"names": dataset["classes"], "palette": dataset["palette"]} if dataset else {}
+
+        self.framework = build_framework(config.train.framework)
+        self.depmatch = DepMatch(config.depmatch)
+        student = build_model(config.model, config.num_classes)
+        # The EMA teacher copies the plain student before DeepSpeed or FSDP can shard it.
+        self.teacher = EMATeacher(student, config.train.ema_decay) if self.framework.ema_teacher else None
+        optimizer = build_optimizer(student, config.optim)
+        self.student, self.optimizer = prepare_student(self.accelerator, student, optimizer, config)
+        if self.teacher is not None:
+            self.teacher.model.to(self.accelerator.device)
+        self.input_dtype = input_dtype(self.student)
+
+        self.state = TrainerState()
+        checkpoint = self._resolve_resume(resume)
+        if checkpoint is not None:
+            self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
+            logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        self.nonfinite_in_a_row = 0
+
+    def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+        if resume is None:
+            return None
+        if resume == "latest":
+            found = latest_checkpoint(self.config.train.output_dir)
+            if found is None:
+                logger.info("no checkpoint under %s: starting from scratch", self.config.train.output_dir)
+            return found
+        return Path(resume)
+
+    # ------------------------------------------------------------------ data
+
+    def batch_generator(self) -> Iterator[tuple[dict, dict]]:
+        """(labeled, unlabeled) micro-batches on the device, continuing from the checkpointed position."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        consumed = self.state.step * self.config.train.grad_accum
+        labeled = build_labeled_loader(self.config, rank, world, start_step=consumed)
+        unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
+        for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
+            yield self._to_device(labeled_batch), self._to_device(unlabeled_batch)
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.accelerator.device
+        moved = {}
+        for name, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            value = value.to(device, non_blocking=True)
+            moved[name] = value.to(self.input_dtype) if name.startswith("image") else value
+        return moved
+
+    # ------------------------------------------------------------------ step
+
+    def forward_backward_step(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        strong = [
+            mix_with_partner(unlabeled[f"image_strong{view}"], unlabeled[f"cutmix_box{view}"])
+            for view in range(1, self.framework.strong_views + 1)
+        ]
+        with self.accelerator.autocast():
+            predictions = self.framework.predict(
+                self.student, self.teacher, labeled["image"], unlabeled["image_weak"], strong, self.depmatch.wants_clean_features
+            )
+            loss, parts = semi_supervised_loss(
+                predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
+            )
+        # Agree across ranks before skipping, or one rank would wait forever in backward.
+        finite = self.accelerator.reduce(torch.isfinite(loss).float(), "min").item() == 1.0
+        if not finite:
+            return {}
+        self.accelerator.backward(loss)
+        if self.config.optim.grad_clip > 0 and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+    def train_step(self, batches: Iterator[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+        lr = poly_lr(self.config.optim, self.state.step, self.config.train.steps)
+        set_lr(self.optimizer, lr, self.config.optim.lr_multi)
+        step_parts: dict[str, torch.Tensor] = {}
+        for _ in range(self.config.train.grad_accum):
+            labeled, unlabeled = next(batches)
+            with self.accelerator.accumulate(self.student):
+                parts = self.forward_backward_step(labeled, unlabeled)
+            if not parts:
+                self._count_nonfinite()
+                continue
+            self.nonfinite_in_a_row = 0
+            step_parts = parts
+        if self.teacher is not None:
+            self.teacher.update(self.accelerator.unwrap_model(self.student), self.state.step)
+        self.state.step += 1
+        return step_parts
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite_in_a_row += 1
+        logger.warning("non-finite loss at step %d: skipped (%d in a row)", self.state.step, self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: lower optim.lr, "
+                "use mixed_precision bf16 rather than fp16, or set optim.grad_clip"
+            )
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def validate(self) -> dict[str, float]:
+        """mIoU of the student and, when there is one, the EMA teacher."""
+        models = {"student": self.accelerator.unwrap_model(self.student)}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher.model
+        results = {}
+        for name, model in models.items():
+            was_training = model.training
+            model.eval()
+            loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
+            with self.accelerator.autocast():
+                result = evaluate(model, loader, self.config.num_classes, self.config.eval, self.accelerator)
+            model.train(was_training)
+            results[name] = result["miou"]
+        return results
+
+    def _evaluate_and_keep_best(self, log: MetricLog) -> dict[str, float]:
+        results = self.validate()
+        log.write({"step": self.state.step, **{f"miou_{name}": value for name, value in results.items()}})
+        best_name = max(results, key=results.get)
+        if results[best_name] > self.state.best_miou:
+            self.state.best_miou, self.state.best_step, self.state.best_model = results[best_name], self.state.step, best_name
+            save_best(self.accelerator, self.student, self.teacher, results, self.state, self.config, self.classes)
+        return results
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict[str, float]:
+        config = self.config.train
+        if self.accelerator.is_main_process:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            save_config(self.config, Path(config.output_dir) / "config.yaml")
+        self.accelerator.init_trackers(self.config.name)
+        images_per_step = (config.batch_size + config.unlabeled_batch_size) * config.grad_accum
+        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step)
+        self.student.train()
+        batches = self.batch_generator()
+        results: dict[str, float] = {}
+        try:
+            while self.state.step < config.steps:
+                parts = self.train_step(batches)
+                if parts:
+                    log.add(parts)
+                log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
+                done = self.state.step == config.steps
+                if done or self.state.step % config.eval_every == 0:
+                    results = self._evaluate_and_keep_best(log)
+                if done or self.state.step % config.checkpoint_every == 0:
+                    save_checkpoint(self.accelerator, self.student, self.teacher, self.state, self.config, self.classes)
+        finally:
+            log.close()
+            self.accelerator.end_training()
+        return results
+
