@@ -1,0 +1,146 @@
+"""Measure one benchmark configuration in this process: `python -m depmatch.bench.step SPEC_JSON OUT_JSON`.
+
+The orchestrator (`depmatch bench`) runs every configuration in its own process, so that
+accelerate/DeepSpeed state and the peak-memory counters start clean each time.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
+from depmatch.config import load_config
+
+
+def synthetic_batches(config, device) -> tuple[dict, dict]:
+    """Random labeled and unlabeled batches with the loader's shapes (docs/architecture.md)."""
+    generator = torch.Generator().manual_seed(0)
+    size, classes = config.data.crop_size, config.num_classes
+    labeled_batch, unlabeled_batch = config.train.batch_size, config.train.unlabeled_batch_size
+
+    def images(batch):
+        return torch.randn(batch, 3, size, size, generator=generator)
+
+    def box(batch):
+        boxes = torch.zeros(batch, size, size, dtype=torch.long)
+        boxes[:, size // 4 : size // 2, size // 3 : 2 * size // 3] = 1
+        return boxes
+
+    labeled = {"image": images(labeled_batch), "label": torch.randint(0, classes, (labeled_batch, size, size), generator=generator)}
+    unlabeled = {
+        "image_weak": images(unlabeled_batch),
+        "image_strong1": images(unlabeled_batch),
+        "image_strong2": images(unlabeled_batch),
+        "ignore": torch.zeros(unlabeled_batch, size, size, dtype=torch.long),
+        "depth": torch.rand(unlabeled_batch, size, size, generator=generator) * 20,
+        "cutmix_box1": box(unlabeled_batch),
+        "cutmix_box2": box(unlabeled_batch),
+    }
+    return labeled, unlabeled
+
+
+def overrides_for(spec: dict) -> list[str]:
+    overrides = [f"model.{key}={json.dumps(value)}" for key, value in ENCODER_PRESETS[spec["encoder"]].items()]
+    overrides += [
+        "model.random_init=true",
+        "model.pretrained=null",
+        f"train.framework={spec['framework']}",
+        f"depmatch.enabled={str(spec['depmatch']).lower()}",
+        f"data.crop_size={spec['crop']}",
+        f"train.batch_size={spec['batch']}",
+        f"train.unlabeled_batch_size={spec['batch']}",
+        f"train.output_dir={spec['output_dir']}",
+        f"num_classes={spec['num_classes']}",
+    ]
+    if spec["precision"] != "no":
+        overrides.append(f"train.mixed_precision={spec['precision']}")
+    return overrides + spec.get("extra", [])
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process high-water mark
+
+
+def measure(spec: dict) -> dict:
+    from depmatch.engine.trainer import Trainer
+
+    config = load_config(None, overrides_for(spec))
+    trainer = Trainer(config)
+    device = trainer.accelerator.device
+    labeled, unlabeled = (trainer._to_device(batch) for batch in synthetic_batches(config, device))
+
+    def step():
+        with trainer.accelerator.accumulate(trainer.student):
+            trainer.forward_backward_step(labeled, unlabeled)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(spec["warmup"]):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    step_time = sorted(times)[len(times) // 2]
+    images = config.train.batch_size + config.train.unlabeled_batch_size  # labeled + unlabeled images per step
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_tflops(device_name)
+    achieved = flops / step_time / 1e12
+    return {
+        **{k: spec[k] for k in ("encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
+        "device": device_name,
+        "step_time_s": step_time,
+        "images_per_s": images / step_time,
+        "peak_memory_gib": peak_memory_gib(device),
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": achieved,
+        "mfu": achieved / peak if peak else None,
+    }
+
+
+def train_and_evaluate(spec: dict) -> dict[str, float]:
+    """mIoU of the student and teacher after `train_steps` steps on the shards in `spec["shards"]`."""
+    from depmatch.engine.trainer import Trainer
+    from depmatch.train import prepare_dataset
+
+    steps = spec["train_steps"]
+    config = load_config(
+        None,
+        overrides_for(spec)
+        + [
+            f"data.root={spec['shards']}",
+            f"data.synthesize={str(spec['synthesize']).lower()}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+        ],
+    )
+    return Trainer(config, dataset=prepare_dataset(config)).train()
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    result = measure(spec)
+    if spec.get("train_steps"):
+        result.update({f"miou_{name}": value for name, value in train_and_evaluate(spec).items()})
+    with open(sys.argv[2], "w") as handle:
+        json.dump(result, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
