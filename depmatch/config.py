@@ -63,6 +63,8 @@ class ModelConfig:
     head_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     intermediate_layers: Optional[tuple[int, ...]] = None  # None: method.md §6 defaults per size
     drop_path: float = 0.0
+    output_stride: int = 16  # resnet only: 8 or 16, the last stages dilated instead of strided (as UniMatch)
+    grad_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, ~30% slower
     # vit_tiny only: a randomly initialised DINOv2-shaped ViT small enough for CPU runs
     tiny_embed_dim: int = 96
     tiny_depth: int = 4
