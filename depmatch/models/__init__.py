@@ -1,0 +1,6 @@
+"""Segmentation models: encoders (timm / transformers ViT, timm ResNet), heads (DPT, DeepLabV3+), weights."""
+
+from depmatch.models.segmenter import SegmentationModel, build_model
+from depmatch.models.weights import WeightsError
+
+__all__ = ["SegmentationModel", "WeightsError", "build_model"]

@@ -1,0 +1,81 @@
+"""The segmentation model: encoder + head, with the feature perturbations of the frameworks.
+
+Contract (docs/architecture.md): `model(images, perturbation, clean_features) -> dict` with
+"logits" at input size, "features" for CDDP, "logits_fp" for UniMatch's dropout branch and
+"clean_features" for UniMatch V2's unperturbed head pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depmatch.config import ConfigError, ModelConfig
+from depmatch.models.deeplab import DeepLabV3PlusHead
+from depmatch.models.dpt import DPTHead
+from depmatch.models.encoders import build_encoder
+from depmatch.models.perturbations import complementary_dropout, with_dropped_copy
+
+PERTURBATIONS = ("none", "dropout", "complementary")
+
+
+class SegmentationModel(nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.patch_size = encoder.patch_size
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(encoder parameters, head parameters): the trainer gives the head lr × lr_multi."""
+        return list(self.encoder.parameters()), list(self.head.parameters())
+
+    def _logits(self, features: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        logits = self.head.classifier(features)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+    def forward(
+        self, images: torch.Tensor, perturbation: str = "none", clean_features: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """images N×3×H×W -> {"logits": N×K×H×W, "features": N×C×Hf×Wf, ...}.
+
+        perturbation="dropout" adds "logits_fp" (Dropout2d on the encoder maps; the other
+        outputs are unperturbed). perturbation="complementary" expects two views concatenated
+        along the batch and returns the dropped pass. clean_features=True adds "clean_features",
+        the head's features without any perturbation (an extra head pass only when complementary).
+        """
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        size = images.shape[-2:]
+        feature_maps = self.encoder(images)
+        if perturbation == "dropout":
+            # One head pass over clean and dropped maps together, as UniMatch does.
+            features, dropped_features = self.head.decode(with_dropped_copy(feature_maps)).chunk(2)
+            output = {"logits_fp": self._logits(dropped_features, size)}
+        elif perturbation == "complementary":
+            features = self.head.decode(complementary_dropout(feature_maps))
+            output = {"clean_features": self.head.decode(feature_maps)} if clean_features else {}
+        else:
+            features = self.head.decode(feature_maps)
+            output = {}
+        output.update(logits=self._logits(features, size), features=features)
+        if clean_features:
+            output.setdefault("clean_features", features)
+        return output
+
+
+def build_head(config: ModelConfig, encoder: nn.Module, num_classes: int) -> nn.Module:
+    if config.head == "dpt":
+        return DPTHead(
+            encoder.channels, encoder.reductions, num_classes, config.head_features, config.head_out_channels
+        )
+    if config.head == "deeplabv3plus":
+        return DeepLabV3PlusHead(encoder.channels, encoder.reductions, num_classes)
+    raise ConfigError(f"model.head: expected dpt or deeplabv3plus, got {config.head}")
+
+
+def build_model(model_config: ModelConfig, num_classes: int) -> SegmentationModel:
+    """Encoder (weights loaded from model.pretrained, or random on request) + a fresh head."""
+    encoder = build_encoder(model_config)
+    return SegmentationModel(encoder, build_head(model_config, encoder, num_classes))

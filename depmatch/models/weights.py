@@ -1,0 +1,140 @@
+"""Pretrained encoder weights, from local files only.
+
+Three formats: a timm-style state dict (`.safetensors`, or `.pth`/`.pt`/`.bin` read with
+`torch.load(weights_only=True)` so an untrusted file cannot run code), Meta's original
+DINOv2 `.pth` (converted to timm names by timm's own filter), and a transformers
+directory for `backend: transformers`. A file that does not fit the model is an error
+that lists the keys, never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from depmatch.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_KEYS_LISTED = 20  # longer key lists are cut so the error stays readable
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are not configured, missing, unreadable, or do not fit the model."""
+
+
+def pretrained_source(config: ModelConfig) -> Optional[Path]:
+    """The local weights path to load, or None for an explicitly requested random init."""
+    if config.pretrained:
+        return Path(config.pretrained).expanduser()
+    if config.random_init:
+        logger.warning("encoder %s is randomly initialised (model.random_init: true)", config.encoder)
+        return None
+    raise WeightsError(
+        f"encoder {config.encoder} has no weights: set model.pretrained to a local weights file or "
+        "directory, or set model.random_init: true to train from random initialisation"
+    )
+
+
+def read_state_dict(path: Path) -> StateDict:
+    """Tensors of a `.safetensors` or torch-pickle file; `model`/`state_dict` wrappers are unwrapped."""
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path), device="cpu")
+        if path.suffix in _TORCH_SUFFIXES:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise WeightsError(f"{path}: unsupported weights format (use .safetensors, {', '.join(_TORCH_SUFFIXES)})")
+    except WeightsError:
+        raise
+    except Exception as error:  # safetensors, pickle and zip errors share no base class
+        raise WeightsError(f"cannot read pretrained weights {path}: {error}") from error
+    for wrapper in ("model", "state_dict"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return loaded
+
+
+def _listed(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_KEYS_LISTED])
+    return shown + (f", ... ({len(keys) - _KEYS_LISTED} more)" if len(keys) > _KEYS_LISTED else "")
+
+
+def _check_fit(path: Path, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
+    problems = [
+        f"{label}: {_listed(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise WeightsError(f"pretrained weights {path} do not fit the encoder; " + "; ".join(problems))
+
+
+def load_state_dict_file(
+    module: nn.Module,
+    path: Path,
+    *,
+    convert: Optional[Callable[[StateDict], StateDict]] = None,
+    unused_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Load a weights file into `module`, all keys and shapes matching.
+
+    `convert` maps foreign key names to the module's; `unused_prefixes` are keys the file may
+    carry that the encoder has no use for (an ImageNet classifier).
+    """
+    state_dict = read_state_dict(path)
+    if convert is not None:
+        try:
+            state_dict = convert(state_dict)
+        except Exception as error:  # a foreign layout can break the converter anywhere
+            raise WeightsError(f"cannot convert pretrained weights {path}: {error}") from error
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected and not k.startswith(unused_prefixes))
+    mismatched = sorted(
+        f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    _check_fit(path, missing, unexpected, mismatched)
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected})
+    logger.info("loaded encoder weights from %s", path)
+
+
+def load_transformers_dinov2(path: Path, **config_overrides) -> nn.Module:
+    """`Dinov2Model` from a local `save_pretrained` directory, every weight accounted for."""
+    from transformers import Dinov2Model
+
+    if not path.is_dir():
+        raise WeightsError(f"backend transformers needs a local Dinov2Model directory; {path} is not a directory")
+    try:
+        # ignore_mismatched_sizes only makes transformers report mismatches instead of raising
+        # a bare RuntimeError; any mismatch is still refused below, with its keys.
+        model, info = Dinov2Model.from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **config_overrides
+        )
+    except Exception as error:  # transformers raises OSError, ValueError or RuntimeError
+        raise WeightsError(f"cannot load a Dinov2Model from {path}: {error}") from error
+    # The encoder drops the masked-image-modelling token, so a file may or may not hold it; a
+    # classification checkpoint may carry its classifier. Neither is a misfit.
+    missing = sorted(k for k in info["missing_keys"] if "mask_token" not in k)
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("classifier."))
+    mismatched = sorted(
+        f"{k} (file {tuple(file_shape)}, model {tuple(model_shape)})"
+        for k, file_shape, model_shape in info["mismatched_keys"]
+    )
+    _check_fit(path, missing, unexpected, mismatched)
+    logger.info("loaded Dinov2Model weights from %s", path)
+    return model
