@@ -1,0 +1,70 @@
+"""The shard dataset on disk (or behind a URL): names, checksums and `manifest.json`.
+
+See docs/shards.md for the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import webdataset as wds
+
+from depmatch import __version__
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
+SPLITS = ("labeled", "unlabeled", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root) or str(root).startswith("pipe:")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=1))
+    os.replace(temporary, path)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a shard dataset: a local folder or a URL prefix readable by webdataset."""
+    location = f"{str(root).rstrip('/')}/{MANIFEST_NAME}"
+    if not is_url(root) and not Path(location).is_file():
+        raise FileNotFoundError(
+            f"{location} does not exist: build the shards first "
+            "(`depmatch shards build ...` or `depmatch shards synth --out ...`)"
+        )
+    with wds.gopen(location) as stream:
+        return json.loads(stream.read())
+
+
+def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
+    """Paths (or URLs) of the shards of one split, in manifest order."""
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} is not in {root}/{MANIFEST_NAME} (has {sorted(manifest['splits'])})")
+    prefix = str(root).rstrip("/")
+    return [f"{prefix}/{shard['name']}" for shard in manifest["splits"][split]["shards"]]
+
+
+def depth_manifest_entry(description: dict) -> dict:
+    """The manifest's `depth` entry: how depth was made and, when there is some, how it is stored."""
+    if description["source"] == "none":
+        return dict(description)
+    return {**description, "dtype": "float16", "units": "relative inverse depth (larger = closer)"}

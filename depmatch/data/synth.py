@@ -1,0 +1,203 @@
+"""Procedural RGB-D street-like scenes: the embedded default dataset and the CPU benchmark
+where depth should matter.
+
+Six classes. `box_near` and `box_far` share colours, texture and size range and differ
+only in the depth they sit at, so appearance alone cannot separate them; the side wall
+and the ground span a large depth range. Depth is disparity-like, in about [0, 20]
+(larger = closer), as Depth Anything outputs. Every scene is a function of
+(seed, split, index) alone. `depth_mode` replaces the stored depth by a control that
+carries no class information (`constant`, `random`) while images and labels stay the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from depmatch.config import SynthConfig
+from depmatch.data.codec import encode_depth, encode_png
+from depmatch.data.shards import BUILDER_VERSION, MANIFEST_NAME, depth_manifest_entry, read_manifest
+from depmatch.data.writer import ShardPlan, plan_shards, write_dataset
+
+SYNTH_CLASSES = ("sky", "ground", "wall", "box_near", "box_far", "pillar")
+SKY, GROUND, WALL, BOX_NEAR, BOX_FAR, PILLAR = range(len(SYNTH_CLASSES))
+SYNTH_PALETTE = [[70, 130, 180], [128, 64, 128], [102, 102, 156], [0, 0, 142], [0, 142, 142], [220, 20, 60]]
+DEPTH_MODES = ("true", "constant", "random")
+SPLIT_STREAMS = {"labeled": 0, "unlabeled": 1, "val": 2}
+MAX_DISPARITY = 20.0
+CONSTANT_DISPARITY = 5.0
+BOX_COLOURS = ((60, 150, 90), (70, 120, 170), (150, 140, 60))
+OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
+
+
+def _ground_row(disparity, horizon: float, height: int):
+    """Image row where the ground plane has `disparity` (linear in the row for a flat ground)."""
+    return horizon + (disparity - 0.5) / 19.0 * (height - horizon)
+
+
+def _bricks(rows: np.ndarray, columns: np.ndarray, course_height) -> np.ndarray:
+    """1 on bricks, 0 on mortar, with courses of `course_height` pixels offset by half a brick."""
+    course = np.floor(rows / course_height)
+    along = columns / (2.5 * course_height) + 0.5 * (course % 2)
+    mortar = ((rows / course_height) % 1 < 0.15) | (along % 1 < 0.08)
+    return (~mortar).astype(np.float32)
+
+
+class _Canvas:
+    def __init__(self, height: int, width: int):
+        self.rows = np.arange(height, dtype=np.float32)[:, None]
+        self.columns = np.arange(width, dtype=np.float32)[None, :]
+        self.image = np.zeros((height, width, 3), np.float32)
+        self.label = np.full((height, width), SKY, np.uint8)
+        self.depth = np.zeros((height, width), np.float32)
+
+    def paint(self, mask, class_index: int, rgb, disparity) -> None:
+        mask = np.broadcast_to(mask, self.label.shape)
+        self.image[mask] = np.broadcast_to(rgb, self.image.shape)[mask]
+        self.label[mask] = class_index
+        self.depth[mask] = np.broadcast_to(disparity, self.depth.shape)[mask]
+
+
+def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+    height = canvas.label.shape[0]
+    top = np.array([60, 110, 200], np.float32) * rng.uniform(0.85, 1.1)
+    bottom = np.array([180, 205, 235], np.float32)
+    blend = np.clip(canvas.rows / horizon, 0, 1)[..., None]
+    canvas.paint(True, SKY, top + (bottom - top) * blend, 0.3)
+    disparity = 0.5 + 19.0 * np.clip((canvas.rows - horizon) / (height - horizon), 0, 1)
+    # A perspective checkerboard: ground-plane coordinates are (x / disparity, 1 / disparity).
+    world_x = (canvas.columns - canvas.label.shape[1] / 2) / disparity * 0.6
+    world_z = 30.0 / disparity
+    checker = (np.floor(world_x) + np.floor(world_z)) % 2
+    colour = np.array([120, 100, 80], np.float32) * rng.uniform(0.8, 1.2, 3)
+    shade = (0.85 + 0.15 * checker) * (0.65 + 0.35 * disparity / MAX_DISPARITY)
+    canvas.paint(canvas.rows >= horizon, GROUND, colour * shade[..., None], disparity)
+
+
+def _walls(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+    height, width = canvas.label.shape
+    colour = np.array([170, 150, 130], np.float32) * rng.uniform(0.85, 1.15, 3)
+    if rng.random() < 0.7:  # a side wall receding from the image edge: a large depth range
+        near, far = rng.uniform(12, 19), rng.uniform(1.5, 3.0)
+        extent = rng.uniform(0.15, 0.4) * width
+        from_edge = canvas.columns if rng.random() < 0.5 else width - 1 - canvas.columns
+        disparity = far + (near - far) * np.clip(1 - from_edge / extent, 0, 1)
+        top = horizon - disparity * rng.uniform(0.8, 1.6) * height / MAX_DISPARITY
+        mask = (from_edge < extent) & (canvas.rows >= top) & (canvas.rows < _ground_row(disparity, horizon, height))
+        bricks = _bricks(canvas.rows - horizon, from_edge, np.maximum(disparity * 0.4, 1.0))
+        shade = (0.75 + 0.25 * bricks) * (0.6 + 0.4 * disparity / MAX_DISPARITY)
+        canvas.paint(mask, WALL, colour * shade[..., None], disparity)
+    if rng.random() < 0.6:  # a back wall facing the camera
+        disparity = rng.uniform(2.0, 5.0)
+        left = rng.uniform(0, 0.6) * width
+        right = left + rng.uniform(0.3, 0.6) * width
+        bottom = _ground_row(disparity, horizon, height)
+        top = bottom - rng.uniform(0.2, 0.45) * height
+        mask = (canvas.columns >= left) & (canvas.columns < right) & (canvas.rows >= top) & (canvas.rows < bottom)
+        shade = 0.7 + 0.2 * _bricks(canvas.rows, canvas.columns, 3.0)
+        canvas.paint(mask, WALL, colour * shade[..., None], disparity)
+
+
+def _objects(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+    height, width = canvas.label.shape
+    classes = rng.choice([BOX_NEAR, BOX_FAR, PILLAR], size=rng.integers(2, 6))
+    disparities = [rng.uniform(*OBJECT_DISPARITY[c]) for c in classes]
+    for class_index, disparity in sorted(zip(classes, disparities), key=lambda pair: pair[1]):  # far first
+        if class_index == PILLAR:
+            object_width, object_height = rng.uniform(0.03, 0.07) * width, rng.uniform(0.3, 0.7) * height
+        else:  # near and far boxes draw their size from the same range: only depth tells them apart
+            object_width, object_height = rng.uniform(0.1, 0.3) * width, rng.uniform(0.12, 0.35) * height
+        bottom = _ground_row(disparity, horizon, height) + rng.uniform(-0.1, 0.1) * height
+        left = rng.uniform(-0.1, 0.9) * width
+        across = (canvas.columns - left) / object_width  # 0..1 over the object's width
+        mask = (across >= 0) & (across < 1) & (canvas.rows >= bottom - object_height) & (canvas.rows < bottom)
+        if class_index == PILLAR:
+            rgb = np.array([200, 70, 40], np.float32) * (0.55 + 0.45 * np.sin(np.pi * np.clip(across, 0, 1)))[..., None]
+            object_disparity = np.full_like(across, disparity)
+        else:
+            stripes = ((canvas.rows + canvas.columns) // 6) % 2
+            vertical_shade = 1.0 - 0.25 * np.clip((canvas.rows - bottom + object_height) / object_height, 0, 1)
+            colour = np.array(BOX_COLOURS[rng.integers(len(BOX_COLOURS))], np.float32)
+            rgb = colour * ((0.85 + 0.15 * stripes) * vertical_shade)[..., None]
+            object_disparity = disparity + rng.uniform(-0.6, 0.6) * (across - 0.5)  # a slightly turned face
+        nearer_wall = (canvas.label == WALL) & (canvas.depth > object_disparity)
+        canvas.paint(mask & ~nearer_wall, int(class_index), rgb, object_disparity)
+
+
+def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: uint8 H×W×3 image, uint8 H×W label, float32 H×W disparity."""
+    canvas = _Canvas(height, width)
+    horizon = rng.uniform(0.3, 0.5) * height
+    _sky_and_ground(canvas, rng, horizon)
+    _walls(canvas, rng, horizon)
+    _objects(canvas, rng, horizon)
+    image = canvas.image * rng.uniform(0.75, 1.15) + rng.normal(0, 3.0, canvas.image.shape)
+    depth = canvas.depth + rng.normal(0, 0.05, canvas.depth.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), canvas.label, np.clip(depth, 0, MAX_DISPARITY).astype(np.float32)
+
+
+def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """The stored depth: the scene's own (`true`) or a control without class information."""
+    if mode == "true":
+        return depth
+    if mode == "constant":
+        return np.full_like(depth, CONSTANT_DISPARITY)
+    if mode == "random":  # smooth, so it looks like depth, but independent of the scene
+        coarse = rng.uniform(0, MAX_DISPARITY, (4, 6)).astype(np.float32)
+        return np.array(Image.fromarray(coarse).resize(depth.shape[::-1], Image.BILINEAR))
+    raise ValueError(f"synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {mode!r}")
+
+
+def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene `index` of `split`: (image, label, stored depth), deterministic from synth.seed."""
+    stream = SPLIT_STREAMS[split]
+    image, label, depth = render_scene(np.random.default_rng([synth.seed, stream, index]), synth.height, synth.width)
+    # The control draws from its own generator so images and labels are the same in every mode.
+    control_rng = np.random.default_rng([synth.seed, stream, index, 1])
+    return image, label, control_depth(depth, synth.depth_mode, control_rng)
+
+
+def _samples(plan: ShardPlan, synth: SynthConfig) -> Iterator[tuple[str, dict[str, bytes]]]:
+    for index in plan.items:
+        image, label, depth = synthetic_sample(synth, plan.split, index)
+        meta = {"source": f"synthetic seed {synth.seed} {plan.split} {index}", "width": synth.width,
+                "height": synth.height, "dataset": "synthetic", "split": plan.split}
+        fields = {"png": encode_png(image), "depth.npy": encode_depth(depth), "json": json.dumps(meta).encode()}
+        if plan.split != "unlabeled":
+            fields["label.png"] = encode_png(label)
+        yield f"{plan.split}_{index:06d}", fields
+
+
+def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> Path:
+    """Build the synthetic dataset into `root` unless its manifest already matches `synth`.
+
+    Call it from one process (the main one) before the others read the shards.
+    """
+    if num_classes != len(SYNTH_CLASSES):
+        raise ValueError(f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}")
+    if synth.depth_mode not in DEPTH_MODES:
+        raise ValueError(f"synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {synth.depth_mode!r}")
+    path = Path(root)
+    settings = dataclasses.asdict(synth)
+    if (path / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path)
+        if manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION:
+            return path
+    counts = {"labeled": synth.labeled, "unlabeled": synth.unlabeled, "val": synth.val}
+    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard, settings)
+    manifest_fields = {
+        "dataset": "synthetic",
+        "num_classes": len(SYNTH_CLASSES),
+        "classes": list(SYNTH_CLASSES),
+        "palette": SYNTH_PALETTE,
+        "ignore_index": 255,
+        "depth": depth_manifest_entry({"source": "synthetic", "mode": synth.depth_mode}),
+        "synth": settings,
+    }
+    write_dataset(path, plans, lambda plan: _samples(plan, synth), manifest_fields)
+    return path

@@ -1,0 +1,79 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from depmatch.config import SynthConfig
+from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, SYNTH_CLASSES, ensure_synthetic_shards, synthetic_sample
+
+SMALL = SynthConfig(labeled=4, unlabeled=4, val=2, height=48, width=64, seed=1, samples_per_shard=3)
+
+
+def test_scenes_are_deterministic_from_the_seed():
+    first = synthetic_sample(SMALL, "labeled", 2)
+    again = synthetic_sample(SMALL, "labeled", 2)
+    other_seed = synthetic_sample(dataclasses.replace(SMALL, seed=2), "labeled", 2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other_seed[0])
+    assert first[0].shape == (48, 64, 3) and first[1].shape == first[2].shape == (48, 64)
+
+
+def test_look_alike_boxes_are_separated_by_depth():
+    config = SynthConfig()
+    near, far, colours = [], [], {BOX_NEAR: [], BOX_FAR: []}
+    classes_seen = set()
+    for index in range(40):
+        image, label, depth = synthetic_sample(config, "labeled", index)
+        classes_seen |= set(np.unique(label).tolist())
+        assert 0 <= depth.min() and depth.max() <= 20
+        for class_index, depths in ((BOX_NEAR, near), (BOX_FAR, far)):
+            if (label == class_index).any():
+                depths.append(depth[label == class_index].mean())
+                colours[class_index].append(image[label == class_index].mean(0))
+    assert classes_seen == set(range(len(SYNTH_CLASSES)))
+    assert min(near) > max(far) + 2  # the two box classes sit at disjoint depths
+    # ... but look alike: their mean colours differ far less than their depths do.
+    colour_gap = np.abs(np.mean(colours[BOX_NEAR], 0) - np.mean(colours[BOX_FAR], 0)).max()
+    assert colour_gap < 25
+
+
+def test_ground_spans_a_large_depth_range():
+    _, label, depth = synthetic_sample(SynthConfig(), "labeled", 0)
+    assert np.ptp(depth[label == GROUND]) > 15
+
+
+@pytest.mark.parametrize("mode", ["constant", "random"])
+def test_depth_controls_keep_images_and_labels(mode):
+    true_image, true_label, true_depth = synthetic_sample(SMALL, "val", 1)
+    image, label, depth = synthetic_sample(dataclasses.replace(SMALL, depth_mode=mode), "val", 1)
+    assert np.array_equal(image, true_image) and np.array_equal(label, true_label)
+    if mode == "constant":
+        assert np.all(depth == depth.flat[0])
+    else:
+        assert 0 <= depth.min() and depth.max() <= 20 and np.ptp(depth) > 1
+        class_means = [depth[label == c].mean() for c in np.unique(label)]
+        true_means = [true_depth[label == c].mean() for c in np.unique(label)]
+        assert not np.allclose(class_means, true_means, atol=0.5)
+
+
+def test_ensure_builds_once_and_rebuilds_on_config_change(tmp_path):
+    root = ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["synth"] == dataclasses.asdict(SMALL)
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 4, "unlabeled": 4, "val": 2}
+    assert [shard["samples"] for shard in manifest["splits"]["labeled"]["shards"]] == [3, 1]
+    assert manifest["num_classes"] == 6 and len(manifest["palette"]) == 6
+    stamp = (root / "labeled-000000.tar").stat().st_mtime_ns
+    ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    assert (root / "labeled-000000.tar").stat().st_mtime_ns == stamp
+    changed = dataclasses.replace(SMALL, depth_mode="constant")
+    ensure_synthetic_shards(str(tmp_path), changed, 6)
+    assert json.loads((root / "manifest.json").read_text())["synth"]["depth_mode"] == "constant"
+
+
+def test_ensure_rejects_a_class_count_it_cannot_make(tmp_path):
+    with pytest.raises(ValueError, match="num_classes: 6"):
+        ensure_synthetic_shards(str(tmp_path), SMALL, 21)
+    with pytest.raises(ValueError, match="depth_mode"):
+        ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, depth_mode="flat"), 6)
