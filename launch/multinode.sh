@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One node's share of a multi-node run: start it on every node with the same arguments.
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config CONFIG   # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config CONFIG   # on node 1
+#
+# The variables are torchrun's: NNODES, NODE_RANK, MASTER_ADDR (an address of node 0 every
+# node can reach), MASTER_PORT (29500), GPUS_PER_NODE (8). LAUNCH_CONFIG picks the backend
+# (default launch/ddp-8gpu.yaml; any single-node config of launch/ works: the flags below
+# override its machine count, process count and rank). Arguments go to depmatch.train.
+# Run from the repository root: the launch configs use paths relative to it.
+set -euo pipefail
+
+: "${NNODES:?set NNODES to the number of nodes}"
+: "${NODE_RANK:?set NODE_RANK: 0 on the main node, 1, 2, ... on the others}"
+: "${MASTER_ADDR:?set MASTER_ADDR to an address of node 0 that every node can reach}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+LAUNCH_CONFIG="${LAUNCH_CONFIG:-launch/ddp-8gpu.yaml}"
+
+# static rendezvous: each node is told its rank, so node 0's port is the only meeting point.
+exec accelerate launch \
+    --config_file "$LAUNCH_CONFIG" \
+    --num_machines "$NNODES" \
+    --num_processes "$((NNODES * GPUS_PER_NODE))" \
+    --machine_rank "$NODE_RANK" \
+    --main_process_ip "$MASTER_ADDR" \
+    --main_process_port "$MASTER_PORT" \
+    --rdzv_backend static \
+    --same_network \
+    -m depmatch.train "$@"
