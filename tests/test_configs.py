@@ -1,0 +1,126 @@
+"""The shipped experiment YAMLs and launch configs are valid and up to date.
+
+Static checks only (no launch): every experiment loads into the typed config, every
+DeepSpeed JSON has the keys the trainer relies on, every accelerate YAML is one that
+`accelerate launch` accepts and points at files that exist, and configs/ is what
+tools/make_configs.py writes today.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig
+
+from depmatch.config import ExperimentConfig, load_config, to_dict
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+DEEPSPEED_JSONS = sorted((REPO / "launch").rglob("*.json"))
+ACCELERATE_YAMLS = sorted((REPO / "launch").glob("*.yaml"))
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(path.relative_to(REPO)) for path in paths]
+
+
+def test_there_is_something_to_check():
+    assert len(CONFIGS) > 2 and len(DEEPSPEED_JSONS) >= 3 and len(ACCELERATE_YAMLS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_experiment_yaml_loads_into_the_typed_config(path):
+    config = load_config(path)
+    assert isinstance(config, ExperimentConfig)
+
+
+def test_synthetic_yaml_is_the_embedded_default():
+    assert to_dict(load_config(REPO / "configs" / "synthetic.yaml")) == to_dict(ExperimentConfig())
+
+
+def test_synthetic_control_differs_only_in_depth_and_paths():
+    control = to_dict(load_config(REPO / "configs" / "synthetic-control.yaml"))
+    default = to_dict(ExperimentConfig())
+    assert control["data"]["synth"]["depth_mode"] == "random"
+    control["data"]["synth"]["depth_mode"] = default["data"]["synth"]["depth_mode"]
+    for section, key in (("data", "root"), ("train", "output_dir")):
+        assert control[section][key] != default[section][key]
+        control[section][key] = default[section][key]
+    control["name"] = default["name"]
+    assert control == default
+
+
+def test_real_experiments_never_synthesize_or_train_random_encoders():
+    for path in CONFIGS:
+        if path.parent.name in ("pascal", "cityscapes"):
+            config = load_config(path)
+            assert not config.data.synthesize and not config.model.random_init and config.model.pretrained, path
+            assert config.train.output_dir == f"runs/{config.name}", path
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=_ids(DEEPSPEED_JSONS))
+def test_deepspeed_json_has_the_keys_the_trainer_relies_on(path):
+    ds = json.loads(path.read_text())
+    # The trainer writes the micro-batch size; accelerate fills accumulation from train.grad_accum.
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert ds["gradient_accumulation_steps"] == "auto"
+    # accelerate would fill an "auto" clip with 1.0; 0 keeps optim.grad_clip: 0 meaning "no clipping".
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["bf16"]["enabled"] is True
+    zero = ds["zero_optimization"]
+    assert zero["stage"] in (2, 3)
+    if zero["stage"] == 3:
+        # accelerator.get_state_dict (student.safetensors) needs the gathered weights.
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    if "offload_optimizer" in zero:
+        # The trainer hands DeepSpeed a torch AdamW, which DeepSpeed refuses under offload unless told.
+        assert ds["zero_force_ds_cpu_optimizer"] is False
+    for section in ("zero_optimization", "bf16"):
+        assert "auto" not in json.dumps(ds[section]), "the model has no hidden_size for accelerate to fill 'auto' from"
+
+
+@pytest.mark.parametrize("path", ACCELERATE_YAMLS, ids=_ids(ACCELERATE_YAMLS))
+def test_accelerate_yaml_is_valid_and_references_existing_files(path):
+    values = yaml.safe_load(path.read_text())
+    ClusterConfig.from_yaml_file(path)  # accelerate's own reader: unknown keys and bad enums raise
+    deepspeed = values.get("deepspeed_config") or {}
+    if values["distributed_type"] == "DEEPSPEED":
+        assert (REPO / deepspeed["deepspeed_config_file"]).is_file()
+        # accelerate refuses mixed_precision next to a deepspeed_config_file; the JSON sets bf16.
+        assert "mixed_precision" not in values
+        assert deepspeed["deepspeed_multinode_launcher"] == "standard"
+    else:
+        assert values["mixed_precision"] == "bf16"
+    if values["distributed_type"] == "FSDP":
+        assert values["fsdp_config"]["fsdp_version"] == 2
+        assert values["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_multinode_scripts_are_valid_bash():
+    for script in ("multinode.sh", "slurm.sbatch"):
+        subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+
+
+def test_generated_configs_are_up_to_date(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_configs.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    generated = {path.relative_to(tmp_path): path.read_text() for path in tmp_path.rglob("*.yaml")}
+    # The dataset folders are wholly generated; next to the generated files at the top, hand-written ones may live.
+    generated_folders = {path.parent for path in generated} - {Path(".")}
+    committed = {
+        path.relative_to(REPO / "configs"): path.read_text()
+        for path in (REPO / "configs").rglob("*.yaml")
+        if path.relative_to(REPO / "configs") in generated or path.parent.relative_to(REPO / "configs") in generated_folders
+    }
+    stale = sorted(map(str, committed.keys() - generated.keys()))
+    missing = sorted(map(str, generated.keys() - committed.keys()))
+    changed = sorted(str(path) for path in generated.keys() & committed.keys() if generated[path] != committed[path])
+    assert not (stale or missing or changed), (
+        f"configs/ is out of date (stale {stale}, missing {missing}, changed {changed}): "
+        "run python tools/make_configs.py and commit the result"
+    )
