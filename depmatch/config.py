@@ -33,7 +33,7 @@ class SynthConfig:
     width: int = 128
     seed: int = 0
     depth_mode: str = "true"  # true | constant | random: the control where depth carries no class information
-    samples_per_shard: int = 32
+    samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
 
 @dataclass
@@ -136,6 +136,7 @@ class EvalConfig:
     stride_ratio: float = 2 / 3
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    precision: Optional[str] = None  # bf16 | fp16: autocast dtype for inference; None runs fp32
 
 
 @dataclass

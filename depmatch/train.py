@@ -15,8 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
-
 from depmatch.config import ExperimentConfig, load_config
 
 logger = logging.getLogger("depmatch.train")
@@ -41,9 +39,10 @@ def prepare_dataset(config: ExperimentConfig) -> dict:
     """The shards' manifest; the synthetic default is generated on first use (once per node)."""
     from depmatch.data.shards import read_manifest
     from depmatch.data.synth import ensure_synthetic_shards
+    from depmatch.engine.distributed import distributed_state
 
     root = Path(config.data.root)
-    with PartialState().local_main_process_first():
+    with distributed_state().local_main_process_first():
         if config.data.synthesize:
             ensure_synthetic_shards(str(root), config.data.synth, config.num_classes)
         manifest = read_manifest(root)

@@ -102,8 +102,8 @@ class Trainer:
                 predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
             )
         # Agree across ranks before skipping, or one rank would wait forever in backward.
-        finite = self.accelerator.reduce(torch.isfinite(loss).float(), "min").item() == 1.0
-        if not finite:
+        nonfinite_ranks = self.accelerator.reduce((~torch.isfinite(loss)).float(), "sum").item()
+        if nonfinite_ranks:
             return {}
         self.accelerator.backward(loss)
         if self.config.optim.grad_clip > 0 and self.accelerator.sync_gradients:
