@@ -107,16 +107,7 @@ def test_resume_is_exact(shards, tmp_path):
 def test_two_process_ddp_matches_single_process_eval(shards, tmp_path):
     """2 CPU processes (gloo) train in step; the mIoU reduced across ranks equals a 1-process evaluation."""
     output_dir = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "depmatch.train",
-        "--set", f"data.root={shards}", "--set", f"train.output_dir={output_dir}", "--set", "train.steps=6",
-        "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6", "--set", "train.log_every=1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = launch_two_processes(shards, output_dir, "--cpu", steps=6)
     reported = next(r for r in records if "miou_student" in r)
 
     config = load_config(output_dir / "config.yaml")
@@ -125,3 +116,34 @@ def test_two_process_ddp_matches_single_process_eval(shards, tmp_path):
     single = evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
     assert reported["miou_student"] == pytest.approx(single["miou"], abs=1e-6)
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+
+
+def launch_two_processes(shards, output_dir, *launch_args, steps=4):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", *launch_args, "-m", "depmatch.train",
+        "--set", f"data.root={shards}", "--set", f"train.output_dir={output_dir}", "--set", f"train.steps={steps}",
+        "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={steps}", "--set", "train.log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deepspeed_zero2_and_zero3_on_cpu_agree(shards, tmp_path):
+    """DeepSpeed's CPU accelerator with 2 ranks: ZeRO-2 and ZeRO-3 take the same steps, and both checkpoints
+    hold a consolidated student and the EMA teacher that load without DeepSpeed."""
+    runs = {
+        stage: launch_two_processes(shards, tmp_path / f"zero{stage}", "--use_deepspeed", "--zero_stage", str(stage))
+        for stage in (2, 3)
+    }
+    zero2 = [r["loss"] for r in runs[2] if "loss" in r]
+    zero3 = [r["loss"] for r in runs[3] if "loss" in r]
+    assert len(zero2) == 4
+    assert zero3 == pytest.approx(zero2, rel=1e-5)
+    config = load_config(tmp_path / "zero3" / "config.yaml")
+    for stage in (2, 3):
+        checkpoint = tmp_path / f"zero{stage}" / "checkpoints" / "step_00000004"
+        for name in ("student.safetensors", "teacher.safetensors"):
+            build_model(config.model, config.num_classes).load_state_dict(load_file(checkpoint / name))

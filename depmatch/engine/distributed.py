@@ -59,6 +59,12 @@ def prepare_student(accelerator: Accelerator, student: torch.nn.Module, optimize
     return accelerator.prepare(student, optimizer)
 
 
+def is_zero3(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
 def input_dtype(model: torch.nn.Module) -> torch.dtype:
     """DeepSpeed casts the weights to bf16/fp16 and expects inputs to match; autocast keeps fp32 inputs."""
     return next(model.parameters()).dtype

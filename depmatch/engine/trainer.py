@@ -12,11 +12,12 @@ from accelerate.utils import set_seed
 from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
 from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
-from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student
+from depmatch.engine.distributed import build_accelerator, input_dtype, is_zero3, prepare_student
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
 from depmatch.evaluation.evaluate import evaluate
+from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
 from depmatch.frameworks.cutmix import mix_with_partner
 from depmatch.frameworks.depmatch import DepMatch
@@ -143,19 +144,25 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """mIoU of the student and, when there is one, the EMA teacher."""
-        models = {"student": self.accelerator.unwrap_model(self.student)}
-        if self.teacher is not None:
-            models["teacher"] = self.teacher.model
+        settings = eval_settings(self.config)
         results = {}
-        for name, model in models.items():
-            was_training = model.training
-            model.eval()
-            loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
-            with self.accelerator.autocast():
-                result = evaluate(model, loader, self.config.num_classes, self.config.eval, self.accelerator)
-            model.train(was_training)
-            results[name] = result["miou"]
+        if is_zero3(self.accelerator):
+            # Every forward of a ZeRO-3 student gathers weights from all ranks, so ranks must
+            # run the same forwards: each evaluates the whole split, with nothing to reduce.
+            loader = build_val_loader(self.config, 0, 1)
+            student = self.accelerator.unwrap_model(self.student)
+            results["student"] = evaluate(student, loader, self.config.num_classes, settings)["miou"]
+        else:
+            results["student"] = self._evaluate_split(self.accelerator.unwrap_model(self.student), settings)
+        if self.teacher is not None:
+            results["teacher"] = self._evaluate_split(self.teacher.model, settings)
         return results
+
+    def _evaluate_split(self, model, settings) -> float:
+        """Each rank evaluates its share; the confusion matrices are summed across ranks."""
+        loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
+        with self.accelerator.autocast():
+            return evaluate(model, loader, self.config.num_classes, settings, self.accelerator)["miou"]
 
     def _evaluate_and_keep_best(self, log: MetricLog) -> dict[str, float]:
         results = self.validate()

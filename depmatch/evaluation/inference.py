@@ -63,8 +63,10 @@ def _forward_logits(model: nn.Module, images: torch.Tensor, autocast_dtype: Opti
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    # A model whose weights DeepSpeed keeps in bf16/fp16 needs inputs of that dtype.
+    weight_dtype = next(model.parameters()).dtype
     with autocast:
-        logits = model(images)["logits"]
+        logits = model(images.to(weight_dtype))["logits"]
     # accumulate in fp32 whatever precision the forward ran in
     return logits.float()
 
