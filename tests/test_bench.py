@@ -1,0 +1,53 @@
+"""`depmatch bench`: its report arithmetic and one real measured configuration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
+from depmatch.bench.report import markdown_table
+from depmatch.bench.step import overrides_for
+from depmatch.config import load_config
+
+
+def test_peak_tflops_lookup():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("cpu") is None
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODER_PRESETS))
+def test_every_preset_makes_a_valid_config(encoder, tmp_path):
+    spec = {"encoder": encoder, "framework": "fixmatch", "depmatch": False, "precision": "bf16", "crop": 518,
+            "batch": 4, "output_dir": str(tmp_path), "num_classes": 21}
+    config = load_config(None, overrides_for(spec))
+    assert config.model.encoder == ENCODER_PRESETS[encoder]["encoder"]
+    assert config.train.mixed_precision == "bf16"
+    assert not config.depmatch.enabled
+    assert (config.train.batch_size, config.train.unlabeled_batch_size, config.data.crop_size) == (4, 4, 518)
+
+
+def test_markdown_table_formats_and_drops_empty_columns():
+    result = {"encoder": "dinov2_s", "framework": "unimatch_v2", "depmatch": True, "precision": "bf16", "zero": 2,
+              "crop": 518, "batch": 4, "step_time_s": 0.5, "images_per_s": 16.0, "peak_memory_gib": 12.345,
+              "tflop_per_step": 3.0, "achieved_tflops": 6.0, "mfu": 0.25, "miou_student": None}
+    lines = markdown_table([result]).splitlines()
+    assert lines[0].split(" | ")[-1] == "MFU |"
+    assert "mIoU" not in lines[0]
+    assert lines[2] == "| dinov2_s | unimatch_v2 | True | bf16 | 2 | 518 | 4 | 0.500 | 16.0 | 12.35 | 3.000 | 6.00 | 25.0% |"
+
+
+@pytest.mark.slow
+def test_bench_measures_a_tiny_configuration(tmp_path):
+    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", "vit_tiny", "--depmatch", "on",
+               "--crop", "28", "--batch", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "bench.json").read_text())
+    assert result["images_per_s"] == pytest.approx(4 / result["step_time_s"])
+    assert result["achieved_tflops"] == pytest.approx(result["tflop_per_step"] / result["step_time_s"])
+    assert result["tflop_per_step"] > 0 and result["mfu"] is None
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "| vit_tiny | unimatch_v2 | True |" in (tmp_path / "bench.md").read_text()
