@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import depmatch.losses.depmatch as depmatch_losses
 from depmatch.losses import cddp_loss, cross_entropy, masked_unlabeled_ce, ohem_cross_entropy, uldr_loss
 
 # ---------------------------------------------------------------- loop references
@@ -193,6 +194,59 @@ def test_gradient_finite_with_duplicated_features():
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(features.grad).all()
+
+
+@pytest.mark.parametrize("block", [1, 5, 13])
+def test_row_blocks_match_loop_value_and_gradient(monkeypatch, block):
+    """Pair sums computed over many row blocks (and their transposes) give the loop's value and gradient."""
+    monkeypatch.setattr(depmatch_losses, "_BLOCK", block)
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(10)
+    size = (6, 8)
+    for loss, loop, inputs, extra in (
+        (cddp_loss, cddp_loop, (depth, probs, pseudo_label, ignore), dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)),
+        (uldr_loss, uldr_loop, (depth, pseudo_label, ignore), dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)),
+    ):
+        differentiable = features if loss is cddp_loss else logits
+        got_input = differentiable.clone().requires_grad_(True)
+        expected_input = differentiable.clone().requires_grad_(True)
+        got = loss(got_input, *inputs, size=size, **extra)
+        expected = loop(expected_input, *inputs, size, **extra)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((2, 3, 12, 15), (4, 5)), ((2, 3, 6, 8), (6, 8)), ((2, 3, 6, 8), (13, 17)), ((1, 2, 1, 1), (3, 2)), ((2, 12, 15), (1, 1))],
+)
+def test_resize_is_bilinear_interpolation_with_aligned_corners(shape, size):
+    maps = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    batched = maps if maps.dim() == 4 else maps.unsqueeze(1)
+    expected = F.interpolate(batched, size=size, mode="bilinear", align_corners=True).reshape(shape[:-2] + size)
+    got = depmatch_losses._resize_continuous(maps, size, torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, maps, upstream)
+    (got_grad,) = torch.autograd.grad(got, maps, upstream)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_value_without_gradient_is_the_same():
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(11)
+    with_grad = (
+        cddp_loss(features.clone().requires_grad_(True), depth, probs, pseudo_label, ignore, size=(4, 5)),
+        uldr_loss(logits.clone().requires_grad_(True), depth, pseudo_label, ignore, size=(5, 6)),
+    )
+    with torch.no_grad():
+        without = (
+            cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5)),
+            uldr_loss(logits, depth, pseudo_label, ignore, size=(5, 6)),
+        )
+    for got, expected in zip(without, with_grad):
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- edge cases

@@ -1,9 +1,13 @@
 """The two DepMatch losses: CDDP on decoder features, ULDR on logits (method.md §3, §4).
 
 Both work on a coarse grid and compare every ordered pair of pixels of the same image.
-Every pair term is a B×N×N tensor built from per-pixel quantities by broadcasting;
-classes enter through label-equality masks and scatter-adds over pixel rows, so there
-is no loop over classes or images and no C×N×N (feature) or K×N×N (class) tensor.
+Every pair term is a function of per-pixel quantities, and classes enter through label
+equality, so there is no loop over classes or images and no C×N×N (feature) or K×N×N
+(class) tensor. The normalisers (|S_c|, |C_b|, |Q_b|, |C_U|) are per-pixel or per-image
+and computed up front. The pair sums are custom autograd functions that compute the value
+and the gradient together, in blocks of rows against the later columns (the pair tables
+are symmetric, so each unordered pair is computed once): nothing B×N×N is built or kept
+for backward, memory is O(B·_BLOCK·N), and there is no host sync.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = 255
 ENTROPY_EPS = 1e-10
+# Rows per block of the pair tables: a block's temporaries are B×_BLOCK×(N - first row). Small
+# blocks stay in cache (128 was fastest on CPU at Pascal size, 256 and 512 were 1.3× and 1.5× slower).
+_BLOCK = 128
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -20,11 +27,44 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+def _interpolation(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device):
+    """Per output index: its two source indices (interleaved, 2·out) and the weight of the second."""
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    source = torch.arange(out_size, dtype=dtype, device=device) * scale
+    low = source.floor().long().clamp_(0, in_size - 1)
+    high = (low + 1).clamp_(max=in_size - 1)
+    return torch.stack([low, high], 1).flatten(), source - low.to(dtype)
+
+
+class _BilinearResize(torch.autograd.Function):
+    """`F.interpolate(maps, size, mode="bilinear", align_corners=True)` on B×C×H×W maps.
+
+    Forward gathers the 2×2 source pixels of each output pixel and blends them, which reads
+    only those (a few per cent of a 518×518 map shrunk to 51×51) where the library kernel
+    goes over the whole map; backward is the library's own upsample_bilinear2d_backward.
+    """
+
+    @staticmethod
+    def forward(ctx, maps, size):
+        ctx.input_size, ctx.size = list(maps.shape), list(size)
+        rows, row_weight = _interpolation(maps.shape[-2], size[0], maps.dtype, maps.device)
+        cols, col_weight = _interpolation(maps.shape[-1], size[1], maps.dtype, maps.device)
+        corners = maps[:, :, rows.unsqueeze(1), cols.unsqueeze(0)].unflatten(2, (size[0], 2)).unflatten(-1, (size[1], 2))
+        blended_rows = torch.lerp(corners[:, :, :, 0], corners[:, :, :, 1], row_weight.view(-1, 1, 1))  # B×C×h×w×2
+        return torch.lerp(blended_rows[..., 0], blended_rows[..., 1], col_weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad = torch.ops.aten.upsample_bilinear2d_backward(grad_output.contiguous(), ctx.size, ctx.input_size, True)
+        return grad, None
+
+
 def _resize_continuous(maps: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """B×C×H×W (or B×H×W) -> B×C×h×w (or B×h×w), bilinear with aligned corners."""
     squeeze = maps.dim() == 3
     maps = maps.unsqueeze(1) if squeeze else maps
-    resized = F.interpolate(maps.to(dtype), size=size, mode="bilinear", align_corners=True)
+    resized = _BilinearResize.apply(maps.to(dtype), tuple(size))
     return resized.squeeze(1) if squeeze else resized
 
 
@@ -43,26 +83,156 @@ def _grid_labels(pseudo_label: torch.Tensor, ignore: torch.Tensor, size: tuple[i
     return label, valid
 
 
-def _pairwise_distance(features: torch.Tensor) -> torch.Tensor:
-    """Exact Euclidean distances B×N×N between the rows of B×N×C features, in O(B·N²) memory.
-
-    Uses the Gram identity ||a-b||² = |a|² + |b|² - 2a·b. Squared distances within rounding
-    error of zero (the diagonal, duplicated pixels) are set to exactly 0 through a `where`,
-    which also keeps the gradient of the square root finite there (it is 0).
-    """
-    features = features - features.mean(dim=1, keepdim=True)  # distance-invariant; shrinks cancellation error
-    squared_norms = features.pow(2).sum(-1)
-    norm_sum = squared_norms.unsqueeze(2) + squared_norms.unsqueeze(1)
-    squared = norm_sum - 2.0 * features @ features.transpose(1, 2)
-    rounding = features.shape[-1] * torch.finfo(features.dtype).eps * norm_sum
-    nonzero = squared > rounding
-    return torch.where(nonzero, torch.where(nonzero, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared))
-
-
 def _sum_rows_by_class(row_values: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
     """B×N values -> B×K sums, each pixel's value added to its class."""
     sums = row_values.new_zeros(row_values.shape[0], num_classes)
     return sums.scatter_add(1, label, row_values)
+
+
+def _row_blocks(num_pixels: int):
+    """(rows, cols, diagonal) per block of rows: the block's pairs with itself and every later pixel.
+
+    Together the blocks cover each unordered pair once (and each pixel with itself): a pair
+    table symmetric in (i, j) is summed as 2·Σ(blocks) - Σ(diagonal squares).
+    """
+    for start in range(0, num_pixels, _BLOCK):
+        stop = min(start + _BLOCK, num_pixels)
+        yield slice(start, stop), slice(start, num_pixels), stop - start
+
+
+def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Through uint8: much faster on CPU than a bool -> float cast, a `where` or a product with a bool.
+    return mask.view(torch.uint8).to(dtype)
+
+
+def _symmetric_sum(table: torch.Tensor, diagonal: int) -> torch.Tensor:
+    """Σ over both orderings of the pairs of one row block (see `_row_blocks`)."""
+    return 2 * table.sum() - table[:, :, :diagonal].sum()
+
+
+def _accumulate_symmetric(grad, pair_grad, values, rows, cols, diagonal):
+    """grad_k += Σ_j P_kj v_j over all j, from the block's P (rows × cols) of a symmetric table P.
+
+    The block rows get P v over the block's columns; the later columns get Pᵀ v over the rows
+    (the diagonal square is already counted in both orderings by the first product).
+    """
+    grad[:, rows] += pair_grad @ values[:, cols]
+    grad[:, cols][:, diagonal:] += pair_grad[:, :, diagonal:].transpose(1, 2) @ values[:, rows]
+
+
+def _cddp_pairs(features, depth, entropy, label, valid, intra_weight, inter_weight, sigma, inter_threshold, with_grad):
+    """Σ_b Σ_(i,j) ω_ij (δ_ij - t_ij)² over the counted pairs of CDDP, and its gradient wrt the B×N×C features.
+
+    A pair of valid pixels of the same class has target t = exp(-Δd²/2σ²) and weight
+    ω = |Δe| · intra_weight_i (the per-class normaliser, equal for i and j); a pair of valid
+    pixels of different classes with |Δd| > τ has target |Δd| and weight inter_weight_b.
+    Everything is symmetric in (i, j), so dL/df_k = Σ_j H_kj (f_k - f_j), H = 4ω(δ - t)/δ
+    (0 where δ = 0). Masks enter as 0/1 factors and selections as blends, which on CPU
+    run several times faster than `where` over B×n×N tables.
+    """
+    dtype = features.dtype
+    num_channels = features.shape[-1]
+    norms = features.pow(2).sum(-1)
+    pair_weight = inter_weight.view(-1, 1, 1)
+    total = features.new_zeros(())
+    grad = torch.zeros_like(features) if with_grad else None
+    for rows, cols, diagonal in _row_blocks(features.shape[1]):
+        # Exact distances from the Gram identity; squares within rounding error of 0 count as 0.
+        norm_sum = norms[:, rows].unsqueeze(2) + norms[:, cols].unsqueeze(1)
+        squared = torch.baddbmm(norm_sum, features[:, rows], features[:, cols].transpose(1, 2), alpha=-2.0)
+        nonzero = _as_float(squared > norm_sum.mul_(num_channels * torch.finfo(dtype).eps), dtype)
+        distance = squared.mul_(nonzero).sqrt_()
+
+        depth_gap = (depth[:, rows].unsqueeze(2) - depth[:, cols].unsqueeze(1)).abs_()
+        same_class = label[:, rows].unsqueeze(2) == label[:, cols].unsqueeze(1)
+        counted = (same_class | (depth_gap > inter_threshold)) & (valid[:, rows].unsqueeze(2) & valid[:, cols].unsqueeze(1))
+        same_class = _as_float(same_class, dtype)
+
+        # Same class: target w = exp(-Δd²/2σ²), weight |Δe|·intra_i; otherwise target |Δd|, weight inter_b.
+        depth_affinity = depth_gap.square().mul_(-0.5 / sigma**2).exp_()
+        target = torch.addcmul(depth_gap, same_class, depth_affinity.sub_(depth_gap))
+        entropy_gap = (entropy[:, rows].unsqueeze(2) - entropy[:, cols].unsqueeze(1)).abs_()
+        entropy_gap.mul_(intra_weight[:, rows].unsqueeze(2)).sub_(pair_weight)
+        weight = torch.addcmul(pair_weight, same_class, entropy_gap)
+
+        residual = distance - target
+        weighted = weight.mul_(residual).mul_(_as_float(counted, dtype))  # ω(δ - t) on counted pairs
+        total = total + _symmetric_sum(weighted * residual, diagonal)
+        if with_grad:
+            pair_grad = weighted.mul_(nonzero).mul_(4.0).div_(distance.clamp_min_(torch.finfo(dtype).tiny))
+            grad[:, rows] += features[:, rows] * pair_grad.sum(2, keepdim=True)
+            grad[:, cols][:, diagonal:] += features[:, cols][:, diagonal:] * pair_grad[:, :, diagonal:].sum(1).unsqueeze(2)
+            _accumulate_symmetric(grad, pair_grad.neg_(), features, rows, cols, diagonal)
+    return total, grad
+
+
+def _uldr_pairs(own_logit, depth, label, uncertain, margin, inter_threshold, with_grad):
+    """Σ_b [Σ_pulled σ(-x_ij) + Σ_pushed σ(x_ij)], x_ij = s_i s_j, and its gradient wrt s (B×N).
+
+    Pulled: uncertain, same class, |Δd| < m; pushed: uncertain, different classes, |Δd| > τ.
+    With S = +1 on pushed and -1 on pulled pairs (0 elsewhere) and σ(-x) = 1 - σ(x), the sum
+    is Σ S σ(x) + #pulled, and as S is symmetric, dL/ds_k = 2 Σ_j S_kj σ'(x_kj) s_j.
+    """
+    dtype = own_logit.dtype
+    total = own_logit.new_zeros(())
+    grad = torch.zeros_like(own_logit).unsqueeze(2) if with_grad else None
+    values = 2 * own_logit.unsqueeze(2)  # B×N×1, for the products with the pair tables
+    # A pixel that is not uncertain gets depth NaN: every comparison of its depth gaps is False.
+    depth = torch.where(uncertain, depth, torch.nan)
+    for rows, cols, diagonal in _row_blocks(own_logit.shape[1]):
+        depth_gap = (depth[:, rows].unsqueeze(2) - depth[:, cols].unsqueeze(1)).abs_()
+        same_class = label[:, rows].unsqueeze(2) == label[:, cols].unsqueeze(1)
+        pulled = (depth_gap < margin) & same_class
+        pushed = (depth_gap > inter_threshold) > same_class  # a > b is a & ~b for booleans
+        sign = (pushed.view(torch.int8) - pulled.view(torch.int8)).to(dtype)
+
+        sigmoid = torch.mul(own_logit[:, rows].unsqueeze(2), own_logit[:, cols].unsqueeze(1)).sigmoid_()
+        signed = sigmoid * sign
+        total = total + _symmetric_sum(signed, diagonal) + _symmetric_sum(pulled, diagonal)
+        if with_grad:
+            # S σ'(x) = S σ(x) (1 - σ(x)); `values` carries the factor 2 of the symmetric sum.
+            _accumulate_symmetric(grad, signed.addcmul_(signed, sigmoid, value=-1.0), values, rows, cols, diagonal)
+    return total, grad.squeeze(2) if with_grad else None
+
+
+class _CDDPPairs(torch.autograd.Function):
+    """The CDDP pair sum with its gradient computed in the forward pass, tile by tile."""
+
+    @staticmethod
+    def forward(ctx, features, depth, entropy, label, valid, intra_weight, inter_weight, sigma, inter_threshold):
+        # The pair sums stay in the compute dtype under an ambient autocast (no bf16 Gram matrix).
+        with torch.autocast(features.device.type, enabled=False):
+            total, grad = _cddp_pairs(
+                features.detach(), depth, entropy, label, valid, intra_weight, inter_weight, sigma, inter_threshold,
+                with_grad=ctx.needs_input_grad[0],
+            )
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None, None, None, None, None, None
+
+
+class _ULDRPairs(torch.autograd.Function):
+    """The ULDR pair sum with its gradient computed in the forward pass, tile by tile."""
+
+    @staticmethod
+    def forward(ctx, own_logit, depth, label, uncertain, margin, inter_threshold):
+        with torch.autocast(own_logit.device.type, enabled=False):
+            total, grad = _uldr_pairs(
+                own_logit.detach(), depth, label, uncertain, margin, inter_threshold, with_grad=ctx.needs_input_grad[0]
+            )
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None, None, None
 
 
 def cddp_loss(
@@ -97,29 +267,17 @@ def cddp_loss(
     entropy = -(grid_probs * torch.log(grid_probs + ENTROPY_EPS)).sum(1)  # B×N
     label, valid = _grid_labels(pseudo_label, ignore, size, num_classes)
 
-    distance = _pairwise_distance(grid_features)  # B×N×N
-    depth_gap = (grid_depth.unsqueeze(2) - grid_depth.unsqueeze(1)).abs()
-    valid_pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-    same_class = label.unsqueeze(2) == label.unsqueeze(1)
+    # Per-pixel and per-image normalisers (O(B·N + B·K)), so that every pair term is local.
+    class_counts = _sum_rows_by_class(valid.to(dtype), label, num_classes)  # |S_c|, B×K
+    classes_present = (class_counts > 0).sum(1).clamp_min(1)  # |C_b|
+    own_count = class_counts.gather(1, label)  # |S_ŷi|, B×N
+    intra_weight = torch.where(valid, 1.0 / (own_count.clamp_min(1).square() * classes_present.unsqueeze(1) * batch), 0.0)
+    inter_pairs = valid.to(dtype).sum(1).square() - class_counts.square().sum(1)  # |Q_b|
+    inter_weight = torch.where(inter_pairs > 0, inter_weight / (inter_pairs.clamp_min(1) * batch), 0.0)
 
-    # Intra-class: distances should follow exp-normalised depth disparity, weighted by entropy gaps.
-    depth_affinity = torch.exp(-depth_gap.pow(2) / (2 * sigma**2))
-    entropy_gap = (entropy.unsqueeze(2) - entropy.unsqueeze(1)).abs()
-    intra_terms = (distance - depth_affinity).pow(2) * entropy_gap * (valid_pair & same_class)
-    class_sums = _sum_rows_by_class(intra_terms.sum(2), label, num_classes)  # B×K
-    class_counts = _sum_rows_by_class(valid.to(dtype), label, num_classes)
-    present = class_counts > 0
-    per_class = class_sums / class_counts.clamp_min(1).pow(2)
-    classes_present = present.sum(1)
-    intra = (per_class * present).sum(1) / classes_present.clamp_min(1)
-
-    # Inter-class: across a reliable depth edge, distances should match the disparity gap.
-    reliable = valid_pair & ~same_class & (depth_gap > inter_threshold)
-    inter_sums = ((distance - depth_gap).pow(2) * reliable).sum((1, 2))
-    inter_pairs = valid.to(dtype).sum(1).pow(2) - class_counts.pow(2).sum(1)
-    inter = torch.where(inter_pairs > 0, inter_sums / inter_pairs.clamp_min(1), torch.zeros_like(inter_sums))
-
-    return (intra + inter_weight * inter).sum() / batch
+    # Translating all features leaves the distances unchanged and shrinks the Gram cancellation error.
+    centred = grid_features - grid_features.mean(dim=1, keepdim=True)
+    return _CDDPPairs.apply(centred, grid_depth, entropy, label, valid, intra_weight, inter_weight, sigma, inter_threshold)
 
 
 def uldr_loss(
@@ -152,19 +310,11 @@ def uldr_loss(
 
     # Every pair term uses each pixel's logit of its own pseudo-class: z_{i,ŷi} · z_{j,ŷj}.
     own_logit = grid_logits.gather(1, label.unsqueeze(1)).squeeze(1)  # B×N
-    own_prob = grid_logits.softmax(1).gather(1, label.unsqueeze(1)).squeeze(1)
-    uncertain = valid & (own_prob.detach() < conf_threshold)
-
-    depth_gap = (grid_depth.unsqueeze(2) - grid_depth.unsqueeze(1)).abs()
-    uncertain_pair = uncertain.unsqueeze(2) & uncertain.unsqueeze(1)
-    same_class = label.unsqueeze(2) == label.unsqueeze(1)
-    pulled = uncertain_pair & same_class & (depth_gap < margin)
-    pushed = uncertain_pair & ~same_class & (depth_gap > inter_threshold)
-
-    agreement = torch.sigmoid(own_logit.unsqueeze(2) * own_logit.unsqueeze(1))
-    total = ((1 - agreement) * pulled).sum() + (agreement * pushed).sum()
+    own_prob = grid_logits.detach().softmax(1).gather(1, label.unsqueeze(1)).squeeze(1)
+    uncertain = valid & (own_prob < conf_threshold)
 
     # Counted with a scatter rather than boolean indexing, which would sync with the host.
     uncertain_per_class = label.new_zeros(batch, num_classes).scatter_add(1, label, uncertain.long()).sum(0)
     num_uncertain_classes = (uncertain_per_class > 0).sum().clamp_min(1)
+    total = _ULDRPairs.apply(own_logit, grid_depth, label, uncertain, margin, inter_threshold)
     return total / (batch * num_pixels * num_uncertain_classes)
