@@ -337,3 +337,79 @@ def test_masked_unlabeled_ce_divides_by_valid_pixels():
     expected = losses[(confidence >= 0.5) & valid].sum() / valid.sum()
     torch.testing.assert_close(masked_unlabeled_ce(logits, pseudo, confidence, ignore, 0.5), expected)
     assert not math.isnan(masked_unlabeled_ce(logits, pseudo, confidence, torch.full_like(ignore, 255), 0.5).item())
+
+
+# ---------------------------------------------------------------- compaction (CPU) and the all-pixel path (CUDA)
+
+
+def uneven_inputs():
+    """Three images whose uncertain (ULDR) and valid (CDDP) pixel counts differ widely, one of them 0."""
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(12, batch=3, classes=4)
+    # Image 0: one class, every pixel confident (no uncertain pixel); image 1: two classes, uncertain
+    # only along their border and in a small patch; image 2: random classes, every pixel uncertain.
+    pseudo_label = pseudo_label.clone()
+    pseudo_label[0] = 0
+    pseudo_label[1] = 1
+    pseudo_label[1, :, 8:] = 2
+    logits = logits.clone()
+    logits[:2] = 40 * F.one_hot(pseudo_label[:2], 4).permute(0, 3, 1, 2).double()
+    logits[1, :, 2:5, 2:4] = 0
+    logits[2] = 0.1 * logits[2]
+    # For CDDP, image 0: nothing valid; image 1: a few valid pixels; image 2: all valid.
+    cddp_ignore = torch.full_like(ignore, 255)
+    cddp_ignore[1, 3:7, 4:9] = 0
+    cddp_ignore[2] = 0
+    return features, logits, probs, pseudo_label, depth, ignore, cddp_ignore
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compacted", "all pixels"])
+@pytest.mark.parametrize("block", [3, 128])
+def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
+    """Per-image compaction (CPU) and the all-pixel path (CUDA) give the loop's value and gradient
+    when the images' uncertain / valid counts differ widely, including 0."""
+    monkeypatch.setattr(depmatch_losses, "_BLOCK", block)
+    monkeypatch.setattr(depmatch_losses, "_compacts", lambda tensor: compact)
+    features, logits, probs, pseudo_label, depth, ignore, cddp_ignore = uneven_inputs()
+    size = (6, 8)
+    uldr_kwargs = dict(conf_threshold=0.9, margin=0.5, inter_threshold=1.0)
+    grid = _resize_grid(logits, depth, None, pseudo_label, ignore, size)
+    own_prob = grid["features"].softmax(1).gather(1, grid["label"][:, None])[:, 0].flatten(1)
+    uncertain = ((own_prob < 0.9) & (grid["ignore"].flatten(1) != 255)).sum(1).tolist()
+    assert uncertain[0] == 0 and 0 < uncertain[1] < 15 and uncertain[2] > 30, uncertain
+    valid = (_resize_grid(None, depth, None, pseudo_label, cddp_ignore, size)["ignore"].flatten(1) != 255).sum(1).tolist()
+    assert valid[0] == 0 and 0 < valid[1] < 15 and valid[2] == 48, valid
+    cddp_kwargs = dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)
+    for loss, loop, differentiable, inputs, kwargs in (
+        (uldr_loss, uldr_loop, logits, (depth, pseudo_label, ignore), uldr_kwargs),
+        (cddp_loss, cddp_loop, features, (depth, probs, pseudo_label, cddp_ignore), cddp_kwargs),
+    ):
+        got_input = differentiable.clone().requires_grad_(True)
+        expected_input = differentiable.clone().requires_grad_(True)
+        got = loss(got_input, *inputs, size=size, **kwargs)
+        expected = loop(expected_input, *inputs, size, **kwargs)
+        assert expected > 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+        got.backward()
+        expected.backward()
+        assert torch.isfinite(got_input.grad).all()
+        torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_pixel_path_matches_loop(monkeypatch, seed):
+    """The sync-free path over all pixels (what CUDA runs) against the loop, value and gradient, on CPU."""
+    monkeypatch.setattr(depmatch_losses, "_compacts", lambda tensor: False)
+    monkeypatch.setattr(depmatch_losses, "_BLOCK", 7)
+    features, logits, probs, pseudo_label, depth, ignore = make_inputs(seed)
+    for loss, loop, differentiable, inputs, kwargs in (
+        (uldr_loss, uldr_loop, logits, (depth, pseudo_label, ignore), dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)),
+        (cddp_loss, cddp_loop, features, (depth, probs, pseudo_label, ignore), dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)),
+    ):
+        got_input = differentiable.clone().requires_grad_(True)
+        expected_input = differentiable.clone().requires_grad_(True)
+        got = loss(got_input, *inputs, size=(6, 8), **kwargs)
+        expected = loop(expected_input, *inputs, (6, 8), **kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=1e-5, atol=1e-12)
