@@ -35,3 +35,25 @@ def camvid() -> Path:
     if not CAMVID.is_dir():
         pytest.skip(f"{CAMVID} not present")
     return CAMVID
+
+
+@pytest.fixture
+def tiny_depth_anything(tmp_path) -> Path:
+    """A randomly initialised Depth Anything saved as a local transformers folder."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+                                 fusion_hidden_size=16, head_hidden_size=8)
+    model_dir = tmp_path / "tiny-depth-anything"
+    torch.manual_seed(0)
+    model = DepthAnythingForDepthEstimation(config)
+    with torch.no_grad():  # random heads output ~1e-7; lift the maps to disparity-like magnitudes
+        model.head.conv3.weight.mul_(1e7)
+        model.head.conv3.bias.fill_(3.0)
+    model.save_pretrained(model_dir)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(model_dir)
+    return model_dir

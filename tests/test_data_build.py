@@ -178,23 +178,8 @@ def test_camvid_with_a_depth_dir(camvid, tmp_path):
         assert np.allclose(decode_depth(sample["depth.npy"]), depths[key], rtol=1e-3, atol=1e-2)
 
 
-def test_depth_anything_model(tmp_path):
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
-                                 fusion_hidden_size=16, head_hidden_size=8)
-    model_dir = tmp_path / "tiny-depth-anything"
-    torch.manual_seed(0)
-    model = DepthAnythingForDepthEstimation(config)
-    with torch.no_grad():  # random heads output ~1e-7; lift the maps to disparity-like magnitudes
-        model.head.conv3.weight.mul_(1e7)
-        model.head.conv3.bias.fill_(3.0)
-    model.save_pretrained(model_dir)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(model_dir)
-
+def test_depth_anything_model(tmp_path, tiny_depth_anything):
+    model_dir = tiny_depth_anything
     _folder_tree(tmp_path, [(30, 40), (40, 30), (30, 40)])
     source = folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4)
     depth_model = DepthAnythingModel(model_dir, batch_size=2)

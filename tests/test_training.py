@@ -147,3 +147,17 @@ def test_deepspeed_zero2_and_zero3_on_cpu_agree(shards, tmp_path):
         checkpoint = tmp_path / f"zero{stage}" / "checkpoints" / "step_00000004"
         for name in ("student.safetensors", "teacher.safetensors"):
             build_model(config.model, config.num_classes).load_state_dict(load_file(checkpoint / name))
+
+
+def test_online_depth_replaces_the_shard_depth(shards, tmp_path, tiny_depth_anything):
+    """train.online_depth_model: depth comes from Depth Anything on the weak view, every step."""
+    config = tiny_config(shards, tmp_path, "train.steps=2", "train.checkpoint_every=2",
+                         f"train.online_depth_model={tiny_depth_anything}")
+    trainer = Trainer(config, dataset=prepare_dataset(config))
+    labeled, unlabeled = next(trainer.batch_generator())
+    shard_depth = unlabeled["depth"].clone()
+    expected = trainer.online_depth(unlabeled["image_weak"])
+    trainer.forward_backward_step(labeled, unlabeled)
+    assert expected.shape == shard_depth.shape
+    assert torch.equal(unlabeled["depth"], expected)
+    assert not torch.allclose(expected, shard_depth)

@@ -15,6 +15,7 @@ from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_che
 from depmatch.engine.distributed import build_accelerator, input_dtype, is_zero3, prepare_student
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
+from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
@@ -49,6 +50,8 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.model.to(self.accelerator.device)
         self.input_dtype = input_dtype(self.student)
+        model_path = config.train.online_depth_model
+        self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
 
         self.state = TrainerState()
         checkpoint = self._resolve_resume(resume)
@@ -91,6 +94,8 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def forward_backward_step(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        if self.online_depth is not None:
+            unlabeled["depth"] = self.online_depth(unlabeled["image_weak"])
         strong = [
             mix_with_partner(unlabeled[f"image_strong{view}"], unlabeled[f"cutmix_box{view}"])
             for view in range(1, self.framework.strong_views + 1)
