@@ -37,12 +37,15 @@ class Trainer:
         """`dataset` is the shards' manifest; `resume` a checkpoint folder or "latest"."""
         self.config = config
         self.accelerator = build_accelerator(config)
-        set_seed(config.train.seed, device_specific=True)
+        # The same initial weights on every rank (so each rank's EMA copy starts equal too);
+        # per-rank randomness (dropout masks) is seeded once the model exists.
+        set_seed(config.train.seed)
         self.classes = {"names": dataset["classes"], "palette": dataset["palette"]} if dataset else {}
 
         self.framework = build_framework(config.train.framework)
         self.depmatch = DepMatch(config.depmatch)
         student = build_model(config.model, config.num_classes)
+        set_seed(config.train.seed, device_specific=True)
         # The EMA teacher copies the plain student before DeepSpeed or FSDP can shard it.
         self.teacher = EMATeacher(student, config.train.ema_decay) if self.framework.ema_teacher else None
         optimizer = build_optimizer(student, config.optim)
