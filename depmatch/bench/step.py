@@ -75,7 +75,7 @@ def measure(spec: dict) -> dict:
     config = load_config(None, overrides_for(spec))
     trainer = Trainer(config)
     device = trainer.accelerator.device
-    labeled, unlabeled = (trainer._to_device(batch) for batch in synthetic_batches(config, device))
+    labeled, unlabeled = (trainer.to_device(batch) for batch in synthetic_batches(config, device))
 
     def step():
         with trainer.accelerator.accumulate(trainer.student):

@@ -82,9 +82,10 @@ class Trainer:
         labeled = build_labeled_loader(self.config, rank, world, start_step=consumed)
         unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
         for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
-            yield self._to_device(labeled_batch), self._to_device(unlabeled_batch)
+            yield self.to_device(labeled_batch), self.to_device(unlabeled_batch)
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
+        """A loader batch on the training device, images in the dtype the student's weights expect."""
         device = self.accelerator.device
         moved = {}
         for name, value in batch.items():
