@@ -104,49 +104,72 @@ def test_resume_is_exact(shards, tmp_path):
             assert torch.equal(value, final("interrupted", name)[key]), (name, key)
 
 
-def test_two_process_ddp_matches_single_process_eval(shards, tmp_path):
-    """2 CPU processes (gloo) train in step; the mIoU reduced across ranks equals a 1-process evaluation."""
-    output_dir = tmp_path / "ddp"
-    records = launch_two_processes(shards, output_dir, "--cpu", steps=6)
-    reported = next(r for r in records if "miou_student" in r)
+FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
+BACKENDS = {
+    # ACCELERATE_USE_CPU: without it, `--multi_gpu` on a machine with no GPU starts 2 ranks
+    # that never join, and `--cpu` alone starts only one process.
+    "ddp": (["--multi_gpu", "-m", "depmatch.train"], {"ACCELERATE_USE_CPU": "true"}),
+    "fsdp2": (
+        ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+         "--fsdp_transformer_layer_cls_to_wrap", "Block", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", str(FSDP_ON_CPU)],
+        {"ACCELERATE_USE_CPU": "true"},
+    ),
+    "zero2": (["--use_deepspeed", "--zero_stage", "2", "-m", "depmatch.train"], {}),
+    "zero3": (["--use_deepspeed", "--zero_stage", "3", "-m", "depmatch.train"], {}),
+}  # fmt: skip
 
-    config = load_config(output_dir / "config.yaml")
-    model = build_model(config.model, config.num_classes)
-    model.load_state_dict(load_file(output_dir / "checkpoints" / "step_00000006" / "student.safetensors"))
-    single = evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
-    assert reported["miou_student"] == pytest.approx(single["miou"], abs=1e-6)
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
 
-
-def launch_two_processes(shards, output_dir, *launch_args, steps=4):
+def launch_two_processes(shards, output_dir, backend, *overrides, steps=4, checkpoint_every=None):
+    launch_args, env = BACKENDS[backend]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", *launch_args, "-m", "depmatch.train",
+        "--mixed_precision", "no", "--dynamo_backend", "no", *launch_args,
         "--set", f"data.root={shards}", "--set", f"train.output_dir={output_dir}", "--set", f"train.steps={steps}",
-        "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={steps}", "--set", "train.log_every=1",
+        "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={checkpoint_every or steps}",
+        "--set", "train.log_every=1", *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged_steps = [r["step"] for r in records if "loss" in r]
+    # one process writes the log: two ranks that never joined would each write every step
+    assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == steps
+    return records
 
 
-def test_deepspeed_zero2_and_zero3_on_cpu_agree(shards, tmp_path):
-    """DeepSpeed's CPU accelerator with 2 ranks: ZeRO-2 and ZeRO-3 take the same steps, and both checkpoints
-    hold a consolidated student and the EMA teacher that load without DeepSpeed."""
-    runs = {
-        stage: launch_two_processes(shards, tmp_path / f"zero{stage}", "--use_deepspeed", "--zero_stage", str(stage))
-        for stage in (2, 3)
-    }
-    zero2 = [r["loss"] for r in runs[2] if "loss" in r]
-    zero3 = [r["loss"] for r in runs[3] if "loss" in r]
-    assert len(zero2) == 4
-    assert zero3 == pytest.approx(zero2, rel=1e-5)
-    config = load_config(tmp_path / "zero3" / "config.yaml")
-    for stage in (2, 3):
-        checkpoint = tmp_path / f"zero{stage}" / "checkpoints" / "step_00000004"
-        for name in ("student.safetensors", "teacher.safetensors"):
-            build_model(config.model, config.num_classes).load_state_dict(load_file(checkpoint / name))
+def test_every_backend_takes_the_same_steps(shards, tmp_path):
+    """2 CPU ranks under DDP (gloo), FSDP2 and DeepSpeed ZeRO-2/3 compute the same losses and mIoU; each
+    checkpoint holds a consolidated student and EMA teacher that load without the backend; the mIoU
+    reduced across ranks equals a 1-process evaluation of the saved student."""
+    runs = {backend: launch_two_processes(shards, tmp_path / backend, backend) for backend in BACKENDS}
+    checkpoints = {backend: tmp_path / backend / "checkpoints" / "step_00000004" for backend in BACKENDS}
+    assert (checkpoints["ddp"] / "random_states_1.pkl").is_file()  # the second rank took part
+
+    ddp = [r["loss"] for r in runs["ddp"] if "loss" in r]
+    assert len(set(ddp)) == 4
+    for backend, records in runs.items():
+        assert [r["loss"] for r in records if "loss" in r] == pytest.approx(ddp, rel=1e-5), backend
+
+    config = load_config(tmp_path / "ddp" / "config.yaml")
+    for backend, checkpoint in checkpoints.items():
+        student, teacher = (build_model(config.model, config.num_classes) for _ in range(2))
+        student.load_state_dict(load_file(checkpoint / "student.safetensors"))
+        teacher.load_state_dict(load_file(checkpoint / "teacher.safetensors"))
+        single = evaluate(student, build_val_loader(config, 0, 1), config.num_classes, config.eval)
+        reported = next(r for r in runs[backend] if "miou_student" in r)
+        assert reported["miou_student"] == pytest.approx(single["miou"], abs=1e-6), backend
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_sharded_resume_is_exact(shards, tmp_path, backend):
+    """Killed after the step-2 checkpoint and resumed from the sharded state: the same later losses."""
+    straight = launch_two_processes(shards, tmp_path / "straight", backend, checkpoint_every=2)
+    launch_two_processes(shards, tmp_path / "interrupted", backend, checkpoint_every=2)
+    shutil.rmtree(tmp_path / "interrupted" / "checkpoints" / "step_00000004")
+    (tmp_path / "interrupted" / "metrics.jsonl").unlink()
+    resumed = launch_two_processes(shards, tmp_path / "interrupted", backend, "--resume", "latest", checkpoint_every=2)
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if r.get("step", 0) > 2 and "loss" in r]
 
 
 def test_online_depth_replaces_the_shard_depth(shards, tmp_path, tiny_depth_anything):

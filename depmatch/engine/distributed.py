@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 
 from depmatch.config import ExperimentConfig
 
@@ -29,30 +29,56 @@ def _process_group_kwargs() -> list:
 
 
 def distributed_state() -> PartialState:
-    """The process group, started once per process with the backend `build_accelerator` will use."""
+    """The process group, started once per process with the backend `build_accelerator` will use.
+
+    The first state made in a process is the one every later Accelerator shares, so it must
+    honour ACCELERATE_USE_CPU as the Accelerator would: without it, CPU ranks never join.
+    """
     kwargs = {k: v for handler in _process_group_kwargs() for k, v in handler.to_kwargs().items()}
-    return PartialState(**kwargs)
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
 
 
 def build_accelerator(config: ExperimentConfig) -> Accelerator:
     output_dir = Path(config.train.output_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
         kwargs_handlers=_process_group_kwargs(),
     )
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Fail at start, not after hours of N independent runs overwriting one output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate joined {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value} on {accelerator.device}). On a machine without GPUs, set "
+            "ACCELERATE_USE_CPU=true for DDP (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N -m depmatch.train ...`) or launch DeepSpeed (`--use_deepspeed`)"
+        )
+    fsdp_requested = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(
+            f"the launch config asks for FSDP but accelerate runs {accelerator.distributed_type.value} on "
+            f"{accelerator.device}: accelerate enables FSDP on GPUs (and other accelerators) only; "
+            "on CPUs use DDP or DeepSpeed (docs/training.md)"
+        )
 
 
 def prepare_student(accelerator: Accelerator, student: torch.nn.Module, optimizer, config: ExperimentConfig):
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # The batches come from our own streaming loaders, not a prepared DataLoader, so
-        # DeepSpeed must be told the micro-batch size and clipping explicitly.
+        # DeepSpeed must be told the micro-batch size explicitly.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = config.train.batch_size + config.train.unlabeled_batch_size
-        if config.optim.grad_clip > 0:
-            ds_config["gradient_clipping"] = config.optim.grad_clip
+        # Always ours: accelerate fills a missing or "auto" clip with 1.0, which would clip
+        # DeepSpeed runs where DDP and FSDP runs with `optim.grad_clip: 0` do not.
+        ds_config["gradient_clipping"] = config.optim.grad_clip
         # Checkpoints include a consolidated student, which ZeRO-3 can only gather with this on.
         if ds_config.get("zero_optimization", {}).get("stage") == 3:
             ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -63,6 +89,11 @@ def is_zero3(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """ZeRO-3 and FSDP keep a slice of each weight per rank and gather it, collectively, in every forward."""
+    return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
 
 
 def input_dtype(model: torch.nn.Module) -> torch.dtype:

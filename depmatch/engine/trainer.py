@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
 from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
-from depmatch.engine.distributed import build_accelerator, input_dtype, is_zero3, prepare_student
+from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student, shards_parameters
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.online_depth import OnlineDepth
@@ -154,24 +154,24 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """mIoU of the student and, when there is one, the EMA teacher."""
         settings = eval_settings(self.config)
-        results = {}
-        if is_zero3(self.accelerator):
-            # Every forward of a ZeRO-3 student gathers weights from all ranks, so ranks must
-            # run the same forwards: each evaluates the whole split, with nothing to reduce.
-            loader = build_val_loader(self.config, 0, 1)
-            student = self.accelerator.unwrap_model(self.student)
-            results["student"] = evaluate(student, loader, self.config.num_classes, settings)["miou"]
-        else:
-            results["student"] = self._evaluate_split(self.accelerator.unwrap_model(self.student), settings)
+        # A sharded student (ZeRO-3, FSDP) gathers its weights from all ranks in every forward,
+        # so the ranks must run the same forwards: each evaluates the whole split.
+        student = self.accelerator.unwrap_model(self.student)
+        results = {"student": self._evaluate_split(student, settings, whole_split=shards_parameters(self.accelerator))}
         if self.teacher is not None:
             results["teacher"] = self._evaluate_split(self.teacher.model, settings)
         return results
 
-    def _evaluate_split(self, model, settings) -> float:
-        """Each rank evaluates its share; the confusion matrices are summed across ranks."""
-        loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
+    def _evaluate_split(self, model, settings, whole_split: bool = False) -> float:
+        """Each rank evaluates its share and the confusion matrices are summed across ranks,
+        or, with `whole_split`, each rank evaluates everything and nothing is reduced."""
+        if whole_split:
+            loader, accelerator = build_val_loader(self.config, 0, 1), None
+        else:
+            loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
+            accelerator = self.accelerator
         with self.accelerator.autocast():
-            return evaluate(model, loader, self.config.num_classes, settings, self.accelerator)["miou"]
+            return evaluate(model, loader, self.config.num_classes, settings, accelerator)["miou"]
 
     def _evaluate_and_keep_best(self, log: MetricLog) -> dict[str, float]:
         results = self.validate()
