@@ -72,9 +72,9 @@ def _samples(plan: ShardPlan, source: SourceDataset, depth_source, chunk: int) -
 
 def build_shards(source: SourceDataset, depth_source, out: Path, samples_per_shard: int = 500, depth_batch: int = 8) -> Path:
     """Write `source` into `out` as shards plus manifest.json and return `out`."""
-    from accelerate import PartialState
+    from depmatch.engine.distributed import distributed_state
 
-    state = PartialState()
+    state = distributed_state()
     options = {"depth": depth_source.description, "label_table": source.label_table.tolist()}
     plans = plan_shards(source.splits, samples_per_shard, options)
     manifest_fields = {**source.manifest_fields(), "ignore_index": IGNORE_INDEX, "depth": depth_manifest_entry(depth_source.description)}

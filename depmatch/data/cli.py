@@ -120,12 +120,14 @@ def _depth_source(args: argparse.Namespace):
 def run_build(args: argparse.Namespace) -> int:
     from depmatch.data.build import build_shards
     from depmatch.data.layouts import ShardInputError
+    from depmatch.engine.distributed import distributed_state
 
     try:
         out = build_shards(_source_dataset(args), _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
     except ShardInputError as error:
         raise SystemExit(f"error: {error}") from None
-    print(f"wrote {out}/manifest.json")
+    if distributed_state().is_main_process:
+        print(f"wrote {out}/manifest.json")
     return 0
 
 
