@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -14,7 +15,6 @@ from depmatch.data.codec import decode_depth, decode_image, decode_label
 from depmatch.data.depth import DepthAnythingModel, DepthDirectory, NoDepth
 from depmatch.data.layouts import ShardInputError, cityscapes, folder, parse_label_map, pascal
 from depmatch.data.loader import build_val_loader
-from depmatch.data.normalize import image_to_tensor
 from depmatch.data.shards import read_manifest
 
 
@@ -71,13 +71,13 @@ def test_round_trip_image_label_depth(tmp_path):
         meta = json.loads(sample["json"])
         assert meta["width"] == image.shape[1] and meta["dataset"] == "toy"
 
-    # The val loader returns the stored label bit for bit and the image through image_to_tensor.
+    # The val loader returns the stored label and image bit for bit (uint8, channels first).
     cfg = ExperimentConfig()
     cfg.data.root = str(out)
     batch = next(iter(build_val_loader(cfg, 0, 1)))
     assert batch["key"] == ["im2"]
     assert np.array_equal(batch["label"][0].numpy(), arrays["im2"][1])
-    assert batch["image"][0].equal(image_to_tensor(arrays["im2"][0]))
+    assert batch["image"][0].equal(torch.from_numpy(arrays["im2"][0]).permute(2, 0, 1))
 
     manifest = read_manifest(out)
     assert manifest["splits"]["labeled"]["total"] == 2 and len(manifest["splits"]["labeled"]["shards"]) == 2

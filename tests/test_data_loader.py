@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
+from depmatch.data.photometric import NUM_PARAMS
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import BadSampleBudget, batches_before
 
@@ -25,7 +26,7 @@ def _assert_same(batches_a, batches_b):
 
 def test_labeled_batch_contract(small_config):
     batch = _batches(build_labeled_loader(small_config, 0, 1), 1)[0]
-    assert batch["image"].shape == (2, 3, 24, 24) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (2, 3, 24, 24) and batch["image"].dtype == torch.uint8
     assert batch["label"].shape == (2, 24, 24) and batch["label"].dtype == torch.long
     assert batch["depth"].shape == (2, 24, 24) and batch["depth"].dtype == torch.float32
     labels = batch["label"].unique().tolist()
@@ -36,14 +37,15 @@ def test_labeled_batch_contract(small_config):
 def test_unlabeled_batch_contract(small_config):
     small_config.train.cutmix_prob = 1.0
     batch = _batches(build_unlabeled_loader(small_config, 0, 1), 1)[0]
-    for name in ("image_weak", "image_strong1", "image_strong2"):
-        assert batch[name].shape == (2, 3, 24, 24)
+    assert batch["image_weak"].shape == (2, 3, 24, 24) and batch["image_weak"].dtype == torch.uint8
+    for name in ("strong_params1", "strong_params2"):
+        assert batch[name].shape == (2, NUM_PARAMS) and batch[name].dtype == torch.float32
     for name in ("ignore", "cutmix_box1", "cutmix_box2"):
         assert batch[name].shape == (2, 24, 24) and batch[name].dtype == torch.long
     assert set(batch["ignore"].unique().tolist()) <= {0, 255}
     assert set(batch["cutmix_box1"].unique().tolist()) == {0, 1}  # p = 1: always a box
     assert not torch.equal(batch["cutmix_box1"], batch["cutmix_box2"])
-    assert not torch.equal(batch["image_strong1"], batch["image_strong2"])
+    assert not torch.equal(batch["strong_params1"], batch["strong_params2"])
     # Padding (ignore 255) has depth 0.
     assert (batch["depth"][batch["ignore"] == 255] == 0).all()
 

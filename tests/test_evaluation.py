@@ -14,7 +14,7 @@ from torch import nn
 
 from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.codec import encode_depth, encode_png
-from depmatch.data.normalize import image_to_tensor
+from depmatch.data.normalize import image_to_tensor, normalize
 from depmatch.data.shards import depth_manifest_entry
 from depmatch.data.writer import plan_shards, write_dataset
 from depmatch.evaluation import cli as evaluation_cli
@@ -148,7 +148,8 @@ def val_batches(count=4):
         height, width = 12 + index, 17 - index
         label = torch.randint(0, NUM_CLASSES, (1, height, width))
         label[:, :2] = 255
-        batches.append({"image": random_image(height, width), "label": label, "key": [f"sample{index}"]})
+        image = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8)  # the val loader's contract
+        batches.append({"image": image, "label": label, "key": [f"sample{index}"]})
     return batches
 
 
@@ -158,7 +159,7 @@ def test_evaluate_matches_an_independent_miou_and_restores_train_mode():
     result = evaluate(model, batches, NUM_CLASSES, ExperimentConfig().eval)
     assert model.training
     with torch.no_grad():
-        predictions = [model(batch["image"])["logits"].argmax(dim=1).numpy() for batch in batches]
+        predictions = [model(normalize(batch["image"]))["logits"].argmax(dim=1).numpy() for batch in batches]
     labels = [batch["label"].numpy() for batch in batches]
     assert result["miou"] == pytest.approx(independent_miou(predictions, labels, NUM_CLASSES))
     assert result["images"] == len(batches)

@@ -1,11 +1,14 @@
-"""Loader throughput per worker: shards vs plain folders read with PIL.
+"""Loader throughput per worker: shards vs plain folders read with PIL; and the device's share.
 
 One Pascal-sized sample (500×375 JPEG image, PNG label, float16 depth) is repeated
-`--samples` times, once as a shard and once as files in folders. Both paths decode and
-apply the weak augmentation plus two strong views at `--crop` (the unlabeled pipeline's
-work), in this process, so the figures are samples/s for one loader worker.
+`--samples` times, once as a shard and once as files in folders. Both paths do the
+unlabeled pipeline's loader work at `--crop` (decode, weak augmentation, the strong views'
+parameters, two CutMix boxes), in this process, so the figures are samples/s for one loader
+worker. The strong views themselves and the normalisation run on the training device
+(`depmatch.data.photometric`); their cost per sample is timed on `--device` for a batch of
+`--batch` weak views.
 
-    PYTHONPATH=. python tools/bench_loader.py --samples 200 --crop 518
+    PYTHONPATH=. python tools/bench_loader.py --samples 200 --crop 518 --device cuda
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from PIL import Image
 
 import webdataset as wds
 
+from depmatch.data.normalize import normalize
+from depmatch.data.photometric import draw_strong_params, strong_view
 from depmatch.data.samples import decode_sample, unlabeled_sample
 from depmatch.data.writer import ShardWriter
 
@@ -40,7 +45,7 @@ def _sample_files(rng: np.random.Generator) -> dict[str, bytes]:
 
 
 def _timed(samples, crop: int) -> float:
-    """samples/s; crop 0 only decodes, otherwise decode + weak + two strong views."""
+    """samples/s; crop 0 only decodes, otherwise the loader's whole unlabeled work."""
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     count = 0
@@ -59,11 +64,37 @@ def _folder_samples(folder: Path, count: int):
         yield {name: (folder / f"{index:06d}.{name}").read_bytes() for name in ("jpg", "label.png", "depth.npy")}
 
 
+def _device_seconds_per_sample(crop: int, batch: int, device: str, repeats: int = 20) -> float:
+    """Median time per sample of making two strong views and normalising three images on `device`."""
+    rng = np.random.default_rng(0)
+    weak = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)
+    params = [torch.from_numpy(np.stack([draw_strong_params(rng) for _ in range(batch)])).to(device) for _ in range(2)]
+
+    def work():
+        views = [normalize(strong_view(weak, view_params)) for view_params in params]
+        normalize(weak)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return views
+
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2] / batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--crop", type=int, default=518)
+    parser.add_argument("--device", default="cpu", help="where the strong views are timed (cpu: all threads)")
+    parser.add_argument("--batch", type=int, default=4, help="unlabeled images per step for the device timing")
     args = parser.parse_args()
+    device_time = _device_seconds_per_sample(args.crop, args.batch, args.device)
+    print(f"strong views + normalisation on {args.device}, batch {args.batch}: {device_time * 1e3:.2f} ms per sample")
     torch.set_num_threads(1)  # as in a DataLoader worker
     fields = _sample_files(np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as scratch:
@@ -74,7 +105,7 @@ def main() -> None:
             for name, data in fields.items():
                 (root / f"{index:06d}.{name}").write_bytes(data)
         writer.commit()
-        for crop, work in ((0, "decode only"), (args.crop, f"decode + weak + 2 strong views, crop {args.crop}")):
+        for crop, work in ((0, "decode only"), (args.crop, f"loader work of an unlabeled sample, crop {args.crop}")):
             shard = _timed(wds.tarfile_samples([{"url": str(root / "bench-000000.tar")}]), crop)
             folder = _timed(_folder_samples(root, args.samples), crop)
             print(f"{work}: shard {shard:.1f} samples/s, folders {folder:.1f} samples/s (one worker)")

@@ -11,21 +11,27 @@ import resource
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
 from depmatch.config import load_config
+from depmatch.data.photometric import draw_strong_params
 
 
-def synthetic_batches(config, device) -> tuple[dict, dict]:
+def synthetic_batches(config) -> tuple[dict, dict]:
     """Random labeled and unlabeled batches with the loader's shapes (docs/architecture.md)."""
     generator = torch.Generator().manual_seed(0)
     size, classes = config.data.crop_size, config.num_classes
     labeled_batch, unlabeled_batch = config.train.batch_size, config.train.unlabeled_batch_size
 
     def images(batch):
-        return torch.randn(batch, 3, size, size, generator=generator)
+        return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+
+    def strong_params(batch):
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (), generator=generator)))
+        return torch.from_numpy(np.stack([draw_strong_params(rng) for _ in range(batch)]))
 
     def box(batch):
         boxes = torch.zeros(batch, size, size, dtype=torch.long)
@@ -35,8 +41,8 @@ def synthetic_batches(config, device) -> tuple[dict, dict]:
     labeled = {"image": images(labeled_batch), "label": torch.randint(0, classes, (labeled_batch, size, size), generator=generator)}
     unlabeled = {
         "image_weak": images(unlabeled_batch),
-        "image_strong1": images(unlabeled_batch),
-        "image_strong2": images(unlabeled_batch),
+        "strong_params1": strong_params(unlabeled_batch),
+        "strong_params2": strong_params(unlabeled_batch),
         "ignore": torch.zeros(unlabeled_batch, size, size, dtype=torch.long),
         "depth": torch.rand(unlabeled_batch, size, size, generator=generator) * 20,
         "cutmix_box1": box(unlabeled_batch),
@@ -75,9 +81,12 @@ def measure(spec: dict) -> dict:
     config = load_config(None, overrides_for(spec))
     trainer = Trainer(config)
     device = trainer.accelerator.device
-    labeled, unlabeled = (trainer.to_device(batch) for batch in synthetic_batches(config, device))
+    # On the device already, as the loader's next batch would be once copied; the step makes the
+    # strong views and normalises, as training does.
+    raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(config)]
 
     def step():
+        labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
         with trainer.accelerator.accumulate(trainer.student):
             trainer.forward_backward_step(labeled, unlabeled)
         if device.type == "cuda":

@@ -1,15 +1,16 @@
-"""Training augmentations (method.md §6), driven only by the generator passed in.
+"""The loader's training augmentations (method.md §6), driven only by the generator passed in.
 
 No global RNG: each sample's augmentation is a function of its own generator, which
 the loader seeds from the sample's position in the stream, so a resumed run repeats
 it exactly. Geometric steps move image, label and depth together (bilinear for image
-and depth, nearest for the label); photometric steps touch the image only.
+and depth, nearest for the label). The photometric strong augmentation touches the
+image only and runs on the device (`depmatch.data.photometric`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from depmatch.data.classes import IGNORE_INDEX
 
@@ -60,43 +61,6 @@ def weak_augment(
     if rng.random() < 0.5:
         image, label, depth = image[:, ::-1], label[:, ::-1], depth[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(depth)
-
-
-def _adjust_hue(image: Image.Image, shift: float) -> Image.Image:
-    """Rotate the hue by `shift` turns (torchvision's PIL algorithm)."""
-    hue, saturation, value = image.convert("HSV").split()
-    rotated = ((np.asarray(hue, np.int16) + int(shift * 255)) % 256).astype(np.uint8)
-    return Image.merge("HSV", (Image.fromarray(rotated), saturation, value)).convert("RGB")
-
-
-def color_jitter(image: Image.Image, rng: np.random.Generator, strength=(0.5, 0.5, 0.5, 0.25)) -> Image.Image:
-    """torchvision ColorJitter(brightness, contrast, saturation, hue): the four in a random order."""
-    brightness, contrast, saturation, hue = strength
-    factors = (
-        rng.uniform(1 - brightness, 1 + brightness),
-        rng.uniform(1 - contrast, 1 + contrast),
-        rng.uniform(1 - saturation, 1 + saturation),
-        rng.uniform(-hue, hue),
-    )
-    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    for operation in rng.permutation(4):
-        if operation == 3:
-            image = _adjust_hue(image, factors[3])
-        else:
-            image = enhancers[operation](image).enhance(factors[operation])
-    return image
-
-
-def strong_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Colour jitter p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1–2.0) p=0.5; uint8 H×W×3 in and out."""
-    picture = Image.fromarray(image)
-    if rng.random() < 0.8:
-        picture = color_jitter(picture, rng)
-    if rng.random() < 0.2:
-        picture = picture.convert("L").convert("RGB")
-    if rng.random() < 0.5:
-        picture = picture.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
-    return np.array(picture)
 
 
 def cutmix_box(

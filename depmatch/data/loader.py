@@ -119,8 +119,9 @@ def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, b
     # batch_size=None: each worker yields whole batches, which is what makes batch k come from worker k % W.
     # Its own generator: making an iterator would otherwise draw from the global RNG, which a
     # resumed run restores before it builds the loaders, so resumed and unbroken runs would part.
+    # Pinned batches let the trainer's non_blocking copies overlap the step on a GPU.
     return DataLoader(ShardStream(settings, prepare), batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.train.seed))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 def _has_depth(manifest: dict) -> bool:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depmatch.data.augment import cutmix_box, strong_augment, weak_augment
+from depmatch.data.augment import cutmix_box, weak_augment
 from depmatch.data.classes import IGNORE_INDEX
 from depmatch.data.codec import DEPTH_FIELD, LABEL_FIELD, decode_depth, decode_image, decode_label, image_field
-from depmatch.data.normalize import image_to_tensor
+from depmatch.data.normalize import hwc_to_chw
+from depmatch.data.photometric import draw_strong_params
 
 
 def decode_sample(sample: dict, with_label: bool, with_depth: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -24,7 +25,7 @@ def decode_sample(sample: dict, with_label: bool, with_depth: bool) -> tuple[np.
 
 def labeled_sample(sample: dict, rng: np.random.Generator, crop_size: int, scale_range, with_depth: bool) -> dict:
     image, label, depth = weak_augment(*decode_sample(sample, True, with_depth), crop_size, scale_range, rng)
-    return {"image": image_to_tensor(image), "label": torch.from_numpy(label).long(), "depth": torch.from_numpy(depth)}
+    return {"image": hwc_to_chw(image), "label": torch.from_numpy(label).long(), "depth": torch.from_numpy(depth)}
 
 
 def unlabeled_sample(
@@ -32,14 +33,15 @@ def unlabeled_sample(
 ) -> dict:
     # A zero label through the weak augmentation marks padding with 255: that is the ignore map.
     image, padding, depth = weak_augment(*decode_sample(sample, False, with_depth), crop_size, scale_range, rng)
-    strong1 = strong_augment(image, rng)
+    # The strong views are made on the device from the weak view and these parameters (data/photometric.py).
+    params1 = draw_strong_params(rng)
     box1 = cutmix_box(crop_size, cutmix_prob, rng)
-    strong2 = strong_augment(image, rng)
+    params2 = draw_strong_params(rng)
     box2 = cutmix_box(crop_size, cutmix_prob, rng)
     return {
-        "image_weak": image_to_tensor(image),
-        "image_strong1": image_to_tensor(strong1),
-        "image_strong2": image_to_tensor(strong2),
+        "image_weak": hwc_to_chw(image),
+        "strong_params1": torch.from_numpy(params1),
+        "strong_params2": torch.from_numpy(params2),
         "ignore": torch.from_numpy(np.where(padding == IGNORE_INDEX, IGNORE_INDEX, 0)).long(),
         "depth": torch.from_numpy(depth),
         "cutmix_box1": torch.from_numpy(box1),
@@ -50,7 +52,7 @@ def unlabeled_sample(
 def val_sample(sample: dict, rng: np.random.Generator) -> dict:
     """Original size, no augmentation (`rng` is unused: every stream element takes one)."""
     image, label, _ = decode_sample(sample, True, False)
-    return {"image": image_to_tensor(image), "label": torch.from_numpy(label).long(), "key": sample["__key__"]}
+    return {"image": hwc_to_chw(image), "label": torch.from_numpy(label).long(), "key": sample["__key__"]}
 
 
 def collate(elements: list[dict]) -> dict:

@@ -11,6 +11,8 @@ from accelerate.utils import set_seed
 
 from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
+from depmatch.data.normalize import normalize
+from depmatch.data.photometric import strong_view
 from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
 from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student, shards_parameters
 from depmatch.engine.ema import EMATeacher
@@ -85,14 +87,14 @@ class Trainer:
             yield self.to_device(labeled_batch), self.to_device(unlabeled_batch)
 
     def to_device(self, batch: dict) -> dict:
-        """A loader batch on the training device, images in the dtype the student's weights expect."""
-        device = self.accelerator.device
-        moved = {}
-        for name, value in batch.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            value = value.to(device, non_blocking=True)
-            moved[name] = value.to(self.input_dtype) if name.startswith("image") else value
+        """A loader batch on the training device: the strong views made from the weak one, and every
+        image normalised, in the dtype the student's weights expect."""
+        moved = {name: value.to(self.accelerator.device, non_blocking=True) for name, value in batch.items() if torch.is_tensor(value)}
+        for view in (1, 2):
+            if f"strong_params{view}" in moved:
+                moved[f"image_strong{view}"] = strong_view(moved["image_weak"], moved.pop(f"strong_params{view}"))
+        for name in [name for name in moved if name.startswith("image")]:
+            moved[name] = normalize(moved[name]).to(self.input_dtype)
         return moved
 
     # ------------------------------------------------------------------ step

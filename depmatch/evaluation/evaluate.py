@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from depmatch.config import EvalConfig
 from depmatch.data.loader import build_val_loader
+from depmatch.data.normalize import normalize
 from depmatch.evaluation.inference import eval_settings, inference_options, predict_logits
 from depmatch.evaluation.loading import load_for_inference, resolve_weights
 from depmatch.metrics import confusion_matrix, miou_from_confusion
@@ -53,7 +54,7 @@ def evaluate(
     model.eval()
     try:
         for batch in tqdm(loader, desc="eval", unit="image", disable=not progress):
-            logits = predict_logits(model, batch["image"].to(device), num_classes, **options)
+            logits = predict_logits(model, normalize(batch["image"].to(device)), num_classes, **options)
             confusion += confusion_matrix(logits.argmax(dim=1), batch["label"].to(device), num_classes)
             image_count += 1
     finally:
