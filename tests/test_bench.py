@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from depmatch.bench.cli import launch_environment
 from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
 from depmatch.bench.report import markdown_table
 from depmatch.bench.step import overrides_for
@@ -30,7 +31,7 @@ def test_every_preset_makes_a_valid_config(encoder, tmp_path):
 
 
 def test_markdown_table_formats_and_drops_empty_columns():
-    result = {"encoder": "dinov2_s", "framework": "unimatch_v2", "depmatch": True, "precision": "bf16", "zero": 2,
+    result = {"encoder": "dinov2_s", "framework": "unimatch_v2", "depmatch": True, "precision": "bf16", "zero": "2",
               "crop": 518, "batch": 4, "step_time_s": 0.5, "images_per_s": 16.0, "peak_memory_gib": 12.345,
               "tflop_per_step": 3.0, "achieved_tflops": 6.0, "mfu": 0.25, "miou_student": None}
     lines = markdown_table([result]).splitlines()
@@ -51,3 +52,16 @@ def test_bench_measures_a_tiny_configuration(tmp_path):
     assert result["tflop_per_step"] > 0 and result["mfu"] is None
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "| vit_tiny | unimatch_v2 | True |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "zero,stage,offload", [("0", None, None), ("2", "2", None), ("3", "3", None), ("3-offload", "3", "cpu")]
+)
+def test_zero_choice_becomes_a_one_process_deepspeed_launch(zero, stage, offload, monkeypatch):
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    env = launch_environment(zero, "bf16")
+    assert env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == stage
+    assert env.get("ACCELERATE_USE_DEEPSPEED") == ("true" if stage else None)
+    assert env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") == offload
+    assert env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") == offload

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 COLUMNS = [
+    ("scope", "scope", "{}"),
     ("encoder", "encoder", "{}"),
     ("framework", "framework", "{}"),
     ("depmatch", "DepMatch", "{}"),
@@ -13,6 +14,7 @@ COLUMNS = [
     ("zero", "ZeRO", "{}"),
     ("crop", "crop", "{}"),
     ("batch", "batch/view", "{}"),
+    ("overrides", "--set", "{}"),
     ("step_time_s", "step (s)", "{:.3f}"),
     ("images_per_s", "images/s", "{:.1f}"),
     ("peak_memory_gib", "peak mem (GiB)", "{:.2f}"),
@@ -26,7 +28,9 @@ COLUMNS = [
 
 def label(result: dict) -> str:
     depmatch = "+DepMatch" if result["depmatch"] else ""
-    return f"{result['encoder']} {result['framework']}{depmatch} {result['precision']} z{result['zero']}"
+    student_only = " (student)" if result.get("scope") == "student" else ""
+    overrides = f" {result['overrides']}" if result.get("overrides") else ""
+    return f"{result['encoder']} {result['framework']}{depmatch} {result['precision']} z{result['zero']}{student_only}{overrides}"
 
 
 def markdown_table(results: list[dict]) -> str:

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
@@ -85,10 +86,24 @@ def measure(spec: dict) -> dict:
     # strong views and normalises, as training does.
     raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(config)]
 
-    def step():
+    def training_step():
         labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
         with trainer.accelerator.accumulate(trainer.student):
             trainer.forward_backward_step(labeled, unlabeled)
+
+    def student_step():
+        """The student alone: one forward and backward over as many images as a step has, and the update."""
+        labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
+        images = torch.cat([labeled["image"], unlabeled["image_weak"]])
+        labels = torch.cat([labeled["label"], labeled["label"]])
+        with trainer.accelerator.autocast():
+            loss = F.cross_entropy(trainer.student(images)["logits"].float(), labels, ignore_index=255)
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        student_step() if spec.get("scope") == "student" else training_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -110,7 +125,8 @@ def measure(spec: dict) -> dict:
     peak = peak_tflops(device_name)
     achieved = flops / step_time / 1e12
     return {
-        **{k: spec[k] for k in ("encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
+        **{k: spec[k] for k in ("scope", "encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
+        "overrides": " ".join(spec.get("extra", [])) or None,
         "device": device_name,
         "step_time_s": step_time,
         "images_per_s": images / step_time,

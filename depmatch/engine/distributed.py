@@ -79,9 +79,14 @@ def prepare_student(accelerator: Accelerator, student: torch.nn.Module, optimize
         # Always ours: accelerate fills a missing or "auto" clip with 1.0, which would clip
         # DeepSpeed runs where DDP and FSDP runs with `optim.grad_clip: 0` do not.
         ds_config["gradient_clipping"] = config.optim.grad_clip
+        zero = ds_config.get("zero_optimization", {})
         # Checkpoints include a consolidated student, which ZeRO-3 can only gather with this on.
-        if ds_config.get("zero_optimization", {}).get("stage") == 3:
-            ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        if zero.get("stage") == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # The optimizer is our torch AdamW (two groups, poly lr set by hand); DeepSpeed refuses a
+        # client optimizer under optimizer offload unless told it may run it on the CPU.
+        if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+            ds_config["zero_force_ds_cpu_optimizer"] = False
     return accelerator.prepare(student, optimizer)
 
 

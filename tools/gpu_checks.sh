@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, in parts that each fit one 10-minute device
+# call. Prepare the wheels first (bash tools/device_wheels.sh), then, on the device machine,
+# from the repository root with `.whl` carried:
+#
+#   bash tools/gpu_checks.sh PART [PART ...]
+#
+# Results go to runs/gpu/ and, packed as one file (a device call returns at most 8 files),
+# to $OUT/gpu-PARTS.tar.gz; the tables are also printed.
+#
+#   core      GPU tests, CUDA loss benchmark, loader + device augmentation, encoder swap
+#             S/B/L x DepMatch off/on under ZeRO-2, DINOv2-L student MFU            (#3, #4, #6.1-6.4)
+#   zero3     the same encoder swap under ZeRO-3, and S/B without DeepSpeed          (#3, #6.2, #6.3)
+#   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
+#   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
+#   mem798    the same at crop 798                                                   (#6.5)
+#
+# Order of value if the budget is short: core, mem518, zero3, mem798, online.
+set -uo pipefail
+RESULTS=runs/gpu
+mkdir -p "$RESULTS"
+if [ -d .whl ] && ! python3 -c "import deepspeed, webdataset" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
+python3 -c "import torch, timm, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
+cat "$RESULTS/gpu.txt"
+
+bench() {  # bench NAME ARGS...: one `depmatch bench` into runs/gpu/NAME/ with its log
+  local name=$1; shift
+  python3 -m depmatch bench --out "$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1
+  grep -v "^\s*$" "$RESULTS/$name.log" | grep -E "^\||failed|Error" | tail -n 30
+}
+
+for part in "$@"; do
+  echo "== $part $(date +%T)"
+  case $part in
+    core)
+      python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests.log"
+      python3 tools/bench_losses.py --device cuda --repeats 20 --json "$RESULTS/bench_losses_cuda.json" 2>&1 | tail -n 12
+      python3 tools/bench_loader.py --samples 200 --crop 518 --device cuda --batch 4 2>&1 | tee "$RESULTS/bench_loader.txt"
+      bench zero2 --encoders dinov2_s dinov2_b dinov2_l --depmatch off on --precision bf16 --zero 2 --crop 518
+      bench student --encoders dinov2_l --depmatch off --scope student --precision bf16 --crop 518
+      ;;
+    zero3)
+      bench zero3 --encoders dinov2_s dinov2_b dinov2_l --depmatch off on --precision bf16 --zero 3 --crop 518
+      bench plain --encoders dinov2_s dinov2_b --depmatch off on --precision bf16 --crop 518
+      ;;
+    online)
+      python3 tools/random_depth_anything.py /tmp/depth-anything-small-random
+      bench online --encoders dinov2_s dinov2_b --depmatch on --precision bf16 --crop 518 \
+        --set train.online_depth_model=/tmp/depth-anything-small-random
+      ;;
+    mem518 | mem798)  # the recipes' batches: 4 + 4 at 518 (Pascal), 2 + 2 at 798 (Cityscapes)
+      batch=4; [ "$part" = mem798 ] && batch=2
+      bench "$part" --encoders dinov2_l dinov2_g --depmatch on --precision bf16 --zero 2 3 3-offload \
+        --crop "${part#mem}" --batch "$batch" --steps 3 --warmup 1
+      ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798)"; exit 2 ;;
+  esac
+  # packed after every part, so a call stopped at its time limit still returns what finished
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-$(IFS=-; echo "$*").tar.gz" -C runs gpu; fi
+done
