@@ -184,3 +184,24 @@ def test_online_depth_replaces_the_shard_depth(shards, tmp_path, tiny_depth_anyt
     assert expected.shape == shard_depth.shape
     assert torch.equal(unlabeled["depth"], expected)
     assert not torch.allclose(expected, shard_depth)
+
+
+def test_a_compiled_student_saves_the_plain_model_names(shards, tmp_path):
+    """`accelerate launch --dynamo_backend ...` wraps the student in torch.compile; eval, predict
+    and export must still load its weights. (The eager backend compiles nothing: fast, same wrapper.)
+    In its own process: accelerate keeps one state per process, and the others here have none."""
+    overrides = [f"data.root={shards}", f"train.output_dir={tmp_path}", "train.steps=2", "train.eval_every=2",
+                 "train.checkpoint_every=2"]  # fmt: skip
+    script = (
+        "from depmatch.config import load_config; from depmatch.engine.trainer import Trainer; "
+        "from depmatch.train import prepare_dataset; "
+        f"config = load_config(None, {overrides!r}); trainer = Trainer(config, dataset=prepare_dataset(config)); "
+        "assert type(trainer.student).__name__ == 'OptimizedModule'; trainer.train()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "EAGER"}
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    config = load_config(tmp_path / "config.yaml")
+    for folder in (tmp_path / "checkpoints" / "step_00000002", tmp_path / "best"):
+        weights = load_file(folder / "student.safetensors")
+        build_model(config.model, config.num_classes).load_state_dict(weights)  # strict: names must match

@@ -42,6 +42,17 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+def consolidated_state_dict(accelerator, model) -> dict:
+    """The model's full weights under the plain model's names on the main process ({} on others under ZeRO-3).
+
+    Collective: ZeRO-3 and FSDP gather the shards from every rank. A model compiled through
+    accelerate's dynamo option keeps its `_orig_mod.` wrapper in accelerate's state dict;
+    eval, predict and export load the names of the plain model.
+    """
+    state = accelerator.get_state_dict(model) or {}
+    return {name.replace("_orig_mod.", ""): value for name, value in state.items()}
+
+
 def _fp32_contiguous(state_dict: dict) -> dict:
     return {name: tensor.detach().float().contiguous().cpu() for name, tensor in state_dict.items()}
 
@@ -58,11 +69,12 @@ def write_inference_files(
     (directory / "classes.json").write_text(json.dumps(classes, indent=1))
 
 
-def save_checkpoint(accelerator, student, teacher, state: TrainerState, config: ExperimentConfig, classes: dict) -> Path:
-    """Called on every rank: ZeRO-3 gathers the student collectively."""
+def save_checkpoint(
+    accelerator, student, student_state: dict, teacher, state: TrainerState, config: ExperimentConfig, classes: dict
+) -> Path:
+    """Called on every rank (save_state is collective); `student_state` comes from `consolidated_state_dict`."""
     directory = checkpoint_path(config.train.output_dir, state.step)
     accelerator.save_state(str(directory))
-    student_state = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         teacher_state = teacher.model.state_dict() if teacher is not None else None
         write_inference_files(directory, config, classes, student_state, teacher_state)
@@ -89,9 +101,10 @@ def load_checkpoint(accelerator, directory: Path, teacher) -> TrainerState:
     return TrainerState(**json.loads(state_file.read_text()))
 
 
-def save_best(accelerator, student, teacher, miou: dict, state: TrainerState, config: ExperimentConfig, classes: dict) -> None:
+def save_best(
+    accelerator, student_state: dict, teacher, state: TrainerState, config: ExperimentConfig, classes: dict, miou: dict
+) -> None:
     """Keep the weights with the best validation mIoU (student or EMA teacher) in `best/`."""
-    student_state = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         directory = Path(config.train.output_dir) / "best"
         teacher_state = teacher.model.state_dict() if teacher is not None else None

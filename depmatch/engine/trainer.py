@@ -13,7 +13,14 @@ from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import strong_view
-from depmatch.engine.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
+from depmatch.engine.checkpoint import (
+    TrainerState,
+    consolidated_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student, shards_parameters
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
@@ -175,14 +182,25 @@ class Trainer:
         with self.accelerator.autocast():
             return evaluate(model, loader, self.config.num_classes, settings, accelerator)["miou"]
 
-    def _evaluate_and_keep_best(self, log: MetricLog) -> dict[str, float]:
+    def _evaluate(self, log: MetricLog) -> tuple[dict[str, float], bool]:
+        """Validate, log, and note a new best mIoU (student or teacher) in the state; True when it is one."""
         results = self.validate()
         log.write({"step": self.state.step, **{f"miou_{name}": value for name, value in results.items()}})
         best_name = max(results, key=results.get)
-        if results[best_name] > self.state.best_miou:
-            self.state.best_miou, self.state.best_step, self.state.best_model = results[best_name], self.state.step, best_name
-            save_best(self.accelerator, self.student, self.teacher, results, self.state, self.config, self.classes)
-        return results
+        if results[best_name] <= self.state.best_miou:
+            return results, False
+        self.state.best_miou, self.state.best_step, self.state.best_model = results[best_name], self.state.step, best_name
+        return results, True
+
+    def _save(self, results: dict[str, float], new_best: bool, checkpoint_due: bool) -> None:
+        if not (new_best or checkpoint_due):
+            return
+        # Collective, and a full gather under ZeRO-3 / FSDP: once for both saves.
+        student_state = consolidated_state_dict(self.accelerator, self.student)
+        if new_best:
+            save_best(self.accelerator, student_state, self.teacher, self.state, self.config, self.classes, results)
+        if checkpoint_due:
+            save_checkpoint(self.accelerator, self.student, student_state, self.teacher, self.state, self.config, self.classes)
 
     # ------------------------------------------------------------------ loop
 
@@ -204,10 +222,10 @@ class Trainer:
                     log.add(parts)
                 log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                 done = self.state.step == config.steps
+                new_best = False
                 if done or self.state.step % config.eval_every == 0:
-                    results = self._evaluate_and_keep_best(log)
-                if done or self.state.step % config.checkpoint_every == 0:
-                    save_checkpoint(self.accelerator, self.student, self.teacher, self.state, self.config, self.classes)
+                    results, new_best = self._evaluate(log)
+                self._save(results, new_best, checkpoint_due=done or self.state.step % config.checkpoint_every == 0)
         finally:
             log.close()
             self.accelerator.end_training()
