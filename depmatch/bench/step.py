@@ -103,7 +103,10 @@ def measure(spec: dict) -> dict:
         trainer.optimizer.zero_grad(set_to_none=True)
 
     def step():
-        student_step() if spec.get("scope") == "student" else training_step()
+        if spec.get("scope") == "student":
+            student_step()
+        else:
+            training_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -4,6 +4,8 @@ The loader ships images as uint8 (a quarter of the bytes of float32 over the hos
 link, and no float work in the workers); `normalize` runs on the device.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -21,9 +23,16 @@ def hwc_to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
+@functools.cache
+def _statistics_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Copied once per device: a copy from pageable host memory on every call would wait for the GPU.
+    return _MEAN_255.to(device), _INV_STD_255.to(device)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """(B×)3×H×W RGB, uint8 or float on 0–255 -> float32 normalised with ImageNet statistics, on the same device."""
-    return (images.float() - _MEAN_255.to(images.device)) * _INV_STD_255.to(images.device)
+    mean, inverse_std = _statistics_on(images.device)
+    return (images.float() - mean) * inverse_std
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

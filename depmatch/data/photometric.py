@@ -27,7 +27,7 @@ NUM_PARAMS = 10
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
 MAX_BLUR_SIGMA = 2.0
 _BLUR_RADIUS = int(np.ceil(3 * MAX_BLUR_SIGMA))  # one kernel size for every sigma: no shape depends on data
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL (torchvision rounds red to 0.2989)
 _MAX = 255.0
 
 
@@ -57,7 +57,7 @@ def strong_view(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     # Each image has its own order. The three blends run at every position, at factor 1 for
     # the images that do not apply them there (no host sync); hue, ten times dearer, runs
     # once, between the blends ordered before it and those after it.
-    hue_position = (order == HUE).to(torch.uint8).argmax(1)
+    hue_position = (order == HUE).float().argmax(1)
     images = _blends(images, params, order, range(0, 3), lambda position: position < hue_position)
     images = adjust_hue(images, params[:, HUE].view(-1, 1, 1, 1))
     images = _blends(images, params, order, range(1, 4), lambda position: position > hue_position)

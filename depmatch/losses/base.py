@@ -28,7 +28,7 @@ def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float 
     true_prob = torch.where(valid, true_prob, torch.ones_like(true_prob))
     kth = min(max(min_kept, 1), true_prob.numel())
     kth_prob = true_prob.kthvalue(kth).values
-    threshold = torch.maximum(kth_prob, torch.tensor(thresh, device=logits.device))
+    threshold = kth_prob.clamp_min(thresh)
     kept = valid & (true_prob <= threshold)
     return (pixel_loss * kept).sum() / kept.sum().clamp_min(1)
 
