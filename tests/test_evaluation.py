@@ -19,7 +19,6 @@ from depmatch.data.shards import depth_manifest_entry
 from depmatch.data.writer import plan_shards, write_dataset
 from depmatch.evaluation import cli as evaluation_cli
 from depmatch.evaluation.evaluate import evaluate, format_table
-from depmatch.evaluation.export import export_model
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
 from depmatch.models import build_model

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from depmatch.config import ExperimentConfig, save_config
