@@ -5,8 +5,8 @@
 #
 #   bash tools/gpu_checks.sh PART [PART ...]
 #
-# Results go to runs/gpu/ and, packed as one file (a device call returns at most 8 files),
-# to $OUT/gpu-PARTS.tar.gz; the tables are also printed.
+# Results go to runs/gpu/ and, packed as one file after every command (a device call
+# returns at most 8 files), to $OUT/gpu-PARTS.tar.gz; the tables are also printed.
 #
 #   core      GPU tests, CUDA loss benchmark, loader + device augmentation, encoder swap
 #             S/B/L x DepMatch off/on under ZeRO-2, DINOv2-L student MFU            (#3, #4, #6.1-6.4)
@@ -28,19 +28,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 python3 -c "import torch, timm, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
 cat "$RESULTS/gpu.txt"
 
-bench() {  # bench NAME ARGS...: one `depmatch bench` into runs/gpu/NAME/ with its log
+pack() {  # after every command, so that a call stopped at its time limit still returns what finished
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-$PARTS.tar.gz" -C runs gpu; fi
+}
+PARTS=$(IFS=-; echo "$*")
+
+bench() {  # bench NAME ARGS...: one `depmatch bench` into runs/gpu/NAME/ (its report grows per configuration)
   local name=$1; shift
   python3 -m depmatch bench --out "$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1
   grep -v "^\s*$" "$RESULTS/$name.log" | grep -E "^\||failed|Error" | tail -n 30
+  pack
 }
 
 for part in "$@"; do
   echo "== $part $(date +%T)"
   case $part in
     core)
-      python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests.log"
-      python3 tools/bench_losses.py --device cuda --repeats 20 --json "$RESULTS/bench_losses_cuda.json" 2>&1 | tail -n 12
-      python3 tools/bench_loader.py --samples 200 --crop 518 --device cuda --batch 4 2>&1 | tee "$RESULTS/bench_loader.txt"
+      timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests.log"; pack
+      timeout 240 python3 tools/bench_losses.py --device cuda --repeats 20 --json "$RESULTS/bench_losses_cuda.json" 2>&1 | tail -n 12; pack
+      timeout 120 python3 tools/bench_loader.py --samples 200 --crop 518 --device cuda --batch 4 2>&1 | tee "$RESULTS/bench_loader.txt"; pack
       bench zero2 --encoders dinov2_s dinov2_b dinov2_l --depmatch off on --precision bf16 --zero 2 --crop 518
       bench student --encoders dinov2_l --depmatch off --scope student --precision bf16 --crop 518
       ;;
@@ -60,6 +66,4 @@ for part in "$@"; do
       ;;
     *) echo "unknown part $part (core, zero3, online, mem518, mem798)"; exit 2 ;;
   esac
-  # packed after every part, so a call stopped at its time limit still returns what finished
-  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-$(IFS=-; echo "$*").tar.gz" -C runs gpu; fi
 done

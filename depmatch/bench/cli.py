@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  failed with exit code {completed.returncode}; see the output above", flush=True)
                 continue
             results.append(json.loads(Path(result_file.name).read_text()))
+        # after every configuration: a crash or a time limit later in the list loses nothing
+        write_report(results, out_dir)
     if not results:
         print("no configuration ran", file=sys.stderr)
         return 1
-    write_report(results, out_dir)
     print(markdown_table(results))
     print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
     return 0
