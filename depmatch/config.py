@@ -9,6 +9,7 @@ that names the key. The defaults are the embedded synthetic RGB-D run that
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2 booleans: only true/false.
+
+    YAML 1.1 reads a bare no/yes/on/off as a boolean, so `mixed_precision: no` and
+    `--set train.mixed_precision=no` would arrive as False instead of accelerate's "no".
+    """
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader subclass: plain data only
 
 
 @dataclass
@@ -205,7 +225,7 @@ def _dotted_to_nested(assignment: str) -> dict:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.sub=value")
     dotted, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    value = _load_yaml(raw) if raw else ""
     nested: dict = {}
     node = nested
     parts = dotted.strip().split(".")
@@ -235,7 +255,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _load_yaml(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         values = _merge(values, loaded)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
-from depmatch.config import ExperimentConfig, load_config, to_dict
+from depmatch.config import ConfigError, ExperimentConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -124,3 +124,14 @@ def test_generated_configs_are_up_to_date(tmp_path):
         f"configs/ is out of date (stale {stale}, missing {missing}, changed {changed}): "
         "run python tools/make_configs.py and commit the result"
     )
+
+
+def test_no_stays_a_word(tmp_path):
+    """YAML 1.1 would read a bare `no` as False; accelerate's mixed precision is spelled "no"."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "experiment.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="depmatch.enabled: expected bool, got 'yes'"):
+        load_config(None, ["depmatch.enabled=yes"])
+    assert load_config(None, ["depmatch.enabled=false"]).depmatch.enabled is False

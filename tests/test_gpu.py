@@ -4,18 +4,17 @@
 """
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from depmatch.config import load_config
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
-from depmatch.engine.trainer import Trainer
 from depmatch.losses import cddp_loss, uldr_loss
 from depmatch.losses.reference import synthetic_view
-from depmatch.train import prepare_dataset
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -28,8 +27,8 @@ def _view(dtype):
 
 def _losses_and_grads(view, device):
     """CDDP, ULDR and their gradients, left on `device`."""
-    features = view.features.to(device).requires_grad_()
-    logits = view.logits.to(device).requires_grad_()
+    features = view.features.detach().to(device).requires_grad_()  # a fresh leaf per call
+    logits = view.logits.detach().to(device).requires_grad_()
     depth, probs, label, ignore = (t.to(device) for t in (view.depth, view.probs, view.pseudo_label, view.ignore))
     cddp = cddp_loss(features, depth, probs, label, ignore, size=(8, 8))
     uldr = uldr_loss(logits, depth, label, ignore, size=(11, 11))
@@ -75,15 +74,20 @@ def test_strong_views_on_cuda_match_the_cpu():
 
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 def test_training_steps_on_cuda(tmp_path, precision):
-    """A tiny UniMatch V2 + DepMatch run on the GPU: the loss falls, nothing is non-finite."""
-    config = load_config(
-        None,
-        [f"data.root={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "train.steps=40",
-         "train.log_every=1", "train.eval_every=40", "train.checkpoint_every=40", f"train.mixed_precision={precision}"],
-    )  # fmt: skip
-    trainer = Trainer(config, dataset=prepare_dataset(config))
-    assert trainer.accelerator.device.type == "cuda"
-    results = trainer.train()
+    """A tiny UniMatch V2 + DepMatch run on the GPU: the loss falls, nothing is non-finite.
+    In its own process: accelerate keeps one mixed-precision setting per process."""
+    overrides = [f"data.root={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "train.steps=40",
+                 "train.log_every=1", "train.eval_every=40", "train.checkpoint_every=40",
+                 f"train.mixed_precision={precision}"]  # fmt: skip
+    script = (
+        "import json, sys; from depmatch.config import load_config; from depmatch.engine.trainer import Trainer; "
+        "from depmatch.train import prepare_dataset; "
+        f"config = load_config(None, {overrides!r}); trainer = Trainer(config, dataset=prepare_dataset(config)); "
+        "assert trainer.accelerator.device.type == 'cuda'; print(json.dumps(trainer.train()))"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [record for record in map(json.loads, lines) if "loss" in record]
     assert len(records) == 40  # a skipped (non-finite) step logs nothing
