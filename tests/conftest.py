@@ -1,5 +1,9 @@
-"""Shared fixtures: a small synthetic shard dataset and the camvid-mini folder."""
+"""Shared fixtures: a small synthetic shard dataset and the camvid-mini folder; training in a process of its own."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,21 @@ def tiny_depth_anything(tmp_path) -> Path:
     model.save_pretrained(model_dir)
     DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(model_dir)
     return model_dir
+
+
+def train_in_own_process(overrides: list[str], check: str, env: dict | None = None) -> dict:
+    """Build a Trainer from `overrides` in a fresh Python, assert `check` on it, train; the final mIoU.
+
+    For runs that need accelerate settings of their own (dynamo backend, mixed precision):
+    accelerate keeps one state per process, shared by every test in this one.
+    """
+    script = (
+        "import json; from depmatch.config import load_config; from depmatch.engine.trainer import Trainer; "
+        "from depmatch.train import prepare_dataset; "
+        f"config = load_config(None, {overrides!r}); trainer = Trainer(config, dataset=prepare_dataset(config)); "
+        f"assert {check}; print(json.dumps(trainer.train()))"
+    )
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -4,13 +4,12 @@
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import train_in_own_process
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
 from depmatch.losses import cddp_loss, uldr_loss
@@ -79,15 +78,7 @@ def test_training_steps_on_cuda(tmp_path, precision):
     overrides = [f"data.root={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "train.steps=40",
                  "train.log_every=1", "train.eval_every=40", "train.checkpoint_every=40",
                  f"train.mixed_precision={precision}"]  # fmt: skip
-    script = (
-        "import json, sys; from depmatch.config import load_config; from depmatch.engine.trainer import Trainer; "
-        "from depmatch.train import prepare_dataset; "
-        f"config = load_config(None, {overrides!r}); trainer = Trainer(config, dataset=prepare_dataset(config)); "
-        "assert trainer.accelerator.device.type == 'cuda'; print(json.dumps(trainer.train()))"
-    )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    results = train_in_own_process(overrides, "trainer.accelerator.device.type == 'cuda'")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [record for record in map(json.loads, lines) if "loss" in record]
     assert len(records) == 40  # a skipped (non-finite) step logs nothing

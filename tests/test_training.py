@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_in_own_process
 from depmatch.config import load_config
 from depmatch.engine.trainer import Trainer
 from depmatch.evaluation.evaluate import evaluate
@@ -192,15 +193,7 @@ def test_a_compiled_student_saves_the_plain_model_names(shards, tmp_path):
     In its own process: accelerate keeps one state per process, and the others here have none."""
     overrides = [f"data.root={shards}", f"train.output_dir={tmp_path}", "train.steps=2", "train.eval_every=2",
                  "train.checkpoint_every=2"]  # fmt: skip
-    script = (
-        "from depmatch.config import load_config; from depmatch.engine.trainer import Trainer; "
-        "from depmatch.train import prepare_dataset; "
-        f"config = load_config(None, {overrides!r}); trainer = Trainer(config, dataset=prepare_dataset(config)); "
-        "assert type(trainer.student).__name__ == 'OptimizedModule'; trainer.train()"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "EAGER"}
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    train_in_own_process(overrides, "type(trainer.student).__name__ == 'OptimizedModule'", {"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
     config = load_config(tmp_path / "config.yaml")
     for folder in (tmp_path / "checkpoints" / "step_00000002", tmp_path / "best"):
         weights = load_file(folder / "student.safetensors")

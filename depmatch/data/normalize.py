@@ -17,7 +17,7 @@ _INV_STD_255 = 1.0 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0)
 
 
 def hwc_to_chw(image: np.ndarray) -> torch.Tensor:
-    """uint8 H×W×3 RGB array -> uint8 3×H×W tensor (a view: no copy)."""
+    """uint8 H×W×3 RGB array -> uint8 3×H×W tensor (a view of a contiguous array: no copy)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 H×W×3 RGB array, got {image.dtype} {image.shape}")
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
