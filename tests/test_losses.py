@@ -91,7 +91,7 @@ def uldr_loop(logits, depth, pseudo_label, ignore, size, conf_threshold=0.95, ma
                     total = total + 1 - torch.sigmoid(z[i, ci] * z[j, ci])
                 elif ci != cj and gap > inter_threshold:
                     total = total + torch.sigmoid(z[i, ci] * z[j, cj])
-    return total / (batch * n * max(1, len(uncertain_classes)))
+    return total / (batch * n**2 * max(1, len(uncertain_classes)))
 
 
 # ---------------------------------------------------------------- inputs
@@ -368,7 +368,7 @@ def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
     """Per-image compaction (CPU) and the all-pixel path (CUDA) give the loop's value and gradient
     when the images' uncertain / valid counts differ widely, including 0."""
     monkeypatch.setattr(depmatch_losses, "_BLOCK", block)
-    monkeypatch.setattr(depmatch_losses, "_compacts", lambda tensor: compact)
+    monkeypatch.setattr(depmatch_losses, "_forced_backend", "compact" if compact else "blocked")
     features, logits, probs, pseudo_label, depth, ignore, cddp_ignore = uneven_inputs()
     size = (6, 8)
     uldr_kwargs = dict(conf_threshold=0.9, margin=0.5, inter_threshold=1.0)
@@ -398,7 +398,7 @@ def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_all_pixel_path_matches_loop(monkeypatch, seed):
     """The sync-free path over all pixels (what CUDA runs) against the loop, value and gradient, on CPU."""
-    monkeypatch.setattr(depmatch_losses, "_compacts", lambda tensor: False)
+    monkeypatch.setattr(depmatch_losses, "_forced_backend", "blocked")
     monkeypatch.setattr(depmatch_losses, "_BLOCK", 7)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(seed)
     for loss, loop, differentiable, inputs, kwargs in (

@@ -15,6 +15,8 @@ host, a read that is free on the synchronous CPU (see `_compact`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -144,9 +146,32 @@ def _compact(keep: torch.Tensor, *per_pixel: torch.Tensor):
     )
 
 
-def _compacts(tensor: torch.Tensor) -> bool:
-    """Whether the pair blocks run over compacted pixels (CPU) or over all pixels (CUDA, no host sync)."""
-    return tensor.device.type == "cpu"
+PAIR_BACKENDS = ("compact", "blocked")
+_forced_backend: str | None = None
+
+
+@contextlib.contextmanager
+def pair_backend(name: str):
+    """Run the pair sums through one backend whatever the device (tests, op counting).
+
+    `compact`: row blocks over each image's taking-part pixels only (the CPU default; one host
+    read of the counts). `blocked`: row blocks over all pixels with masks (the CUDA default;
+    no host sync).
+    """
+    global _forced_backend
+    if name not in PAIR_BACKENDS:
+        raise ValueError(f"unknown pair backend {name!r}: choose one of {', '.join(PAIR_BACKENDS)}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _pair_backend(tensor: torch.Tensor) -> str:
+    if _forced_backend is not None:
+        return _forced_backend
+    return "compact" if tensor.device.type == "cpu" else "blocked"
 
 
 def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -342,7 +367,7 @@ def cddp_loss(
     # Same-class pairs share the normaliser, so it can scale the entropy: |e_i a - e_j a| = a |e_i - e_j|.
     scaled_entropy = entropy * intra_weight
     lengths = None
-    if _compacts(valid):
+    if _pair_backend(valid) == "compact":
         # Only valid pixels enter a pair: on the CPU each image's blocks run over its valid pixels
         # only, moved to the front (the counts are one host read, free on the synchronous CPU), and
         # need no validity mask. On CUDA there is no host sync anywhere in the step: the blocks go
@@ -389,7 +414,7 @@ def uldr_loss(
     uncertain_per_class = label.new_zeros(batch, num_classes).scatter_add(1, label, uncertain.long()).sum(0)
     num_uncertain_classes = (uncertain_per_class > 0).sum().clamp_min(1)
     lengths = None
-    if _compacts(uncertain):
+    if _pair_backend(uncertain) == "compact":
         # Only uncertain valid pixels enter a pair (about 40 % of the pixels, 17 % of the pairs, in
         # the benchmark): on the CPU each image's blocks run over its uncertain pixels only, moved
         # to the front (the counts are one host read, free on the synchronous CPU). On CUDA there is
@@ -397,4 +422,5 @@ def uldr_loss(
         # other pixels does the selection.
         lengths, (uncertain, own_logit, grid_depth, label) = _compact(uncertain, uncertain, own_logit, grid_depth, label)
     total = _ULDRPairs.apply(own_logit, grid_depth, label, uncertain, margin, inter_threshold, lengths)
-    return total / (batch * num_pixels * num_uncertain_classes)
+    # method.md §4: 1/(B · N² · max(1, |C_U|)), N counting every grid pixel, valid or not.
+    return total / (batch * num_pixels**2 * num_uncertain_classes)

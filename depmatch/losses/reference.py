@@ -123,7 +123,8 @@ def uldr_loss_reference(
                 if other != c:
                     pushed = _gap(d_c, d_o) > inter_threshold
                     total = total + (torch.sigmoid(z_c.unsqueeze(1) * z_o.unsqueeze(0)) * pushed).sum()
-    return total / (batch * size[0] * size[1] * max(1, len(uncertain_classes)))
+    num_pixels = size[0] * size[1]
+    return total / (batch * num_pixels**2 * max(1, len(uncertain_classes)))
 
 
 class LossInputs(NamedTuple):
