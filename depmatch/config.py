@@ -142,6 +142,8 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/synthetic"
     log_every: int = 10
+    log_with: tuple[str, ...] = ("tensorboard",)  # accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml
+    run_name: Optional[str] = None  # the run's name in the trackers; None: the experiment's name
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_last: int = 2

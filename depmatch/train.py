@@ -55,10 +55,12 @@ def prepare_dataset(config: ExperimentConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from depmatch.engine.trackers import check_trackers
     from depmatch.engine.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config, args.overrides)
+    check_trackers(config.train.log_with)  # before the shards are generated or checked
     manifest = prepare_dataset(config)
     trainer = Trainer(config, resume=args.resume, dataset=manifest)
     results = trainer.train()

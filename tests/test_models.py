@@ -15,7 +15,7 @@ from depmatch.models import SegmentationModel, WeightsError, build_model
 from depmatch.models.encoders import intermediate_layers
 from depmatch.models.hub import HubError, HubId, weights_location
 from depmatch.models.perturbations import complementary_channel_masks
-from depmatch.models.weights import load_state_dict_file
+from depmatch.models.weights import load_timm_weights
 
 NUM_CLASSES = 5
 TINY_VIT = ModelConfig(tiny_embed_dim=24, tiny_depth=4, tiny_heads=2, head_features=16, head_out_channels=(8, 16, 24, 24))
@@ -268,7 +268,7 @@ def test_meta_dinov2_file_with_registers_converts(tmp_path):
     target = timm.create_model("vit_small_patch14_reg4_dinov2", **shape).eval()
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    load_state_dict_file(target, path, convert=lambda state_dict: checkpoint_filter_fn(state_dict, target))
+    load_timm_weights(target, str(path), convert=lambda state_dict: checkpoint_filter_fn(state_dict, target))
     x = images(1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(target.forward_features(x), source.forward_features(x), atol=1e-6)

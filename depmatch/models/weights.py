@@ -88,17 +88,6 @@ def _check_fit(path: Union[Path, str], missing: Sequence[str], unexpected: Seque
         raise WeightsError(f"pretrained weights {path} do not fit the encoder; " + "; ".join(problems))
 
 
-def load_state_dict_file(
-    module: nn.Module,
-    path: Path,
-    *,
-    convert: Optional[Callable[[StateDict], StateDict]] = None,
-    unused_prefixes: tuple[str, ...] = (),
-) -> None:
-    """Load a weights file into `module`, all keys and shapes matching (see `fit_state_dict`)."""
-    fit_state_dict(module, read_state_dict(path), path, convert=convert, unused_prefixes=unused_prefixes)
-
-
 def load_timm_weights(
     module: nn.Module,
     name: str,
