@@ -2,10 +2,13 @@
 
     depmatch train                      # embedded default: synthetic RGB-D shards, tiny ViT, CPU, a few minutes
     depmatch train --config configs/pascal/unimatch_v2-depmatch-dinov2_s-92.yaml --set train.steps=2000
+    depmatch train --config CONFIG --set model.pretrained=timm/vit_small_patch14_dinov2.lvd142m  # by hub id, HF cache
+    depmatch train --config CONFIG --set train.log_with=[tensorboard,wandb] --set train.run_name=seed0
     accelerate launch --config_file launch/ddp-4gpu.yaml -m depmatch.train --config CONFIG
     accelerate launch --config_file launch/zero2-8gpu.yaml -m depmatch.train --config CONFIG --resume latest
 
-docs/training.md has every launch (DeepSpeed ZeRO-2/3, FSDP, multi-node, SLURM).
+docs/training.md has every launch (DeepSpeed ZeRO-2/3, FSDP, multi-node, SLURM) and the trackers;
+docs/models.md how weights are named (local path or Hugging Face hub id) and cached.
 """
 
 from __future__ import annotations

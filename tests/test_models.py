@@ -409,6 +409,8 @@ def test_transformers_dinov2_by_repo_id(offline_hub, tmp_path):
     offline_hub.add("facebook/dinov2-tiny-test", tmp_path / "repo")
     model = build(ENCODERS["transformers_vit"], seed=1, pretrained="facebook/dinov2-tiny-test", random_init=False)
     assert_same_tensors(model.encoder.dinov2, reference.state_dict())
+    with pytest.raises(WeightsError, match="hf-hub:facebook/dinov2-tiny-test are a transformers Dinov2Model.*backend: transformers"):
+        build(TINY_VIT, pretrained="facebook/dinov2-tiny-test")
 
 
 @pytest.mark.parametrize("encoder", ["timm_vit", "transformers_vit"])

@@ -104,6 +104,11 @@ def load_timm_weights(
     else:
         source = location / "model.safetensors" if location.is_dir() else location
         state_dict = read_state_dict(source)
+    if any(key.startswith("embeddings.") for key in state_dict):
+        raise WeightsError(
+            f"pretrained weights {source} are a transformers Dinov2Model (embeddings.*, encoder.layer.*), "
+            "not a timm model: set model.backend: transformers to load them"
+        )
     fit_state_dict(module, state_dict, source, convert=convert, unused_prefixes=unused_prefixes)
 
 
