@@ -19,6 +19,7 @@ from depmatch.data.depth import DepthAnythingModel, DepthDirectory, NoDepth
 from depmatch.data.layouts import ShardInputError, cityscapes, folder, parse_label_map, pascal
 from depmatch.data.loader import build_val_loader
 from depmatch.data.shards import read_manifest
+from depmatch.engine.online_depth import OnlineDepth
 
 
 def _save(array, path: Path) -> Path:
@@ -209,6 +210,8 @@ def test_depth_anything_by_hub_id(tmp_path, tiny_depth_anything, offline_hub):
         "source": "model", "model": "depth-anything/tiny-test-hf", "commit": snapshot.name,
         "architecture": "DepthAnythingForDepthEstimation",
     }
+    online = OnlineDepth("depth-anything/tiny-test-hf", torch.device("cpu"))  # train.online_depth_model
+    assert all(torch.equal(value, saved[name]) for name, value in online.model.state_dict().items())
     with pytest.raises(ShardInputError) as error:
         DepthAnythingModel("depth-anything/absent")
     assert str(error.value).startswith("--depth-model: depth-anything/absent is not a local path")

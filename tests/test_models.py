@@ -11,9 +11,9 @@ import timm
 import torch
 
 from depmatch.config import ConfigError, ModelConfig
-from depmatch.models import SegmentationModel, WeightsError, build_model
+from depmatch.models import HubError, SegmentationModel, WeightsError, build_model
 from depmatch.models.encoders import intermediate_layers
-from depmatch.models.hub import HubError, HubId, weights_location
+from depmatch.models.hub import HubId, weights_location
 from depmatch.models.perturbations import complementary_channel_masks
 from depmatch.models.weights import load_timm_weights
 
