@@ -73,7 +73,7 @@ def hub_cache() -> Path:
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return constants.is_offline_mode()
+    return constants.HF_HUB_OFFLINE
 
 
 def _unavailable(hub_id: HubId, setting: str, error: Exception) -> HubError:
