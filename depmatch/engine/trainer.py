@@ -25,8 +25,8 @@ from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.online_depth import OnlineDepth
-from depmatch.engine.trackers import start_trackers
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
+from depmatch.engine.trackers import start_trackers
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
