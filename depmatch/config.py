@@ -76,7 +76,7 @@ class DataConfig:
 class ModelConfig:
     encoder: str = "vit_tiny"  # vit_tiny | timm name (vit_small_patch14_dinov2, ...) | dinov2_{s,b,l,g} | resnet50 | resnet101
     backend: str = "timm"  # timm | transformers (Dinov2Model) | torchvision-free resnet from timm
-    pretrained: Optional[str] = None  # local file or directory; None needs random_init: true
+    pretrained: Optional[str] = None  # local file or folder, or hub id (facebook/dinov2-small, timm/...); None needs random_init
     random_init: bool = True  # explicit opt-in to untrained encoder weights
     head: str = "dpt"  # dpt | deeplabv3plus
     head_features: int = 32  # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G)
@@ -142,11 +142,13 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/synthetic"
     log_every: int = 10
+    log_with: tuple[str, ...] = ("tensorboard",)  # accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml
+    run_name: Optional[str] = None  # the run's name in the trackers; None: the experiment's name
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_last: int = 2
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
-    online_depth_model: Optional[str] = None  # Depth Anything dir: compute depth per step (slow, as the reference)
+    online_depth_model: Optional[str] = None  # Depth Anything folder or hub id: depth per step (slow, as the reference)
 
 
 @dataclass

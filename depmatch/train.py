@@ -2,10 +2,13 @@
 
     depmatch train                      # embedded default: synthetic RGB-D shards, tiny ViT, CPU, a few minutes
     depmatch train --config configs/pascal/unimatch_v2-depmatch-dinov2_s-92.yaml --set train.steps=2000
+    depmatch train --config CONFIG --set model.pretrained=timm/vit_small_patch14_dinov2.lvd142m  # by hub id, HF cache
+    depmatch train --config CONFIG --set train.log_with=[tensorboard,wandb] --set train.run_name=seed0
     accelerate launch --config_file launch/ddp-4gpu.yaml -m depmatch.train --config CONFIG
     accelerate launch --config_file launch/zero2-8gpu.yaml -m depmatch.train --config CONFIG --resume latest
 
-docs/training.md has every launch (DeepSpeed ZeRO-2/3, FSDP, multi-node, SLURM).
+docs/training.md has every launch (DeepSpeed ZeRO-2/3, FSDP, multi-node, SLURM) and the trackers;
+docs/models.md how weights are named (local path or Hugging Face hub id) and cached.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ def prepare_dataset(config: ExperimentConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from depmatch.engine.trackers import check_trackers
     from depmatch.engine.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config, args.overrides)
+    check_trackers(config.train.log_with)  # before the shards are generated or checked
     manifest = prepare_dataset(config)
     trainer = Trainer(config, resume=args.resume, dataset=manifest)
     results = trainer.train()

@@ -1,5 +1,7 @@
-"""Shared fixtures: a small synthetic shard dataset and the camvid-mini folder; training in a process of its own."""
+"""Shared fixtures: a small synthetic shard dataset, the camvid-mini folder, an offline Hugging Face
+cache; training in a process of its own."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +63,52 @@ def tiny_depth_anything(tmp_path) -> Path:
     model.save_pretrained(model_dir)
     DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(model_dir)
     return model_dir
+
+
+class OfflineHub:
+    """An offline Hugging Face cache under a test's tmp_path, filled by the test, never the user's."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.cache = home / "hub"
+
+    def add(self, repo_id: str, folder: Path) -> Path:
+        """Store the files of `folder` as huggingface_hub stores a download of `repo_id`: content-named
+        blobs, a snapshot folder per commit linking to them, and refs/main naming that commit."""
+        from huggingface_hub.file_download import repo_folder_name
+
+        repo = self.cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        commit = hashlib.sha1(b"".join(path.read_bytes() for path in files)).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        for file in files:
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = snapshot / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> OfflineHub:
+    """HF_HOME in tmp_path and HF_HUB_OFFLINE=1, for this process and the ones it starts.
+
+    huggingface_hub reads the environment once, at import, so its constants are patched too.
+    """
+    from huggingface_hub import constants
+
+    hub = OfflineHub(tmp_path / "hf-home")
+    for name, value in (("HF_HOME", hub.home), ("HF_HUB_CACHE", hub.cache), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(constants, "HF_HOME", str(hub.home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub
 
 
 def train_in_own_process(overrides: list[str], check: str, env: dict | None = None) -> dict:

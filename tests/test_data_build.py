@@ -1,5 +1,8 @@
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from depmatch.data.depth import DepthAnythingModel, DepthDirectory, NoDepth
 from depmatch.data.layouts import ShardInputError, cityscapes, folder, parse_label_map, pascal
 from depmatch.data.loader import build_val_loader
 from depmatch.data.shards import read_manifest
+from depmatch.engine.online_depth import OnlineDepth
 
 
 def _save(array, path: Path) -> Path:
@@ -192,6 +196,44 @@ def test_depth_anything_model(tmp_path, tiny_depth_anything):
     # Batched by input shape, the maps equal one-image-at-a-time inference (within float16 storage).
     single = DepthAnythingModel(model_dir, batch_size=1).maps([None], images[:1])[0]
     assert np.allclose(decode_depth(samples["im0"]["depth.npy"]), single, rtol=1e-3)
+
+
+def test_depth_anything_by_hub_id(tmp_path, tiny_depth_anything, offline_hub):
+    from transformers import DepthAnythingForDepthEstimation
+
+    snapshot = offline_hub.add("depth-anything/tiny-test-hf", tiny_depth_anything)
+    by_id = DepthAnythingModel("depth-anything/tiny-test-hf")
+    saved = DepthAnythingForDepthEstimation.from_pretrained(tiny_depth_anything).state_dict()
+    loaded = by_id.model.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[name], saved[name]) for name in saved)
+    assert by_id.description == {
+        "source": "model", "model": "depth-anything/tiny-test-hf", "commit": snapshot.name,
+        "architecture": "DepthAnythingForDepthEstimation",
+    }
+    online = OnlineDepth("depth-anything/tiny-test-hf", torch.device("cpu"))  # train.online_depth_model
+    assert all(torch.equal(value, saved[name]) for name, value in online.model.state_dict().items())
+    with pytest.raises(ShardInputError) as error:
+        DepthAnythingModel("depth-anything/absent")
+    assert str(error.value).startswith("--depth-model: depth-anything/absent is not a local path")
+    assert str(offline_hub.cache) in str(error.value)
+
+
+@pytest.mark.slow
+def test_shards_build_takes_the_depth_model_by_id_offline(tmp_path, tiny_depth_anything, offline_hub):
+    """The command line in a fresh process: HF_HOME and HF_HUB_OFFLINE=1 from the environment alone."""
+    offline_hub.add("depth-anything/tiny-test-hf", tiny_depth_anything)
+    _folder_tree(tmp_path, [(30, 40), (40, 30)])
+    by_path = build_shards(folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4),
+                           DepthAnythingModel(str(tiny_depth_anything)), tmp_path / "by-path")
+    command = [sys.executable, "-m", "depmatch", "shards", "build", "folder", "--source", str(tmp_path),
+               "--num-classes", "4", "--out", str(tmp_path / "by-id"), "--depth-model", "depth-anything/tiny-test-hf"]
+    environment = {name: value for name, value in os.environ.items() if name != "HF_HUB_CACHE"}  # HF_HOME/hub
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**environment, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    expected = _read_shards(by_path, "labeled")
+    for key, sample in _read_shards(tmp_path / "by-id", "labeled").items():
+        assert np.array_equal(decode_depth(sample["depth.npy"]), decode_depth(expected[key]["depth.npy"]))
+    assert read_manifest(tmp_path / "by-id")["depth"]["model"] == "depth-anything/tiny-test-hf"
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""Models: output contract, perturbations, parameter groups and local pretrained weights (CPU, tiny)."""
+"""Models: output contract, perturbations, parameter groups, pretrained weights by path or hub id (CPU, tiny)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -10,10 +11,11 @@ import timm
 import torch
 
 from depmatch.config import ConfigError, ModelConfig
-from depmatch.models import SegmentationModel, WeightsError, build_model
+from depmatch.models import HubError, SegmentationModel, WeightsError, build_model
 from depmatch.models.encoders import intermediate_layers
+from depmatch.models.hub import HubId, weights_location
 from depmatch.models.perturbations import complementary_channel_masks
-from depmatch.models.weights import load_state_dict_file
+from depmatch.models.weights import load_timm_weights
 
 NUM_CLASSES = 5
 TINY_VIT = ModelConfig(tiny_embed_dim=24, tiny_depth=4, tiny_heads=2, head_features=16, head_out_channels=(8, 16, 24, 24))
@@ -266,7 +268,7 @@ def test_meta_dinov2_file_with_registers_converts(tmp_path):
     target = timm.create_model("vit_small_patch14_reg4_dinov2", **shape).eval()
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    load_state_dict_file(target, path, convert=lambda state_dict: checkpoint_filter_fn(state_dict, target))
+    load_timm_weights(target, str(path), convert=lambda state_dict: checkpoint_filter_fn(state_dict, target))
     x = images(1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(target.forward_features(x), source.forward_features(x), atol=1e-6)
@@ -344,3 +346,90 @@ def test_transformers_directory_that_does_not_fit_lists_the_keys(tmp_path):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path))
     with pytest.raises(WeightsError, match="not a directory"):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path / "model.safetensors"))
+
+
+# --- pretrained weights by Hugging Face hub id, offline, from a cache the test writes ---
+
+
+def assert_same_tensors(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state_dict = module.state_dict()
+    assert state_dict and all(torch.equal(value, expected[name]) for name, value in state_dict.items())
+
+
+def test_the_test_cache_is_what_huggingface_hub_reads(offline_hub, tmp_path):
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    folder = tmp_path / "repo"
+    save_tiny_dinov2(folder)
+    snapshot = offline_hub.add("org/tiny-dinov2", folder)
+    (repo,) = scan_cache_dir(offline_hub.cache).repos
+    (revision,) = repo.revisions
+    assert repo.repo_id == "org/tiny-dinov2" and revision.refs == {"main"} and revision.commit_hash == snapshot.name
+    assert {file.file_name for file in revision.files} == {"config.json", "model.safetensors"}
+    assert try_to_load_from_cache("org/tiny-dinov2", "config.json") == str(snapshot / "config.json")
+
+
+@pytest.mark.parametrize("name", ["timm/tiny-dinov2.test", "hf-hub:timm/tiny-dinov2.test"])
+def test_timm_weights_by_hub_id(offline_hub, tmp_path, name, caplog):
+    source = build(TINY_VIT, seed=0)
+    (tmp_path / "repo").mkdir()
+    safetensors.torch.save_file(source.encoder.vit.state_dict(), str(tmp_path / "repo" / "model.safetensors"))
+    offline_hub.add("timm/tiny-dinov2.test", tmp_path / "repo")
+    with caplog.at_level("INFO", logger="depmatch.models.weights"):
+        loaded = build(TINY_VIT, seed=1, pretrained=name, random_init=False)
+    assert "loaded encoder weights from hf-hub:timm/tiny-dinov2.test" in caplog.text
+    assert_same_tensors(loaded.encoder.vit, source.encoder.vit.state_dict())
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return print, ("unpickling ran code",)
+
+
+def test_hub_weights_prefer_safetensors_and_unpickle_only_tensors(offline_hub, tmp_path, capsys):
+    safe, pickled = build(TINY_VIT, seed=0).encoder.vit.state_dict(), build(TINY_VIT, seed=2).encoder.vit.state_dict()
+    for repo, files in (("both", ("model.safetensors", "pytorch_model.bin")), ("pickle", ("pytorch_model.bin",))):
+        (tmp_path / repo).mkdir()
+        if "model.safetensors" in files:
+            safetensors.torch.save_file(safe, str(tmp_path / repo / "model.safetensors"))
+        torch.save(pickled, tmp_path / repo / "pytorch_model.bin")
+        offline_hub.add(f"org/{repo}", tmp_path / repo)
+    assert_same_tensors(build(TINY_VIT, pretrained="org/both").encoder.vit, safe)
+    assert_same_tensors(build(TINY_VIT, pretrained="org/pickle").encoder.vit, pickled)
+    (tmp_path / "code").mkdir()
+    torch.save({"model": pickled, "extra": RunsCodeWhenUnpickled()}, tmp_path / "code" / "pytorch_model.bin")
+    offline_hub.add("org/code", tmp_path / "code")
+    with pytest.raises(HubError, match="cannot read the weights of org/code .*builtins.print"):
+        build(TINY_VIT, pretrained="org/code")
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_transformers_dinov2_by_repo_id(offline_hub, tmp_path):
+    reference = save_tiny_dinov2(tmp_path / "repo")
+    offline_hub.add("facebook/dinov2-tiny-test", tmp_path / "repo")
+    model = build(ENCODERS["transformers_vit"], seed=1, pretrained="facebook/dinov2-tiny-test", random_init=False)
+    assert_same_tensors(model.encoder.dinov2, reference.state_dict())
+    with pytest.raises(WeightsError, match="hf-hub:facebook/dinov2-tiny-test are a transformers Dinov2Model.*backend: transformers"):
+        build(TINY_VIT, pretrained="facebook/dinov2-tiny-test")
+
+
+@pytest.mark.parametrize("encoder", ["timm_vit", "transformers_vit"])
+def test_missing_hub_id_offline_names_the_id_and_the_cache(offline_hub, encoder):
+    with pytest.raises(HubError) as error:
+        build(ENCODERS[encoder], pretrained="org/absent-model")
+    message = str(error.value)
+    assert message.startswith("model.pretrained: org/absent-model is not a local path")
+    assert f"cache {offline_hub.cache} does not hold it" in message
+    assert "HF_HUB_OFFLINE" in message and "hf download org/absent-model" in message
+
+
+def test_names_on_disk_or_shaped_like_paths_stay_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "dinov2").mkdir(parents=True)
+    for name in ("checkpoints/dinov2", "./org/model", "org/model.safetensors", "weights.pth", "a/b/c", str(tmp_path)):
+        assert weights_location(name) == Path(name)
+    assert weights_location("facebook/dinov2-small") == HubId("facebook/dinov2-small")
+    assert weights_location("timm/vit_small_patch14_dinov2.lvd142m") == HubId("timm/vit_small_patch14_dinov2.lvd142m")
+    assert weights_location("hf-hub:timm/vit_small_patch14_dinov2.lvd142m@v1") == HubId(
+        "timm/vit_small_patch14_dinov2.lvd142m", "v1"
+    )

@@ -14,7 +14,9 @@ from depmatch.config import SynthConfig
 BUILD_EPILOG = """examples:
   depmatch shards build pascal --source VOC2012 --out shards/pascal-92 \\
       --labeled-list splits/pascal/92/labeled.txt --unlabeled-list splits/pascal/92/unlabeled.txt \\
-      --val-list splits/pascal/val.txt --depth-model checkpoints/depth-anything-v2-small
+      --val-list splits/pascal/val.txt --depth-model depth-anything/Depth-Anything-V2-Small-hf
+  HF_HUB_OFFLINE=1 depmatch shards build ... --depth-model depth-anything/Depth-Anything-V2-Small-hf
+      (offline: the model must already be in the Hugging Face cache, HF_HOME/hub)
   accelerate launch --num_processes 4 "$(which depmatch)" shards build cityscapes ...
       (each process takes every k-th shard)
   depmatch shards build folder --source camvid --num-classes 11 --label-map 11:255 \\
@@ -59,7 +61,10 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
                         help="remap a label value, e.g. 11:255 for a void class; repeatable or comma-separated")
     folder.add_argument("--name", help="dataset name in the manifest (default: the source folder's name)")
     depth = build.add_argument_group("depth (choose one)").add_mutually_exclusive_group(required=True)
-    depth.add_argument("--depth-model", type=Path, help="local transformers Depth Anything folder to run")
+    depth.add_argument("--depth-model", metavar="PATH_OR_ID",
+                       help="Depth Anything to run: a local transformers folder or a Hugging Face hub repo id "
+                            "(depth-anything/Depth-Anything-V2-Small-hf), fetched into the HF cache (HF_HOME, "
+                            "HF_HUB_OFFLINE=1: cache only)")
     depth.add_argument("--depth-dir", type=Path, help="precomputed maps <key>.npy (float) or <key>.png (16-bit)")
     depth.add_argument("--no-depth", action="store_true", help="no depth: shards for the base frameworks only")
     build.add_argument("--depth-batch-size", type=int, default=8, help="images per depth-model batch")

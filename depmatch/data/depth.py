@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,18 +58,30 @@ class DepthDirectory:
 
 
 class DepthAnythingModel:
-    """A Depth Anything model from a local transformers folder, run in batches of equal input size."""
+    """A Depth Anything model from a local transformers folder or a hub repo id, run in batches of equal input size."""
 
-    def __init__(self, path: Path, batch_size: int = 8, device: Optional[torch.device] = None):
+    def __init__(self, name: Union[str, Path], batch_size: int = 8, device: Optional[torch.device] = None):
         from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
+        from depmatch.models.hub import HubError, transformers_folder, weights_location
+
+        try:
+            path = transformers_folder(name, "--depth-model")
+        except HubError as error:
+            raise ShardInputError(str(error)) from None
         if not path.is_dir():
-            raise ShardInputError(f"{path}: depth model folder not found; pass a local transformers directory")
+            raise ShardInputError(
+                f"{path}: depth model folder not found; pass a local transformers directory or a hub repo id "
+                "such as depth-anything/Depth-Anything-V2-Small-hf"
+            )
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.model = DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True).to(self.device).eval()
         self.batch_size = batch_size
-        self.description = {"source": "model", "model": path.name, "architecture": "DepthAnythingForDepthEstimation"}
+        # A hub snapshot folder is named by its commit, which pins the exact weights.
+        location = weights_location(name)
+        provenance = {"model": path.name} if isinstance(location, Path) else {"model": location.repo_id, "commit": path.name}
+        self.description = {"source": "model", **provenance, "architecture": "DepthAnythingForDepthEstimation"}
 
     @torch.inference_mode()
     def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[Optional[np.ndarray]]:

@@ -14,6 +14,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 
 from depmatch.config import ExperimentConfig
+from depmatch.engine.trackers import check_trackers
 
 
 def _process_group_kwargs() -> list:
@@ -40,10 +41,11 @@ def distributed_state() -> PartialState:
 
 def build_accelerator(config: ExperimentConfig) -> Accelerator:
     output_dir = Path(config.train.output_dir)
+    check_trackers(config.train.log_with)
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.grad_accum,
-        log_with="tensorboard",
+        log_with=list(config.train.log_with),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
         kwargs_handlers=_process_group_kwargs(),
     )

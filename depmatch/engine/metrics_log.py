@@ -1,4 +1,4 @@
-"""Training logs: a progress bar, TensorBoard through accelerate's trackers, and metrics.jsonl."""
+"""Training logs: a progress bar, every tracker in train.log_with (through accelerate), and metrics.jsonl."""
 
 from __future__ import annotations
 

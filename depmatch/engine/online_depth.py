@@ -7,8 +7,6 @@ normalised with the ImageNet statistics Depth Anything expects.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +17,15 @@ class OnlineDepth:
     def __init__(self, path: str, device: torch.device):
         from transformers import DepthAnythingForDepthEstimation
 
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"train.online_depth_model: {path} is not a local transformers Depth Anything folder")
-        self.model = DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True).to(device).eval()
+        from depmatch.models.hub import transformers_folder
+
+        folder = transformers_folder(path, "train.online_depth_model")
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"train.online_depth_model: {path} is neither a local transformers Depth Anything folder nor a hub "
+                "repo id (e.g. depth-anything/Depth-Anything-V2-Small-hf)"
+            )
+        self.model = DepthAnythingForDepthEstimation.from_pretrained(folder, local_files_only=True).to(device).eval()
 
     @torch.no_grad()
     def __call__(self, weak_images: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
+from depmatch.engine.trackers import start_trackers
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
@@ -209,7 +210,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(self.config, Path(config.output_dir) / "config.yaml")
-        self.accelerator.init_trackers(self.config.name)
+        start_trackers(self.accelerator, self.config)
         images_per_step = (config.batch_size + config.unlabeled_batch_size) * config.grad_accum
         log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step)
         self.student.train()

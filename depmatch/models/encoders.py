@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from depmatch.config import ConfigError, ModelConfig
-from depmatch.models.weights import load_state_dict_file, load_transformers_dinov2, pretrained_source
+from depmatch.models.weights import load_timm_weights, load_transformers_dinov2, pretrained_source
 
 NUM_FEATURE_MAPS = 4
 
@@ -138,12 +138,10 @@ def _timm_vit(config: ModelConfig) -> TimmViTEncoder:
         raise ConfigError(f"model.encoder: {config.encoder} is not a plain timm VisionTransformer")
     source = pretrained_source(config)
     if source is not None:
-        # A folder is a timm Hugging Face download; its weights are model.safetensors.
-        weights_file = source / "model.safetensors" if source.is_dir() else source
         # timm's filter converts Meta's DINOv2 layout (mask_token, register_tokens, SwiGLU w12/w3).
-        load_state_dict_file(
+        load_timm_weights(
             vit,
-            weights_file,
+            source,
             convert=lambda state_dict: checkpoint_filter_fn(state_dict, vit),
             unused_prefixes=_classifier_prefix(name),
         )
@@ -165,7 +163,7 @@ def _timm_resnet(config: ModelConfig) -> TimmResNetEncoder:
     )
     source = pretrained_source(config)
     if source is not None:
-        load_state_dict_file(net, source, unused_prefixes=_classifier_prefix(config.encoder))
+        load_timm_weights(net, source, unused_prefixes=_classifier_prefix(config.encoder))
     if config.grad_checkpointing:
         net.set_grad_checkpointing(True)
     return TimmResNetEncoder(net)

@@ -1,4 +1,4 @@
-"""Pretrained encoder weights, from local files only.
+"""Pretrained encoder weights, from a local path or a Hugging Face hub id (depmatch.models.hub).
 
 Three formats: a timm-style state dict (`.safetensors`, or `.pth`/`.pt`/`.bin` read with
 `torch.load(weights_only=True)` so an untrusted file cannot run code), Meta's original
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
 from torch import nn
 
 from depmatch.config import ModelConfig
+from depmatch.models.hub import HF_HUB_PREFIX, HubId, timm_hub_state_dict, transformers_folder, weights_location
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,16 @@ class WeightsError(RuntimeError):
     """Pretrained weights are not configured, missing, unreadable, or do not fit the model."""
 
 
-def pretrained_source(config: ModelConfig) -> Optional[Path]:
-    """The local weights path to load, or None for an explicitly requested random init."""
+def pretrained_source(config: ModelConfig) -> Optional[str]:
+    """The weights to load (a local path or a hub id), or None for an explicitly requested random init."""
     if config.pretrained:
-        return Path(config.pretrained).expanduser()
+        return config.pretrained
     if config.random_init:
         logger.warning("encoder %s is randomly initialised (model.random_init: true)", config.encoder)
         return None
     raise WeightsError(
         f"encoder {config.encoder} has no weights: set model.pretrained to a local weights file or "
-        "directory, or set model.random_init: true to train from random initialisation"
+        "directory or a Hugging Face hub id, or set model.random_init: true to train from random initialisation"
     )
 
 
@@ -59,11 +60,16 @@ def read_state_dict(path: Path) -> StateDict:
         raise
     except Exception as error:  # safetensors, pickle and zip errors share no base class
         raise WeightsError(f"cannot read pretrained weights {path}: {error}") from error
+    return _tensors(loaded, path)
+
+
+def _tensors(loaded: object, source: Union[Path, str]) -> StateDict:
+    """The state dict inside `model`/`state_dict` wrappers, checked to hold only tensors."""
     for wrapper in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors")
+        raise WeightsError(f"{source} does not hold a state dict of tensors")
     return loaded
 
 
@@ -72,7 +78,7 @@ def _listed(keys: Sequence[str]) -> str:
     return shown + (f", ... ({len(keys) - _KEYS_LISTED} more)" if len(keys) > _KEYS_LISTED else "")
 
 
-def _check_fit(path: Path, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
+def _check_fit(path: Union[Path, str], missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
     problems = [
         f"{label}: {_listed(keys)}"
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
@@ -82,19 +88,43 @@ def _check_fit(path: Path, missing: Sequence[str], unexpected: Sequence[str], mi
         raise WeightsError(f"pretrained weights {path} do not fit the encoder; " + "; ".join(problems))
 
 
-def load_state_dict_file(
+def load_timm_weights(
     module: nn.Module,
-    path: Path,
+    name: str,
     *,
     convert: Optional[Callable[[StateDict], StateDict]] = None,
     unused_prefixes: tuple[str, ...] = (),
 ) -> None:
-    """Load a weights file into `module`, all keys and shapes matching.
+    """Load `model.pretrained` into a timm model: a local file, a local timm hub folder (its
+    model.safetensors), or a hub id (`hf-hub:org/name`, `timm/name`) fetched as timm does."""
+    location = weights_location(name)
+    if isinstance(location, HubId):
+        source = f"{HF_HUB_PREFIX}{location}"
+        state_dict = _tensors(timm_hub_state_dict(location, "model.pretrained"), source)
+    else:
+        source = location / "model.safetensors" if location.is_dir() else location
+        state_dict = read_state_dict(source)
+    if any(key.startswith("embeddings.") for key in state_dict):
+        raise WeightsError(
+            f"pretrained weights {source} are a transformers Dinov2Model (embeddings.*, encoder.layer.*), "
+            "not a timm model: set model.backend: transformers to load them"
+        )
+    fit_state_dict(module, state_dict, source, convert=convert, unused_prefixes=unused_prefixes)
+
+
+def fit_state_dict(
+    module: nn.Module,
+    state_dict: StateDict,
+    path: Union[Path, str],
+    *,
+    convert: Optional[Callable[[StateDict], StateDict]] = None,
+    unused_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Load `state_dict` (read from `path`) into `module`, all keys and shapes matching.
 
     `convert` maps foreign key names to the module's; `unused_prefixes` are keys the file may
     carry that the encoder has no use for (an ImageNet classifier).
     """
-    state_dict = read_state_dict(path)
     if convert is not None:
         try:
             state_dict = convert(state_dict)
@@ -113,12 +143,15 @@ def load_state_dict_file(
     logger.info("loaded encoder weights from %s", path)
 
 
-def load_transformers_dinov2(path: Path, **config_overrides) -> nn.Module:
-    """`Dinov2Model` from a local `save_pretrained` directory, every weight accounted for."""
+def load_transformers_dinov2(name: str, **config_overrides) -> nn.Module:
+    """`Dinov2Model` from a `save_pretrained` directory or a hub repo id, every weight accounted for."""
     from transformers import Dinov2Model
 
+    path = transformers_folder(name, "model.pretrained")
     if not path.is_dir():
-        raise WeightsError(f"backend transformers needs a local Dinov2Model directory; {path} is not a directory")
+        raise WeightsError(
+            f"backend transformers needs a Dinov2Model directory or a hub repo id (org/name); {path} is not a directory"
+        )
     try:
         # ignore_mismatched_sizes only makes transformers report mismatches instead of raising
         # a bare RuntimeError; any mismatch is still refused below, with its keys.
