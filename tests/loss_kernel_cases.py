@@ -42,8 +42,9 @@ ULDR_KWARGS = dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """16-row tiles and 32-column steps: several programs per image, and 48 or 35 pixels leave partial tiles."""
-    for name, value in (("CDDP_BLOCK_M", 16), ("CDDP_BLOCK_N", 32), ("ULDR_BLOCK_M", 16), ("ULDR_BLOCK_N", 32)):
-        monkeypatch.setattr(kernels, name, value)
+    monkeypatch.setattr(kernels, "CDDP_TILES", dict.fromkeys(kernels.CDDP_TILES, (16, 32)))
+    monkeypatch.setattr(kernels, "ULDR_BLOCK_M", 16)
+    monkeypatch.setattr(kernels, "ULDR_BLOCK_N", 32)
 
 
 def assert_value_and_grad(got, expected, got_input, expected_input):
@@ -98,9 +99,9 @@ def test_random_inputs_match_loops(seed, size):
 
 
 def test_one_tile_per_image_with_the_default_tiles(monkeypatch):
-    """The tile sizes the GPU runs with (a whole 48-pixel image in one row block)."""
+    """The tile sizes the GPU runs with (a 48-pixel image in two row blocks and one column step)."""
     monkeypatch.undo()
-    assert kernels.CDDP_BLOCK_M >= 32 and kernels.ULDR_BLOCK_M >= 64
+    assert kernels.cddp_tiles(5) == (32, 64, 16) and (kernels.ULDR_BLOCK_M, kernels.ULDR_BLOCK_N) == (32, 128)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(3)
     run_cddp(features, depth, probs, pseudo_label, ignore, (6, 8))
     run_uldr(logits, depth, pseudo_label, ignore, (6, 8))

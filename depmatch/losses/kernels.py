@@ -28,11 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes (rows per program, columns per step). Powers of two, ≥ 16 for tl.dot. Chosen so
-# that Pascal size gives more programs than the H200's 132 SMs (CDDP: 43 row blocks × 4 images,
-# ULDR: 41 × 4); not tuned on a GPU yet. Tests set smaller ones that do not divide N.
-CDDP_BLOCK_M, CDDP_BLOCK_N = 32, 64
-ULDR_BLOCK_M, ULDR_BLOCK_N = 64, 128
+# Tiles (rows per program, columns per step; powers of two, ≥ 16 for tl.dot) and warps. CDDP
+# holds a row block's features and gradient accumulator (rows × channel block) and a column
+# block's features, so wider features get smaller tiles. Each choice compiles for the H200
+# (sm_90) without register spills (ptxas via triton.compile, no GPU needed; see
+# tests/test_loss_kernels.py) and gives Pascal size more programs than its 132 SMs (CDDP,
+# 64 channels: 43 row blocks × 4 images; ULDR: 82 × 4). Not tuned on a GPU yet.
+CDDP_TILES = {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)}  # channel block -> (rows, columns)
+CDDP_NUM_WARPS = 8
+ULDR_BLOCK_M, ULDR_BLOCK_N, ULDR_NUM_WARPS = 32, 128, 4
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
@@ -165,8 +169,11 @@ def _uldr_kernel(
         tl.store(grad_ptr + image_start + rows, 2.0 * row_grads, mask=row_in)
 
 
-def _channel_block(num_channels: int) -> int:
-    return max(16, triton.next_power_of_2(num_channels))
+def cddp_tiles(num_channels: int) -> tuple[int, int, int]:
+    """(rows, columns, channel block) of a CDDP tile for features of `num_channels` channels."""
+    channel_block = max(16, triton.next_power_of_2(num_channels))
+    rows, columns = CDDP_TILES[min(max(channel_block, 64), 512)]  # beyond 512 channels the tiles spill
+    return rows, columns, channel_block
 
 
 @torch.library.custom_op("depmatch::cddp_pairs", mutates_args=())
@@ -190,14 +197,15 @@ def cddp_pairs(
     _check_device(features)
     features, depth, scaled_entropy, label = (t.contiguous() for t in (features, depth, scaled_entropy, label))
     batch, num_pixels, num_channels = features.shape
-    rows = triton.cdiv(num_pixels, CDDP_BLOCK_M)
+    block_m, block_n, block_c = cddp_tiles(num_channels)
+    rows = triton.cdiv(num_pixels, block_m)
     partials = features.new_empty(batch, rows)
     grad = features.new_empty(features.shape) if with_grad else features.new_empty(0)
     _cddp_kernel[(rows, batch)](
         features, depth, scaled_entropy, label, inter_weight, partials, grad,
         num_pixels, num_channels, -0.5 / sigma**2, inter_threshold,
         num_channels * torch.finfo(torch.float32).eps, _FLOAT32_TINY,
-        BLOCK_M=CDDP_BLOCK_M, BLOCK_N=CDDP_BLOCK_N, BLOCK_C=_channel_block(num_channels), WITH_GRAD=with_grad,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=with_grad, num_warps=CDDP_NUM_WARPS,
     )  # fmt: skip
     return partials.sum(), grad
 
@@ -229,7 +237,7 @@ def uldr_pairs(
     grad = own_logit.new_empty(own_logit.shape) if with_grad else own_logit.new_empty(0)
     _uldr_kernel[(rows, batch)](
         own_logit, depth, label, partials, grad, num_pixels, margin, inter_threshold,
-        BLOCK_M=ULDR_BLOCK_M, BLOCK_N=ULDR_BLOCK_N, WITH_GRAD=with_grad,
+        BLOCK_M=ULDR_BLOCK_M, BLOCK_N=ULDR_BLOCK_N, WITH_GRAD=with_grad, num_warps=ULDR_NUM_WARPS,
     )  # fmt: skip
     return partials.sum(), grad
 
