@@ -22,8 +22,6 @@ decorators run: `TRITON_INTERPRET=1` must be set before triton is first imported
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,17 +38,28 @@ ULDR_BLOCK_M, ULDR_BLOCK_N, ULDR_NUM_WARPS = 32, 128, 4
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _check_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cpu" and not interpreted():
+    # Triton chose interpreter or compiler when the decorators below ran; the variable's value now may differ.
+    if tensor.device.type == "cpu" and isinstance(_cddp_kernel, triton.runtime.JITFunction):
         raise RuntimeError(
             "the Triton loss kernels got CPU tensors: run them on CUDA, or set TRITON_INTERPRET=1 in the "
             "environment before Python starts (triton reads it when it is first imported), or use "
             "pair_backend('compact') / ('blocked') on the CPU"
         )
+
+
+@triton.jit
+def _cddp_pixels(features_ptr, depth_ptr, entropy_ptr, label_ptr, pixels, pixel_in, channels, channel_in, num_channels):
+    """One block of pixels: features (pixels × channel block), squared norms, depth, entropy, label
+    (0 and -1 beyond the image, so that padding takes part in no pair)."""
+    features = tl.load(
+        features_ptr + pixels[:, None] * num_channels + channels[None, :],
+        mask=pixel_in[:, None] & channel_in[None, :], other=0.0,
+    )  # fmt: skip
+    depth = tl.load(depth_ptr + pixels, mask=pixel_in, other=0.0)
+    entropy = tl.load(entropy_ptr + pixels, mask=pixel_in, other=0.0)
+    label = tl.load(label_ptr + pixels, mask=pixel_in, other=-1)
+    return features, tl.sum(features * features, 1), depth, entropy, label
 
 
 @triton.jit
@@ -62,18 +71,14 @@ def _cddp_kernel(
     row_block = tl.program_id(0)
     image = tl.program_id(1)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = tl.arange(0, BLOCK_C)
     row_in = rows < num_pixels
+    channels = tl.arange(0, BLOCK_C)
     channel_in = channels < num_channels
     image_start = image * num_pixels
-    row_features = tl.load(
-        features_ptr + (image_start + rows)[:, None] * num_channels + channels[None, :],
-        mask=row_in[:, None] & channel_in[None, :], other=0.0,
+    row_features, row_norms, row_depth, row_entropy, row_label = _cddp_pixels(
+        features_ptr, depth_ptr, entropy_ptr, label_ptr, image_start + rows, row_in, channels, channel_in,
+        num_channels,
     )  # fmt: skip
-    row_norms = tl.sum(row_features * row_features, 1)
-    row_depth = tl.load(depth_ptr + image_start + rows, mask=row_in, other=0.0)
-    row_entropy = tl.load(entropy_ptr + image_start + rows, mask=row_in, other=0.0)
-    row_label = tl.load(label_ptr + image_start + rows, mask=row_in, other=-1)
     inter_weight = tl.load(inter_weight_ptr + image)
 
     row_values = tl.zeros((BLOCK_M,), tl.float32)
@@ -81,15 +86,10 @@ def _cddp_kernel(
     pair_products = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # Σ_j H_kj f_j / 4
     for start in range(0, num_pixels, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_in = cols < num_pixels
-        col_features = tl.load(
-            features_ptr + (image_start + cols)[:, None] * num_channels + channels[None, :],
-            mask=col_in[:, None] & channel_in[None, :], other=0.0,
+        col_features, col_norms, col_depth, col_entropy, col_label = _cddp_pixels(
+            features_ptr, depth_ptr, entropy_ptr, label_ptr, image_start + cols, cols < num_pixels, channels, channel_in,
+            num_channels,
         )  # fmt: skip
-        col_norms = tl.sum(col_features * col_features, 1)
-        col_depth = tl.load(depth_ptr + image_start + cols, mask=col_in, other=0.0)
-        col_entropy = tl.load(entropy_ptr + image_start + cols, mask=col_in, other=0.0)
-        col_label = tl.load(label_ptr + image_start + cols, mask=col_in, other=-1)
 
         # Exact distances from the Gram identity (full float32, no TF32); squares within
         # rounding error of 0 count as 0, as on the torch path.
