@@ -16,6 +16,7 @@ normaliser moves values by far more than 1e-5.
 """
 
 import collections
+import contextlib
 import os
 
 import pytest
@@ -218,18 +219,21 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_forward_backward(backend, loss, differentiable, inputs, size, **kwargs):
-    leaf = differentiable.float().requires_grad_(True)
+    """Dispatched ops of one forward + backward, after one uncounted call (which builds the cached resampling plans)."""
     counter = OpCounter()
-    with pair_backend(backend), counter:
-        loss(leaf, *inputs, size=size, **kwargs).backward()
+    for mode in (contextlib.nullcontext(), counter):
+        leaf = differentiable.float().requires_grad_(True)
+        with pair_backend(backend), mode:
+            loss(leaf, *inputs, size=size, **kwargs).backward()
     return counter.ops
 
 
-@pytest.mark.parametrize("name", ["cddp", "uldr"])
-def test_each_pair_sum_is_one_op(monkeypatch, name):
+@pytest.mark.parametrize("name, bound", [("cddp", 110), ("uldr", 75)])
+def test_each_pair_sum_is_one_op(monkeypatch, name, bound):
     """Under the triton backend a loss's pair sum is one dispatched op, and the loss's forward and
-    backward take a fixed number of ops (the resampling and normalisers, ~150-210 at any size); the
-    blocked path's count grows with its row blocks (here 4 blocks of 25 on a 10×10 grid)."""
+    backward take a fixed number of ops (resampling and normalisers: 103 for CDDP, 68 for ULDR,
+    views included, at any size); the blocked path's count grows with its row blocks (here 4
+    blocks of 25 on a 10×10 grid; 11 and 21 blocks at Pascal size)."""
     monkeypatch.undo()  # the default tiles: one program per image, the interpreter is slow
     monkeypatch.setattr(depmatch_losses, "_BLOCK", 25)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(12, height=20, width=20, feat_hw=(10, 10))
@@ -240,12 +244,13 @@ def test_each_pair_sum_is_one_op(monkeypatch, name):
     kernel_ops = count_forward_backward("triton", *args)
     blocked_ops = count_forward_backward("blocked", *args)
     assert kernel_ops[f"depmatch.{name}_pairs.default"] == 1
-    assert sum(kernel_ops.values()) <= 220
+    assert sum(kernel_ops.values()) <= bound
     # The ops that replace the one kernel op: about 90 (CDDP) or 50 (ULDR) per row block.
     pair_ops = sum(blocked_ops.values()) - (sum(kernel_ops.values()) - 1)
     assert pair_ops >= 4 * 40, (sum(blocked_ops.values()), sum(kernel_ops.values()))
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the pure resampling plans
 def test_compiles_without_graph_break():
     """torch.compile traces both losses, forward and backward, as one graph (fullgraph raises on a
     break) through the ops' fake implementations; aot_eager runs the traced graphs, with the op inside."""

@@ -46,6 +46,16 @@ def _interpolation(in_size: int, out_size: int, dtype: torch.dtype, device: torc
     return torch.stack([low, high], 1).flatten(), source - low.to(dtype)
 
 
+# The resampling plans depend only on the sizes, and a step asks for the same few: built once
+# per device they save ~25 small ops (launches on a GPU) per loss call. Callers never write to them.
+@functools.lru_cache(maxsize=64)
+def _bilinear_plan(in_size: tuple[int, int], out_size: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    """The flattened index of the 2×2 source pixels of every output pixel, the row weights (h×1×1), the column weights (w)."""
+    rows, row_weight = _interpolation(in_size[0], out_size[0], dtype, device)
+    cols, col_weight = _interpolation(in_size[1], out_size[1], dtype, device)
+    return (rows.unsqueeze(1) * in_size[1] + cols.unsqueeze(0)).flatten(), row_weight.view(-1, 1, 1), col_weight
+
+
 class _BilinearResize(torch.autograd.Function):
     """`F.interpolate(maps, size, mode="bilinear", align_corners=True)` on B×C×H×W maps.
 
@@ -58,12 +68,10 @@ class _BilinearResize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, maps, size):
         ctx.input_size, ctx.size = list(maps.shape), list(size)
-        rows, row_weight = _interpolation(maps.shape[-2], size[0], maps.dtype, maps.device)
-        cols, col_weight = _interpolation(maps.shape[-1], size[1], maps.dtype, maps.device)
-        flat = (rows.unsqueeze(1) * maps.shape[-1] + cols.unsqueeze(0)).flatten()
+        flat, row_weight, col_weight = _bilinear_plan(tuple(maps.shape[-2:]), tuple(size), maps.dtype, maps.device)
         corners = maps.contiguous().flatten(2).gather(2, flat.expand(*maps.shape[:2], -1))
         corners = corners.view(*maps.shape[:2], size[0], 2, size[1], 2)
-        blended_rows = torch.lerp(corners[:, :, :, 0], corners[:, :, :, 1], row_weight.view(-1, 1, 1))  # B×C×h×w×2
+        blended_rows = torch.lerp(corners[:, :, :, 0], corners[:, :, :, 1], row_weight)  # B×C×h×w×2
         return torch.lerp(blended_rows[..., 0], blended_rows[..., 1], col_weight)
 
     @staticmethod
@@ -81,6 +89,7 @@ def _resize_continuous(maps: torch.Tensor, size: tuple[int, int], dtype: torch.d
     return resized.squeeze(1) if squeeze else resized
 
 
+@functools.lru_cache(maxsize=64)
 def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
     """The source index of each output index of `F.interpolate(mode="nearest")` along one axis."""
     source = torch.arange(in_size, dtype=torch.float32, device=device).view(1, 1, in_size, 1)
