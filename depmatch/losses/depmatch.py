@@ -317,7 +317,7 @@ class _CDDPPairs(torch.autograd.Function):
                 from depmatch.losses import kernels
 
                 total, grad = kernels.cddp_pairs(
-                    features.detach(), depth, scaled_entropy, _label_or_none(label, valid), inter_weight, sigma,
+                    features.detach(), depth, scaled_entropy, _kernel_label(label, valid), inter_weight, sigma,
                     inter_threshold, ctx.needs_input_grad[0],
                 )  # fmt: skip
             else:
@@ -345,7 +345,7 @@ class _ULDRPairs(torch.autograd.Function):
                 from depmatch.losses import kernels
 
                 total, grad = kernels.uldr_pairs(
-                    own_logit.detach(), depth, _label_or_none(label, uncertain), margin, inter_threshold,
+                    own_logit.detach(), depth, _kernel_label(label, uncertain), margin, inter_threshold,
                     ctx.needs_input_grad[0],
                 )  # fmt: skip
             else:
@@ -363,7 +363,7 @@ class _ULDRPairs(torch.autograd.Function):
         return grad_output * grad, None, None, None, None, None, None, None
 
 
-def _label_or_none(label: torch.Tensor, takes_part: torch.Tensor) -> torch.Tensor:
+def _kernel_label(label: torch.Tensor, takes_part: torch.Tensor) -> torch.Tensor:
     """The kernels' label: the class where the pixel takes part in pairs, -1 where it does not."""
     return torch.where(takes_part, label, -1).int()
 

@@ -22,6 +22,8 @@ decorators run: `TRITON_INTERPRET=1` must be set before triton is first imported
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -38,14 +40,24 @@ ULDR_BLOCK_M, ULDR_BLOCK_N, ULDR_NUM_WARPS = 32, 128, 4
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
-def _check_device(tensor: torch.Tensor) -> None:
+def _launch_on(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The device the kernels must run on: triton launches on the current CUDA device, whatever the tensors'."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
     # Triton chose interpreter or compiler when the decorators below ran; the variable's value now may differ.
-    if tensor.device.type == "cpu" and isinstance(_cddp_kernel, triton.runtime.JITFunction):
+    if isinstance(_cddp_kernel, triton.runtime.JITFunction):
         raise RuntimeError(
             "the Triton loss kernels got CPU tensors: run them on CUDA, or set TRITON_INTERPRET=1 in the "
             "environment before Python starts (triton reads it when it is first imported), or use "
             "pair_backend('compact') / ('blocked') on the CPU"
         )
+    return contextlib.nullcontext()
+
+
+def _expect(dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype} for the loss kernels, got {tensor.dtype}")
 
 
 @triton.jit
@@ -194,19 +206,21 @@ def cddp_pairs(
     float32 (β/(|Q_b|·B), 0 without inter pairs). Returns the 0-dim sum and the gradient
     (an empty tensor when `with_grad` is False).
     """
-    _check_device(features)
+    _expect(torch.float32, features=features, depth=depth, scaled_entropy=scaled_entropy, inter_weight=inter_weight)
+    _expect(torch.int32, label=label)
     features, depth, scaled_entropy, label = (t.contiguous() for t in (features, depth, scaled_entropy, label))
     batch, num_pixels, num_channels = features.shape
     block_m, block_n, block_c = cddp_tiles(num_channels)
     rows = triton.cdiv(num_pixels, block_m)
     partials = features.new_empty(batch, rows)
     grad = features.new_empty(features.shape) if with_grad else features.new_empty(0)
-    _cddp_kernel[(rows, batch)](
-        features, depth, scaled_entropy, label, inter_weight, partials, grad,
-        num_pixels, num_channels, -0.5 / sigma**2, inter_threshold,
-        num_channels * torch.finfo(torch.float32).eps, _FLOAT32_TINY,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=with_grad, num_warps=CDDP_NUM_WARPS,
-    )  # fmt: skip
+    with _launch_on(features):
+        _cddp_kernel[(rows, batch)](
+            features, depth, scaled_entropy, label, inter_weight, partials, grad,
+            num_pixels, num_channels, -0.5 / sigma**2, inter_threshold,
+            num_channels * torch.finfo(torch.float32).eps, _FLOAT32_TINY,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=with_grad, num_warps=CDDP_NUM_WARPS,
+        )  # fmt: skip
     return partials.sum(), grad
 
 
@@ -229,16 +243,18 @@ def uldr_pairs(
     own_logit, depth: B×N float32; label: B×N int32, -1 for pixels that are not uncertain and
     valid. Returns the 0-dim sum (not normalised) and the B×N gradient (empty without `with_grad`).
     """
-    _check_device(own_logit)
+    _expect(torch.float32, own_logit=own_logit, depth=depth)
+    _expect(torch.int32, label=label)
     own_logit, depth, label = (t.contiguous() for t in (own_logit, depth, label))
     batch, num_pixels = own_logit.shape
     rows = triton.cdiv(num_pixels, ULDR_BLOCK_M)
     partials = own_logit.new_empty(batch, rows)
     grad = own_logit.new_empty(own_logit.shape) if with_grad else own_logit.new_empty(0)
-    _uldr_kernel[(rows, batch)](
-        own_logit, depth, label, partials, grad, num_pixels, margin, inter_threshold,
-        BLOCK_M=ULDR_BLOCK_M, BLOCK_N=ULDR_BLOCK_N, WITH_GRAD=with_grad, num_warps=ULDR_NUM_WARPS,
-    )  # fmt: skip
+    with _launch_on(own_logit):
+        _uldr_kernel[(rows, batch)](
+            own_logit, depth, label, partials, grad, num_pixels, margin, inter_threshold,
+            BLOCK_M=ULDR_BLOCK_M, BLOCK_N=ULDR_BLOCK_N, WITH_GRAD=with_grad, num_warps=ULDR_NUM_WARPS,
+        )  # fmt: skip
     return partials.sum(), grad
 
 
