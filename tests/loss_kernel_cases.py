@@ -43,9 +43,7 @@ ULDR_KWARGS = dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """16-row tiles and 32-column steps: several programs per image, and 48 or 35 pixels leave partial tiles."""
-    monkeypatch.setattr(kernels, "CDDP_TILES", dict.fromkeys(kernels.CDDP_TILES, (16, 32)))
-    monkeypatch.setattr(kernels, "ULDR_BLOCK_M", 16)
-    monkeypatch.setattr(kernels, "ULDR_BLOCK_N", 32)
+    monkeypatch.setattr(kernels, "INTERPRETER_TILES", {"cddp": (16, 32), "uldr": (16, 32)})
 
 
 def assert_value_and_grad(got, expected, got_input, expected_input):
@@ -99,10 +97,10 @@ def test_random_inputs_match_loops(seed, size):
         assert cddp > 0 and uldr > 0
 
 
-def test_one_tile_per_image_with_the_default_tiles(monkeypatch):
-    """The tile sizes the GPU runs with (a 48-pixel image in two row blocks and one column step)."""
-    monkeypatch.undo()
-    assert kernels.cddp_tiles(5) == (32, 64, 16) and (kernels.ULDR_BLOCK_M, kernels.ULDR_BLOCK_N) == (32, 128)
+def test_the_gpu_tiles(monkeypatch):
+    """The tiles the GPU runs with for these inputs (a 48-pixel image in two row blocks and one column step)."""
+    monkeypatch.setattr(kernels, "INTERPRETER_TILES", {"cddp": kernels.CDDP_TILES[64], "uldr": kernels.ULDR_TILE})
+    assert kernels.cddp_tiles(5) == (32, 64, 16) and kernels.uldr_tiles() == (32, 128)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(3)
     run_cddp(features, depth, probs, pseudo_label, ignore, (6, 8))
     run_uldr(logits, depth, pseudo_label, ignore, (6, 8))
@@ -234,7 +232,7 @@ def test_each_pair_sum_is_one_op(monkeypatch, name, bound):
     backward take a fixed number of ops (resampling and normalisers: 103 for CDDP, 68 for ULDR,
     views included, at any size); the blocked path's count grows with its row blocks (here 4
     blocks of 25 on a 10×10 grid; 11 and 21 blocks at Pascal size)."""
-    monkeypatch.undo()  # the default tiles: one program per image, the interpreter is slow
+    monkeypatch.undo()  # the interpreter's big tiles: one program per image
     monkeypatch.setattr(depmatch_losses, "_BLOCK", 25)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(12, height=20, width=20, feat_hw=(10, 10))
     if name == "cddp":

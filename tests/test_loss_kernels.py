@@ -52,7 +52,8 @@ def test_kernels_compile_for_the_h200_without_register_spills(kernel, tmp_path):
         num_warps = kernels.CDDP_NUM_WARPS
     else:
         function = kernels._uldr_kernel
-        constants = dict(BLOCK_M=kernels.ULDR_BLOCK_M, BLOCK_N=kernels.ULDR_BLOCK_N, WITH_GRAD=True)
+        block_m, block_n = kernels.uldr_tiles()
+        constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, WITH_GRAD=True)
         types = ["*fp32"] * 2 + ["*i32"] + ["*fp32"] * 2 + ["i32"] + ["fp32"] * 2
         num_warps = kernels.ULDR_NUM_WARPS
     signature = dict(zip(function.arg_names, types + ["constexpr"] * len(constants), strict=True))

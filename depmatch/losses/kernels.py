@@ -36,7 +36,10 @@ import triton.language as tl
 # 64 channels: 43 row blocks × 4 images; ULDR: 82 × 4). Not tuned on a GPU yet.
 CDDP_TILES = {64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16)}  # channel block -> (rows, columns)
 CDDP_NUM_WARPS = 8
-ULDR_BLOCK_M, ULDR_BLOCK_N, ULDR_NUM_WARPS = 32, 128, 4
+ULDR_TILE, ULDR_NUM_WARPS = (32, 128), 4
+# The interpreter runs every program step as NumPy calls on whole tiles: big tiles mean few
+# steps, and registers do not matter there.
+INTERPRETER_TILES = {"cddp": (128, 256), "uldr": (256, 512)}
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
@@ -44,8 +47,7 @@ def _launch_on(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """The device the kernels must run on: triton launches on the current CUDA device, whatever the tensors'."""
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    # Triton chose interpreter or compiler when the decorators below ran; the variable's value now may differ.
-    if isinstance(_cddp_kernel, triton.runtime.JITFunction):
+    if not _interpreted():
         raise RuntimeError(
             "the Triton loss kernels got CPU tensors: run them on CUDA, or set TRITON_INTERPRET=1 in the "
             "environment before Python starts (triton reads it when it is first imported), or use "
@@ -181,11 +183,23 @@ def _uldr_kernel(
         tl.store(grad_ptr + image_start + rows, 2.0 * row_grads, mask=row_in)
 
 
+def _interpreted() -> bool:
+    # Triton chose interpreter or compiler when the decorators above ran (TRITON_INTERPRET then).
+    return not isinstance(_cddp_kernel, triton.runtime.JITFunction)
+
+
 def cddp_tiles(num_channels: int) -> tuple[int, int, int]:
     """(rows, columns, channel block) of a CDDP tile for features of `num_channels` channels."""
     channel_block = max(16, triton.next_power_of_2(num_channels))
+    if _interpreted():
+        return (*INTERPRETER_TILES["cddp"], channel_block)
     rows, columns = CDDP_TILES[min(max(channel_block, 64), 512)]  # beyond 512 channels the tiles spill
     return rows, columns, channel_block
+
+
+def uldr_tiles() -> tuple[int, int]:
+    """(rows, columns) of a ULDR tile."""
+    return INTERPRETER_TILES["uldr"] if _interpreted() else ULDR_TILE
 
 
 @torch.library.custom_op("depmatch::cddp_pairs", mutates_args=())
@@ -247,13 +261,14 @@ def uldr_pairs(
     _expect(torch.int32, label=label)
     own_logit, depth, label = (t.contiguous() for t in (own_logit, depth, label))
     batch, num_pixels = own_logit.shape
-    rows = triton.cdiv(num_pixels, ULDR_BLOCK_M)
+    block_m, block_n = uldr_tiles()
+    rows = triton.cdiv(num_pixels, block_m)
     partials = own_logit.new_empty(batch, rows)
     grad = own_logit.new_empty(own_logit.shape) if with_grad else own_logit.new_empty(0)
     with _launch_on(own_logit):
         _uldr_kernel[(rows, batch)](
             own_logit, depth, label, partials, grad, num_pixels, margin, inter_threshold,
-            BLOCK_M=ULDR_BLOCK_M, BLOCK_N=ULDR_BLOCK_N, WITH_GRAD=with_grad, num_warps=ULDR_NUM_WARPS,
+            BLOCK_M=block_m, BLOCK_N=block_n, WITH_GRAD=with_grad, num_warps=ULDR_NUM_WARPS,
         )  # fmt: skip
     return partials.sum(), grad
 
