@@ -15,19 +15,22 @@ the largest gradient entry, so the bounds leave 10-100× room, while a wrong mas
 normaliser moves values by far more than 1e-5.
 """
 
-import collections
 import contextlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import depmatch.losses.depmatch as depmatch_losses
 from depmatch.losses import cddp_loss, uldr_loss
 from depmatch.losses.depmatch import pair_backend
 from depmatch.losses.reference import cddp_loss_reference
 from test_losses import cddp_loop, make_inputs, uldr_loop, uneven_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_losses import OpCounter  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (see the docstring)", allow_module_level=True)
@@ -202,18 +205,6 @@ def test_float64_falls_back_to_the_blocked_path():
         value = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(6, 8), **CDDP_KWARGS)
     assert counter.ops["depmatch.cddp_pairs.default"] == 0
     torch.testing.assert_close(value, cddp_loop(features, depth, probs, pseudo_label, ignore, (6, 8), **CDDP_KWARGS))
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched below autograd (what a GPU would launch, views included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_forward_backward(backend, loss, differentiable, inputs, size, **kwargs):

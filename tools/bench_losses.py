@@ -10,7 +10,10 @@ The vectorised losses run once per pair-sum backend (`depmatch.losses.pair_backe
 CPU, `compact`. `--original FILE` adds the original DepMatch code's two loss functions,
 taken from its DepMatch.py with `ast` (nothing else of that file runs). Issue #10's kernel
 target: the first backend's CDDP + ULDR forward + backward of one view (B=4) within 1.5 ms
-on CUDA, and at least 100× faster than the original functions.
+on CUDA, and at least 100× faster than the original functions. "ops per step" counts the
+ops one more step dispatches (TorchDispatchMode, views included): on a GPU, about the
+kernel launches. On the CPU, `triton` needs TRITON_INTERPRET=1 (its time is then the
+interpreter's).
 
 One timed step is what a UniMatch V2 + DepMatch training step asks of the two losses: for
 both strong views, CDDP on B×64×296×296 decoder features (DPT finest fusion, 8× the 37×37
@@ -25,6 +28,7 @@ peak before the first loss call (interpreter, torch, the two views' inputs).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import platform
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
@@ -117,6 +122,18 @@ def losses(implementation: str, original: Path | None):
     return (*original_losses(original), None)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched below autograd, by name: what runs as kernels on a GPU (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def measure(implementation: str, device: torch.device, batch: int, num_views: int, repeats: int, warmup: int,
             original: Path | None) -> dict:  # fmt: skip
     """Median seconds of one forward + backward over all views, and peak memory, in this process."""
@@ -146,8 +163,12 @@ def measure(implementation: str, device: torch.device, batch: int, num_views: in
         loss = step()
         times.append(time.perf_counter() - started)
     peak = peak_memory_gib(device)
+    counter = OpCounter()
+    with counter:
+        step()
     return {
         "implementation": implementation,
+        "ops": sum(counter.ops.values()),
         "median_s": sorted(times)[len(times) // 2],
         "min_s": min(times),
         "repeats": repeats,
@@ -178,15 +199,15 @@ def machine(device: torch.device) -> str:
 
 def table(results: list[dict], num_views: int) -> str:
     lines = [
-        "| implementation | median fwd+bwd (ms) | min (ms) | per view (ms) | repeats | peak memory (GiB) "
+        "| implementation | median fwd+bwd (ms) | min (ms) | per view (ms) | repeats | ops per step | peak memory (GiB) "
         "| over inputs (GiB) | loss | speedup vs reference | vs original |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratios = [f"{r[key]:.1f}×" if key in r else "" for key in ("speedup_vs_reference", "speedup_vs_original")]
         lines.append(
             f"| {r['implementation']} | {1e3 * r['median_s']:.3f} | {1e3 * r['min_s']:.3f} "
-            f"| {1e3 * r['median_s'] / num_views:.3f} | {r['repeats']} | {r['peak_memory_gib']:.2f} "
+            f"| {1e3 * r['median_s'] / num_views:.3f} | {r['repeats']} | {r['ops']} | {r['peak_memory_gib']:.2f} "
             f"| {r['over_inputs_gib']:.2f} | {r['loss']:.6g} | {ratios[0]} | {ratios[1]} |"
         )
     return "\n".join(lines)
