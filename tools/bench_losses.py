@@ -246,8 +246,15 @@ def main() -> int:
     names = args.implementations or (["triton", "blocked", "reference"] if device.type == "cuda" else ["compact", "reference"])
     names += ["original"] if args.original else []
     slow = ("reference", "original")
-    results = [run_in_subprocess(name, args, args.reference_repeats or args.repeats if name in slow else args.repeats)
-               for name in names]  # fmt: skip
+    results, failed = [], []
+    for name in names:
+        try:
+            results.append(run_in_subprocess(name, args, args.reference_repeats or args.repeats if name in slow else args.repeats))
+        except subprocess.CalledProcessError as error:  # keep the others' figures (the original may run out of memory)
+            print(f"{name} failed (exit status {error.returncode}); its error is above", file=sys.stderr)
+            failed.append(name)
+    if not results:
+        return 1
     by_name = {r["implementation"]: r for r in results}
     for r in results:
         r["loss_relative_difference"] = abs(r["loss"] - results[0]["loss"]) / abs(results[0]["loss"])
@@ -263,6 +270,7 @@ def main() -> int:
         "views": args.views,
         "inputs": first.pop("inputs"),
         "results": results,
+        "failed": failed,
     }
     for r in results[1:]:
         r.pop("inputs")
