@@ -7,7 +7,8 @@
 
 The vectorised losses run once per pair-sum backend (`depmatch.losses.pair_backend`):
 `triton` (the CUDA default: the kernels), `blocked` (all pixels, torch ops) and, on the
-CPU, `compact`. `--original FILE` adds the original DepMatch code's two loss functions,
+CPU, `compact`; `compiled` is `triton` with both losses under `torch.compile` (the
+resampling and normalisers around the kernels fused; its warm-up steps include the compile). `--original FILE` adds the original DepMatch code's two loss functions,
 taken from its DepMatch.py with `ast` (nothing else of that file runs). Issue #10's kernel
 target: the first backend's CDDP + ULDR forward + backward of one view (B=4) within 1.5 ms
 on CUDA, and at least 100× faster than the original functions. "ops per step" counts the
@@ -49,8 +50,9 @@ from depmatch.losses import cddp_loss, uldr_loss  # noqa: E402
 from depmatch.losses.depmatch import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
 from depmatch.losses.reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
 
-# Vectorised losses under each pair-sum backend, the loop reference, the original code.
-IMPLEMENTATIONS = (*PAIR_BACKENDS, "reference", "original")
+# Vectorised losses under each pair-sum backend, the kernels with the rest of both losses
+# compiled, the loop reference, the original code.
+IMPLEMENTATIONS = (*PAIR_BACKENDS, "compiled", "reference", "original")
 # Pascal VOC with a DINOv2-S DPT head at crop 518 (method.md §1, §2).
 VIEWS, CLASSES, CHANNELS, CROP = 2, 21, 64, 518
 FEATURE_SIZE = 8 * (CROP // 14)
@@ -117,6 +119,8 @@ def losses(implementation: str, original: Path | None):
     """(cddp, uldr, pair backend or None) of one implementation."""
     if implementation in PAIR_BACKENDS:
         return cddp_loss, uldr_loss, implementation
+    if implementation == "compiled":  # the ~165 small ops around the kernels fused by inductor
+        return torch.compile(cddp_loss, fullgraph=True), torch.compile(uldr_loss, fullgraph=True), "triton"
     if implementation == "reference":
         return cddp_loss_reference, uldr_loss_reference, None
     return (*original_losses(original), None)

@@ -14,7 +14,7 @@
 #   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
 #   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
 #   mem798    the same at crop 798                                                   (#6.5)
-#   losses    loss kernels: their CUDA tests, then triton vs blocked vs the loop reference,
+#   losses    loss kernels: their CUDA tests, then triton (also compiled) vs blocked vs the loop reference,
 #             one view at Pascal size, and the original code's functions where
 #             ORIGINAL_DEPMATCH=path/to/DepMatch.py (the original repository's file) is set  (#10.3)
 #
@@ -75,7 +75,7 @@ for part in "$@"; do
              "(2026-11-28, losses_vs_original.json of that run): ≥ 100× needs ≤ 1.64 ms" | tee "$RESULTS/bench_losses_kernels.note"
       fi
       timeout 270 python3 tools/bench_losses.py --device cuda --views 1 --repeats 50 --warmup 3 --reference-repeats 5 \
-        ${original[@]+"${original[@]}"} --json "$RESULTS/bench_losses_kernels.json" 2>&1 | tail -n 12 | tee "$RESULTS/bench_losses_kernels.txt"; pack
+        --implementations triton compiled blocked reference ${original[@]+"${original[@]}"} --json "$RESULTS/bench_losses_kernels.json" 2>&1 | tail -n 12 | tee "$RESULTS/bench_losses_kernels.txt"; pack
       ;;
     *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses)"; exit 2 ;;
   esac
