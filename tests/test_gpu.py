@@ -13,6 +13,7 @@ from conftest import train_in_own_process
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
 from depmatch.losses import cddp_loss, uldr_loss
+from depmatch.losses.depmatch import pair_backend
 from depmatch.losses.reference import synthetic_view
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,35 +25,66 @@ def _view(dtype):
     return synthetic_view(2, classes=6, channels=16, crop=112, feature_size=32, seed=3, dtype=dtype)
 
 
-def _losses_and_grads(view, device):
-    """CDDP, ULDR and their gradients, left on `device`."""
-    features = view.features.detach().to(device).requires_grad_()  # a fresh leaf per call
-    logits = view.logits.detach().to(device).requires_grad_()
+def _losses_and_grads(view, device, sizes=((8, 8), (11, 11)), dtype=None):
+    """CDDP, ULDR and their gradients, left on `device` (inputs cast to `dtype` when given)."""
+    features = view.features.detach().to(device, dtype).requires_grad_()  # a fresh leaf per call
+    logits = view.logits.detach().to(device, dtype).requires_grad_()
     depth, probs, label, ignore = (t.to(device) for t in (view.depth, view.probs, view.pseudo_label, view.ignore))
-    cddp = cddp_loss(features, depth, probs, label, ignore, size=(8, 8))
-    uldr = uldr_loss(logits, depth, label, ignore, size=(11, 11))
+    cddp = cddp_loss(features, depth, probs, label, ignore, size=sizes[0])
+    uldr = uldr_loss(logits, depth, label, ignore, size=sizes[1])
     (cddp + uldr).backward()
     return cddp.detach(), uldr.detach(), features.grad, logits.grad
 
 
 def test_losses_on_cuda_match_the_cpu_in_float64():
-    """The CUDA path runs over all pixels with masks; the CPU path compacts: same values, same gradients."""
+    """The CUDA path runs over all pixels with masks (float64 has no kernel: the blocked path);
+    the CPU path compacts: same values, same gradients."""
     view = _view(torch.float64)
     for cpu, cuda in zip(_losses_and_grads(view, "cpu"), _losses_and_grads(view, CUDA)):
         torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=1e-12)
 
 
-def test_losses_on_cuda_never_wait_for_the_host():
+@pytest.mark.parametrize("sizes", [((8, 8), (11, 11)), ((37, 37), (51, 51))], ids=["small", "pascal grids"])
+def test_kernels_on_cuda_match_float64(sizes):
+    """The Triton kernels (the CUDA default for float32) against the float64 CPU path, which
+    tests/test_losses.py checks against the spec's loops. Float32 sums of up to 2601² pair
+    terms per image: values within 1e-4 relative, gradients within 1e-3 of their largest entry."""
+    view = synthetic_view(2, classes=6, channels=64, crop=224, feature_size=64, seed=5, dtype=torch.float64)
+    expected = _losses_and_grads(view, "cpu", sizes)
+    with pair_backend("triton"):
+        got = _losses_and_grads(view, CUDA, sizes, dtype=torch.float32)
+    for name, value, reference in zip(("cddp", "uldr", "features grad", "logits grad"), got, expected):
+        assert value.dtype == torch.float32, name
+        scale = reference.abs().max().item()
+        assert scale > 0, name
+        tolerance = dict(rtol=1e-4, atol=1e-12) if value.dim() == 0 else dict(rtol=1e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(value.cpu().double(), reference, **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "blocked"])
+def test_losses_on_cuda_never_wait_for_the_host(backend):
     """No .item(), .tolist() or data-dependent shape in forward or backward: the step keeps the GPU fed."""
     view = _view(torch.float32)
     on_device = view._replace(**{name: tensor.to(CUDA) for name, tensor in view._asdict().items()})
-    _losses_and_grads(on_device, CUDA)  # warm-up: first calls may initialise lazily
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        cddp, uldr, _, _ = _losses_and_grads(on_device, CUDA)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with pair_backend(backend):
+        _losses_and_grads(on_device, CUDA)  # warm-up: first calls may initialise lazily (and compile the kernels)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cddp, uldr, _, _ = _losses_and_grads(on_device, CUDA)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(cddp + uldr).item()
+
+
+def test_loss_kernels_are_the_cuda_default_and_deterministic():
+    """float32 on CUDA takes the kernels (same numbers as under pair_backend('triton')), and two
+    runs give bit-identical values and gradients (per-program partials, no atomics)."""
+    view = _view(torch.float32)
+    default = _losses_and_grads(view, CUDA)
+    with pair_backend("triton"):
+        forced = _losses_and_grads(view, CUDA)
+    for first, second in zip(default, forced):
+        assert torch.equal(first, second)
 
 
 def test_strong_views_on_cuda_match_the_cpu():

@@ -14,8 +14,11 @@
 #   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
 #   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
 #   mem798    the same at crop 798                                                   (#6.5)
+#   losses    loss kernels: their CUDA tests, then triton (also compiled) vs blocked vs the loop reference,
+#             one view at Pascal size, and the original code's functions where
+#             ORIGINAL_DEPMATCH=path/to/DepMatch.py (the original repository's file) is set  (#10.3)
 #
-# Order of value if the budget is short: core, mem518, zero3, mem798, online.
+# Order of value if the budget is short: core, mem518, zero3, mem798, online (losses: a call of its own, at most 7.5 min).
 set -uo pipefail
 RESULTS=runs/gpu
 mkdir -p "$RESULTS"
@@ -64,6 +67,16 @@ for part in "$@"; do
       bench "$part" --encoders dinov2_l dinov2_g --depmatch on --precision bf16 --zero 2 3 3-offload \
         --crop "${part#mem}" --batch "$batch" --steps 3 --warmup 1
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798)"; exit 2 ;;
+    losses)  # the target: CDDP + ULDR fwd+bwd of one view (B=4) ≤ 1.5 ms and ≥ 100× the original functions
+      timeout 180 python3 -m pytest -q -m gpu tests/test_gpu.py -k "losses or kernels" 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests-losses.log"; pack
+      original=()
+      if [ -n "${ORIGINAL_DEPMATCH:-}" ]; then original=(--original "$ORIGINAL_DEPMATCH"); else
+        echo "ORIGINAL_DEPMATCH not set: compare 'per view (ms)' with the original functions' 105.5 + 58.4 ms on an H200" \
+             "(2026-11-28, losses_vs_original.json of that run): ≥ 100× needs ≤ 1.64 ms" | tee "$RESULTS/bench_losses_kernels.note"
+      fi
+      timeout 270 python3 tools/bench_losses.py --device cuda --views 1 --repeats 50 --warmup 3 --reference-repeats 5 \
+        --implementations triton compiled blocked reference ${original[@]+"${original[@]}"} --json "$RESULTS/bench_losses_kernels.json" 2>&1 | tail -n 12 | tee "$RESULTS/bench_losses_kernels.txt"; pack
+      ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses)"; exit 2 ;;
   esac
 done

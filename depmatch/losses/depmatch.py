@@ -10,12 +10,17 @@ are symmetric, so each unordered pair is computed once): nothing B×N×N is buil
 for backward, memory is O(B·_BLOCK·N), and there is no host sync on CUDA. On the CPU the
 blocks run only over the pixels that can take part (valid ones for CDDP, uncertain valid
 ones for ULDR), moved to the front of each image; that needs the per-image counts on the
-host, a read that is free on the synchronous CPU (see `_compact`).
+host, a read that is free on the synchronous CPU (see `_compact`). On CUDA the pair sums
+are, by default, the Triton kernels of `kernels.py` (one op per loss, value and gradient
+in one pass over all pixels, label masks, no host sync); the blocked torch path stays
+available (`pair_backend`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,16 @@ def _interpolation(in_size: int, out_size: int, dtype: torch.dtype, device: torc
     return torch.stack([low, high], 1).flatten(), source - low.to(dtype)
 
 
+# The resampling plans depend only on the sizes, and a step asks for the same few: built once
+# per device they save ~25 small ops (launches on a GPU) per loss call. Callers never write to them.
+@functools.lru_cache(maxsize=64)
+def _bilinear_plan(in_size: tuple[int, int], out_size: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    """The flattened index of the 2×2 source pixels of every output pixel, the row weights (h×1×1), the column weights (w)."""
+    rows, row_weight = _interpolation(in_size[0], out_size[0], dtype, device)
+    cols, col_weight = _interpolation(in_size[1], out_size[1], dtype, device)
+    return (rows.unsqueeze(1) * in_size[1] + cols.unsqueeze(0)).flatten(), row_weight.view(-1, 1, 1), col_weight
+
+
 class _BilinearResize(torch.autograd.Function):
     """`F.interpolate(maps, size, mode="bilinear", align_corners=True)` on B×C×H×W maps.
 
@@ -53,12 +68,10 @@ class _BilinearResize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, maps, size):
         ctx.input_size, ctx.size = list(maps.shape), list(size)
-        rows, row_weight = _interpolation(maps.shape[-2], size[0], maps.dtype, maps.device)
-        cols, col_weight = _interpolation(maps.shape[-1], size[1], maps.dtype, maps.device)
-        flat = (rows.unsqueeze(1) * maps.shape[-1] + cols.unsqueeze(0)).flatten()
+        flat, row_weight, col_weight = _bilinear_plan(tuple(maps.shape[-2:]), tuple(size), maps.dtype, maps.device)
         corners = maps.contiguous().flatten(2).gather(2, flat.expand(*maps.shape[:2], -1))
         corners = corners.view(*maps.shape[:2], size[0], 2, size[1], 2)
-        blended_rows = torch.lerp(corners[:, :, :, 0], corners[:, :, :, 1], row_weight.view(-1, 1, 1))  # B×C×h×w×2
+        blended_rows = torch.lerp(corners[:, :, :, 0], corners[:, :, :, 1], row_weight)  # B×C×h×w×2
         return torch.lerp(blended_rows[..., 0], blended_rows[..., 1], col_weight)
 
     @staticmethod
@@ -76,6 +89,7 @@ def _resize_continuous(maps: torch.Tensor, size: tuple[int, int], dtype: torch.d
     return resized.squeeze(1) if squeeze else resized
 
 
+@functools.lru_cache(maxsize=64)
 def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
     """The source index of each output index of `F.interpolate(mode="nearest")` along one axis."""
     source = torch.arange(in_size, dtype=torch.float32, device=device).view(1, 1, in_size, 1)
@@ -146,7 +160,7 @@ def _compact(keep: torch.Tensor, *per_pixel: torch.Tensor):
     )
 
 
-PAIR_BACKENDS = ("compact", "blocked")
+PAIR_BACKENDS = ("compact", "blocked", "triton")
 _forced_backend: str | None = None
 
 
@@ -155,8 +169,10 @@ def pair_backend(name: str):
     """Run the pair sums through one backend whatever the device (tests, op counting).
 
     `compact`: row blocks over each image's taking-part pixels only (the CPU default; one host
-    read of the counts). `blocked`: row blocks over all pixels with masks (the CUDA default;
-    no host sync).
+    read of the counts). `blocked`: row blocks over all pixels with masks (no host sync).
+    `triton`: the kernels of `depmatch.losses.kernels`, one op per loss (the CUDA default when
+    triton imports; on CPU tensors they need TRITON_INTERPRET=1). Float64 inputs have no
+    kernel: under `triton` they take the `blocked` path.
     """
     global _forced_backend
     if name not in PAIR_BACKENDS:
@@ -168,10 +184,19 @@ def pair_backend(name: str):
         _forced_backend = previous
 
 
-def _pair_backend(tensor: torch.Tensor) -> str:
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _pair_backend(tensor: torch.Tensor, dtype: torch.dtype) -> str:
     if _forced_backend is not None:
-        return _forced_backend
-    return "compact" if tensor.device.type == "cpu" else "blocked"
+        backend = _forced_backend
+    elif tensor.device.type == "cpu":
+        backend = "compact"
+    else:
+        backend = "triton" if _triton_available() else "blocked"
+    return "blocked" if backend == "triton" and dtype != torch.float32 else backend
 
 
 def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,13 +310,21 @@ class _CDDPPairs(torch.autograd.Function):
     """The CDDP pair sum with its gradient computed in the forward pass, tile by tile."""
 
     @staticmethod
-    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths):
+    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, backend):
         # The pair sums stay in the compute dtype under an ambient autocast (no bf16 Gram matrix).
         with torch.autocast(features.device.type, enabled=False):
-            total, grad = _cddp_pairs(
-                features.detach(), depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
-                with_grad=ctx.needs_input_grad[0],
-            )
+            if backend == "triton":
+                from depmatch.losses import kernels
+
+                total, grad = kernels.cddp_pairs(
+                    features.detach(), depth, scaled_entropy, _kernel_label(label, valid), inter_weight, sigma,
+                    inter_threshold, ctx.needs_input_grad[0],
+                )  # fmt: skip
+            else:
+                total, grad = _cddp_pairs(
+                    features.detach(), depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
+                    with_grad=ctx.needs_input_grad[0],
+                )
         ctx.save_for_backward(grad)
         return total
 
@@ -299,19 +332,27 @@ class _CDDPPairs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None, None, None, None, None, None
+        return grad_output * grad, None, None, None, None, None, None, None, None, None
 
 
 class _ULDRPairs(torch.autograd.Function):
     """The ULDR pair sum with its gradient computed in the forward pass, tile by tile."""
 
     @staticmethod
-    def forward(ctx, own_logit, depth, label, uncertain, margin, inter_threshold, lengths):
+    def forward(ctx, own_logit, depth, label, uncertain, margin, inter_threshold, lengths, backend):
         with torch.autocast(own_logit.device.type, enabled=False):
-            total, grad = _uldr_pairs(
-                own_logit.detach(), depth, label, uncertain, margin, inter_threshold, lengths,
-                with_grad=ctx.needs_input_grad[0],
-            )
+            if backend == "triton":
+                from depmatch.losses import kernels
+
+                total, grad = kernels.uldr_pairs(
+                    own_logit.detach(), depth, _kernel_label(label, uncertain), margin, inter_threshold,
+                    ctx.needs_input_grad[0],
+                )  # fmt: skip
+            else:
+                total, grad = _uldr_pairs(
+                    own_logit.detach(), depth, label, uncertain, margin, inter_threshold, lengths,
+                    with_grad=ctx.needs_input_grad[0],
+                )
         ctx.save_for_backward(grad)
         return total
 
@@ -319,7 +360,12 @@ class _ULDRPairs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None, None, None, None
+        return grad_output * grad, None, None, None, None, None, None, None
+
+
+def _kernel_label(label: torch.Tensor, takes_part: torch.Tensor) -> torch.Tensor:
+    """The kernels' label: the class where the pixel takes part in pairs, -1 where it does not."""
+    return torch.where(takes_part, label, -1).int()
 
 
 def cddp_loss(
@@ -367,14 +413,17 @@ def cddp_loss(
     # Same-class pairs share the normaliser, so it can scale the entropy: |e_i a - e_j a| = a |e_i - e_j|.
     scaled_entropy = entropy * intra_weight
     lengths = None
-    if _pair_backend(valid) == "compact":
+    backend = _pair_backend(valid, dtype)
+    if backend == "compact":
         # Only valid pixels enter a pair: on the CPU each image's blocks run over its valid pixels
         # only, moved to the front (the counts are one host read, free on the synchronous CPU), and
-        # need no validity mask. On CUDA there is no host sync anywhere in the step: the blocks go
-        # over all pixels and the validity mask does the selection.
+        # need no validity mask. On CUDA there is no host sync anywhere in the step: the kernels (or
+        # the blocks) go over all pixels and the validity mask does the selection.
         lengths, (centred, grid_depth, scaled_entropy, label) = _compact(valid, centred, grid_depth, scaled_entropy, label)
         valid = None
-    return _CDDPPairs.apply(centred, grid_depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths)
+    return _CDDPPairs.apply(
+        centred, grid_depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, backend
+    )
 
 
 def uldr_loss(
@@ -414,13 +463,14 @@ def uldr_loss(
     uncertain_per_class = label.new_zeros(batch, num_classes).scatter_add(1, label, uncertain.long()).sum(0)
     num_uncertain_classes = (uncertain_per_class > 0).sum().clamp_min(1)
     lengths = None
-    if _pair_backend(uncertain) == "compact":
+    backend = _pair_backend(uncertain, dtype)
+    if backend == "compact":
         # Only uncertain valid pixels enter a pair (about 40 % of the pixels, 17 % of the pairs, in
         # the benchmark): on the CPU each image's blocks run over its uncertain pixels only, moved
         # to the front (the counts are one host read, free on the synchronous CPU). On CUDA there is
-        # no host sync anywhere in the step: the blocks go over all pixels and the NaN depth of the
-        # other pixels does the selection.
+        # no host sync anywhere in the step: the kernels (or the blocks) go over all pixels and the
+        # mask (the blocks: NaN depth) of the other pixels does the selection.
         lengths, (uncertain, own_logit, grid_depth, label) = _compact(uncertain, uncertain, own_logit, grid_depth, label)
-    total = _ULDRPairs.apply(own_logit, grid_depth, label, uncertain, margin, inter_threshold, lengths)
+    total = _ULDRPairs.apply(own_logit, grid_depth, label, uncertain, margin, inter_threshold, lengths, backend)
     # method.md §4: 1/(B · N² · max(1, |C_U|)), N counting every grid pixel, valid or not.
     return total / (batch * num_pixels**2 * num_uncertain_classes)
