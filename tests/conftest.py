@@ -1,5 +1,4 @@
-"""Shared fixtures: a small synthetic shard dataset and the camvid-mini folder; training in a process of its own
-or in two CPU ranks under each backend."""
+"""Shared fixtures: a small synthetic shard dataset and the camvid-mini folder; training in a process of its own."""
 
 import json
 import os
@@ -80,30 +79,3 @@ def train_in_own_process(overrides: list[str], check: str, env: dict | None = No
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
-BACKENDS = {
-    # ACCELERATE_USE_CPU: without it, `--multi_gpu` on a machine with no GPU starts 2 ranks
-    # that never join, and `--cpu` alone starts only one process.
-    "ddp": (["--multi_gpu", "-m", "depmatch.train"], {"ACCELERATE_USE_CPU": "true"}),
-    "fsdp2": (
-        ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-         "--fsdp_transformer_layer_cls_to_wrap", "Block", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", str(FSDP_ON_CPU)],
-        {"ACCELERATE_USE_CPU": "true"},
-    ),
-    "zero2": (["--use_deepspeed", "--zero_stage", "2", "-m", "depmatch.train"], {}),
-    "zero3": (["--use_deepspeed", "--zero_stage", "3", "-m", "depmatch.train"], {}),
-}  # fmt: skip
-
-
-def two_process_command(shards, output_dir, backend, *overrides, steps=4, checkpoint_every=None, launcher=()) -> list[str]:
-    """`accelerate launch` of 2 CPU ranks of depmatch.train under `backend` (run it with BACKENDS[backend][1] set)."""
-    launch_args, _ = BACKENDS[backend]
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", *launcher, *launch_args,
-        "--set", f"data.root={shards}", "--set", f"train.output_dir={output_dir}", "--set", f"train.steps={steps}",
-        "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={checkpoint_every or steps}",
-        "--set", "train.log_every=1", *overrides,
-    ]  # fmt: skip
