@@ -1,7 +1,8 @@
 """What a cluster does to a run, on 2 CPU ranks (gloo): a stop signal, a stopped rank, a killed rank.
 
-Each test starts `accelerate launch` (torchrun) in the background, waits until metrics.jsonl
-shows the run is under way, then signals one worker process, as SLURM or a failing node would.
+Each test starts launch/multinode.sh (one node, 2 ranks), as launch/slurm.sbatch does on every
+node, waits until metrics.jsonl shows the run is under way, then signals some of its processes,
+as SLURM or a failing node would.
 """
 
 import json
@@ -18,16 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BACKENDS, two_process_command
 from depmatch.engine.checkpoint import checkpoint_path, checkpoint_problem
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
-# The small session shards, read as they are (no synthesis), with crops to match.
-SMALL = ["--set", "data.synthesize=false", "--set", "data.crop_size=28", "--set", "train.batch_size=2",
-         "--set", "train.unlabeled_batch_size=2", "--set", "train.keep_last=20"]  # fmt: skip
 WEIGHTS = ("model.safetensors", "student.safetensors", "teacher.safetensors")
 
 
@@ -37,22 +34,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(shards, output_dir, *args, launcher=()) -> subprocess.Popen:
-    """Every run resumes from `latest`, as a requeued or restarted job does: a fresh start when there is none.
-
-    A port of its own: other tests on this machine may hold accelerate's default 29500.
-    """
-    launcher = ["--main_process_port", str(free_port()), *launcher]
-    command = two_process_command(shards, output_dir, "ddp", *SMALL, *args, "--resume", "latest", steps=STEPS,
-                                  checkpoint_every=2, launcher=launcher)  # fmt: skip
-    return run_in_background(command, output_dir, BACKENDS["ddp"][1])
-
-
-def run_in_background(command: list[str], output_dir, env: dict) -> subprocess.Popen:
+def start(shards, output_dir, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """launch/multinode.sh with 2 CPU ranks on the small session shards, resuming from `latest` as every start
+    under launch/slurm.sbatch does (a fresh start when there is no checkpoint), in the background."""
+    settings = [f"data.root={shards}", "data.synthesize=false", "data.crop_size=28", "train.batch_size=2",
+                "train.unlabeled_batch_size=2", "train.mixed_precision=no", f"train.output_dir={output_dir}", f"train.steps={STEPS}",
+                f"train.eval_every={STEPS}", "train.checkpoint_every=2", "train.keep_last=20", "train.log_every=1",
+                *overrides]  # fmt: skip
+    command = ["bash", "launch/multinode.sh", *[arg for item in settings for arg in ("--set", item)], "--resume", "latest"]
+    # A port of its own: other tests on this machine may hold the default 29500.
+    launch = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+              "GPUS_PER_NODE": "2", "LAUNCH_CONFIG": "launch/ddp-4gpu.yaml", "ACCELERATE_USE_CPU": "true"}  # fmt: skip
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    log = open(Path(output_dir) / "launch.log", "a")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True, cwd=REPO)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **launch, **(env or {})}
+    with open(Path(output_dir) / "launch.log", "a") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, text=True, cwd=REPO)
 
 
 def finish(process: subprocess.Popen, output_dir) -> tuple[int, str]:
@@ -120,16 +116,18 @@ def assert_same_run(output_dir, reference) -> None:
 
 
 def test_a_stop_signal_to_one_rank_checkpoints_both_and_the_resumed_run_is_identical(synthetic_root, tmp_path, uninterrupted):
-    """SIGUSR1 (SLURM's warning before the time limit) to rank 1 alone: both ranks stop after the same
-    step, save a complete checkpoint there and exit 0; `--resume latest` then finishes the run exactly."""
+    """SIGUSR1 (SLURM's warning before the time limit) to the launcher and rank 1, not rank 0: the launcher
+    ignores it, both ranks stop after the same step, save a complete checkpoint there and exit 0;
+    `--resume latest` then finishes the run to the same losses and bit-identical weights."""
     process = start(synthetic_root, tmp_path)
     wait_until_step(process, tmp_path, 3)
-    worker(process, 1).send_signal(signal.SIGUSR1)
+    for target in (psutil.Process(process.pid), worker(process, 1)):
+        target.send_signal(signal.SIGUSR1)
     status, log = finish(process, tmp_path)
     assert status == 0, log[-3000:]
+    assert "rank 1 received SIGUSR1" in log and "rank 0 received" not in log
     stopped_at = max(losses_by_step(tmp_path))
     assert 3 <= stopped_at < STEPS
-    assert "rank 1 received SIGUSR1" in log and "rank 0 received" not in log
     assert f"stopped after step {stopped_at} on a stop signal and saved {checkpoint_path(tmp_path, stopped_at)}" in log
     assert checkpoint_problem(checkpoint_path(tmp_path, stopped_at)) is None
     assert (checkpoint_path(tmp_path, stopped_at) / "random_states_1.pkl").is_file()
@@ -141,17 +139,15 @@ def test_a_stop_signal_to_one_rank_checkpoints_both_and_the_resumed_run_is_ident
 
 
 def test_a_killed_rank_is_restarted_from_the_latest_checkpoint(synthetic_root, tmp_path, uninterrupted):
-    """torchrun --max_restarts 1: rank 1 killed after step 3; torchrun stops rank 0 (SIGTERM: its stop
-    agreement meets a dead peer and fails at once), restarts both, and they resume from the newest
-    complete checkpoint to the same losses and weights as a run never killed."""
-    # The c10d rendezvous: under the static one, restarted gloo ranks read their peers' old
-    # addresses and never connect (seen with torch 2.14: "Gloo connectFullMesh failed ... refused").
-    restarts = ["--rdzv_backend", "c10d", "--max_restarts", "1", "--monitor_interval", "0.1"]
-    process = start(synthetic_root, tmp_path, launcher=restarts)
+    """MAX_RESTARTS=1: rank 1 killed after step 3; torchrun stops rank 0 (SIGTERM: its stop agreement
+    meets a dead peer and fails at once), restarts both, and they resume from the newest complete
+    checkpoint to the same losses and weights as a run never killed."""
+    process = start(synthetic_root, tmp_path, env={"MAX_RESTARTS": "1"})
     wait_until_step(process, tmp_path, 3)
     worker(process, 1).kill()
     status, log = finish(process, tmp_path)
     assert status == 0, log[-3000:]
+    assert "rank 0: another rank left a collective operation after step" in log
     resumed_at = re.search(r"resumed from \S+/step_\d+ at step (\d+)", log)
     assert resumed_at and 2 <= int(resumed_at[1]) < STEPS, log[-3000:]
     assert_same_run(tmp_path, uninterrupted)
@@ -160,7 +156,7 @@ def test_a_killed_rank_is_restarted_from_the_latest_checkpoint(synthetic_root, t
 def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_root, tmp_path):
     """SIGSTOP on rank 1 (a wedged GPU or stuck read looks the same to its peers): rank 0 gives up
     after train.collective_timeout and says so, instead of waiting for torch's default 30 minutes."""
-    process = start(synthetic_root, tmp_path, "--set", "train.collective_timeout=5")
+    process = start(synthetic_root, tmp_path, "train.collective_timeout=5")
     try:
         wait_until_step(process, tmp_path, 2)
         stopped, survivor = worker(process, 1), worker(process, 0)
@@ -172,23 +168,3 @@ def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_roo
     assert "rank 0: a collective operation (gradient all-reduce, barrier or stop agreement) after step" in log
     assert "did not complete within train.collective_timeout=5 s, so another rank is hung" in log
 
-
-def test_the_multinode_launcher_outlives_the_stop_signal_sent_to_every_process(synthetic_root, tmp_path):
-    """SIGUSR1 to every process of a launch/multinode.sh run, as `scancel --signal=USR1` (launch/slurm.sbatch)
-    delivers it to a job step: the launcher ignores it, both ranks checkpoint, and the launch exits 0."""
-    env = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "GPUS_PER_NODE": "2", "LAUNCH_CONFIG": "launch/ddp-4gpu.yaml", "ACCELERATE_USE_CPU": "true"}  # fmt: skip
-    overrides = [f"data.root={synthetic_root}", f"train.output_dir={tmp_path}", f"train.steps={STEPS}",
-                 f"train.eval_every={STEPS}", "train.log_every=1", *SMALL[1::2]]  # fmt: skip
-    command = ["bash", "launch/multinode.sh", *[arg for item in overrides for arg in ("--set", item)], "--resume", "latest"]
-    process = run_in_background(command, tmp_path, env)
-    wait_until_step(process, tmp_path, 2)
-    launcher = psutil.Process(process.pid)
-    for target in [launcher, *launcher.children(recursive=True)]:
-        target.send_signal(signal.SIGUSR1)
-    status, log = finish(process, tmp_path)
-    assert status == 0, log[-3000:]
-    assert "rank 0 received SIGUSR1" in log and "rank 1 received SIGUSR1" in log
-    stopped_at = max(losses_by_step(tmp_path))
-    assert stopped_at < STEPS
-    assert checkpoint_problem(checkpoint_path(tmp_path, stopped_at)) is None

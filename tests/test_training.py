@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BACKENDS, train_in_own_process, two_process_command
+from conftest import train_in_own_process
 from depmatch.config import load_config
 from depmatch.engine.trainer import Trainer
 from depmatch.evaluation.evaluate import evaluate
@@ -111,9 +111,31 @@ def test_resume_is_exact(shards, tmp_path, caplog):
             assert torch.equal(value, final("interrupted", name)[key]), (name, key)
 
 
+FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
+BACKENDS = {
+    # ACCELERATE_USE_CPU: without it, `--multi_gpu` on a machine with no GPU starts 2 ranks
+    # that never join, and `--cpu` alone starts only one process.
+    "ddp": (["--multi_gpu", "-m", "depmatch.train"], {"ACCELERATE_USE_CPU": "true"}),
+    "fsdp2": (
+        ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+         "--fsdp_transformer_layer_cls_to_wrap", "Block", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", str(FSDP_ON_CPU)],
+        {"ACCELERATE_USE_CPU": "true"},
+    ),
+    "zero2": (["--use_deepspeed", "--zero_stage", "2", "-m", "depmatch.train"], {}),
+    "zero3": (["--use_deepspeed", "--zero_stage", "3", "-m", "depmatch.train"], {}),
+}  # fmt: skip
+
+
 def launch_two_processes(shards, output_dir, backend, *overrides, steps=4, checkpoint_every=None):
-    command = two_process_command(shards, output_dir, backend, *overrides, steps=steps, checkpoint_every=checkpoint_every)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **BACKENDS[backend][1]}
+    launch_args, env = BACKENDS[backend]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", *launch_args,
+        "--set", f"data.root={shards}", "--set", f"train.output_dir={output_dir}", "--set", f"train.steps={steps}",
+        "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={checkpoint_every or steps}",
+        "--set", "train.log_every=1", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
