@@ -38,9 +38,9 @@ def start(shards, output_dir, *overrides: str, env: dict | None = None) -> subpr
     """launch/multinode.sh with 2 CPU ranks on the small session shards, resuming from `latest` as every start
     under launch/slurm.sbatch does (a fresh start when there is no checkpoint), in the background."""
     settings = [f"data.root={shards}", "data.synthesize=false", "data.crop_size=28", "train.batch_size=2",
-                "train.unlabeled_batch_size=2", "train.mixed_precision=no", f"train.output_dir={output_dir}", f"train.steps={STEPS}",
-                f"train.eval_every={STEPS}", "train.checkpoint_every=2", "train.keep_last=20", "train.log_every=1",
-                *overrides]  # fmt: skip
+                "train.unlabeled_batch_size=2", "train.mixed_precision=no", f"train.output_dir={output_dir}",
+                f"train.steps={STEPS}", f"train.eval_every={STEPS}", "train.checkpoint_every=2", "train.keep_last=20",
+                "train.log_every=1", *overrides]  # fmt: skip
     command = ["bash", "launch/multinode.sh", *[arg for item in settings for arg in ("--set", item)], "--resume", "latest"]
     # A port of its own: other tests on this machine may hold the default 29500.
     launch = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
