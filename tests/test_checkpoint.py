@@ -108,6 +108,7 @@ def test_a_save_killed_midway_is_never_resumed_and_is_cleaned_up(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         save_at(config, 4, SavedStateOfTwoRanks(fail_after_files=2))
     assert (tmp_path / "checkpoints" / ".step_00000004.partial" / "model.safetensors").is_file()
+    (tmp_path / "checkpoints" / ".step_00000002.old").mkdir()  # as a kill between _publish's two renames leaves
     assert not checkpoint_path(tmp_path, 4).exists()
     assert latest_checkpoint(tmp_path) == previous
     # Saving the step again starts from an empty partial folder and publishes it.

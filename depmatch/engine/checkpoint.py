@@ -204,8 +204,8 @@ def _prune(checkpoints: Path, keep_last: int) -> None:
         for old in checkpoints.glob("step_*"):
             if old.is_dir() and old < oldest_kept:
                 shutil.rmtree(old, ignore_errors=True)
-    # One save runs at a time and this one is published: any other partial folder is from a killed save.
-    for leftover in checkpoints.glob(".step_*.partial"):
+    # One save runs at a time and this one is published: any other hidden folder is from a killed save.
+    for leftover in [*checkpoints.glob(".step_*.partial"), *checkpoints.glob(".step_*.old")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
