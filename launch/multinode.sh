@@ -22,8 +22,7 @@ LAUNCH_CONFIG="${LAUNCH_CONFIG:-launch/ddp-8gpu.yaml}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
 if [ "$MAX_RESTARTS" -gt 0 ]; then
-    # Restarted workers must meet in a fresh rendezvous round: under the static one, restarted
-    # gloo ranks were seen reading their peers' old addresses and never connecting.
+    # Restarted workers meet in a new round of torchrun's c10d rendezvous, its backend for restarts.
     rendezvous=(--rdzv_backend c10d --max_restarts "$MAX_RESTARTS")
 else
     # static rendezvous: each node is told its rank, so node 0's port is the only meeting point.

@@ -24,10 +24,13 @@ def _process_group_kwargs() -> list:
     Otherwise accelerate finds no device backend, lets DeepSpeed start its process group
     but then reports a single process, and DeepSpeed rejects the batch-size arithmetic.
     """
-    uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if uses_deepspeed and not torch.cuda.is_available():
+    if _uses_deepspeed() and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def _uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def distributed_state(collective_timeout: Optional[float] = None) -> PartialState:
@@ -41,7 +44,32 @@ def distributed_state(collective_timeout: Optional[float] = None) -> PartialStat
     kwargs = {k: v for handler in _process_group_kwargs() for k, v in handler.to_kwargs().items()}
     if collective_timeout is not None:
         kwargs["timeout"] = timedelta(seconds=collective_timeout)
+    if not torch.distributed.is_initialized():
+        kwargs.update(_store_of_this_attempt(kwargs.get("timeout", torch.distributed.constants.default_pg_timeout)))
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
+
+
+def _store_of_this_attempt(timeout: timedelta) -> dict:
+    """Process-group arguments that keep workers restarted by torchrun (`--max_restarts`) apart
+    from the attempt before.
+
+    torchrun's agent hosts the workers' store and keeps it across restarts: restarted gloo
+    ranks read their peers' addresses from the failed attempt there and failed to connect
+    ("Gloo connectFullMesh failed ... Connection refused", or a wait; torch 2.14). Keys under a
+    prefix of their own per attempt cannot be stale. DeepSpeed starts its group itself and
+    takes no store.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _uses_deepspeed():
+        return {}
+    agent_store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return {
+        "store": torch.distributed.PrefixStore(f"depmatch/attempt_{attempt}", agent_store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 class CollectiveError(RuntimeError):
