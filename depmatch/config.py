@@ -148,6 +148,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    # Seconds any collective (gradient all-reduce, barrier, stop agreement) may wait for the other
+    # ranks before the run ends with an error: a hung or stopped rank ends the job instead of
+    # stalling it. Above the slowest legitimate wait (rank 0 writing a checkpoint, a first compile).
+    collective_timeout: float = 600.0
     online_depth_model: Optional[str] = None  # Depth Anything folder or hub id: depth per step (slow, as the reference)
 
 

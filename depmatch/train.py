@@ -39,16 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_dataset(config: ExperimentConfig) -> dict:
-    """The shards' manifest; the synthetic default is generated on first use (once per node)."""
+    """The shards' manifest; the synthetic default is generated on first use.
+
+    The job's main process builds it first; then each node's main process finds it complete
+    (a filesystem shared by the nodes: one writer in all) or builds its own copy (node-local
+    disks). No two processes write the same path at once.
+    """
     from depmatch.data.shards import read_manifest
     from depmatch.data.synth import ensure_synthetic_shards
     from depmatch.engine.distributed import distributed_state
 
     root = Path(config.data.root)
-    with distributed_state().local_main_process_first():
-        if config.data.synthesize:
-            ensure_synthetic_shards(str(root), config.data.synth, config.num_classes)
-        manifest = read_manifest(root)
+    state = distributed_state(config.train.collective_timeout)
+    if config.data.synthesize:
+        # First the job's main process, then the main process of each other node.
+        for builds_now in (state.is_main_process, state.is_local_main_process and not state.is_main_process):
+            if builds_now:
+                ensure_synthetic_shards(str(root), config.data.synth, config.num_classes)
+            state.wait_for_everyone()
+    manifest = read_manifest(root)
     if manifest["num_classes"] != config.num_classes:
         raise ValueError(
             f"{root}/manifest.json has {manifest['num_classes']} classes but num_classes is {config.num_classes}: "
@@ -67,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     manifest = prepare_dataset(config)
     trainer = Trainer(config, resume=args.resume, dataset=manifest)
     results = trainer.train()
+    if trainer.stopped_by is not None:
+        # 0, not an error: under torchrun a failing worker would be restarted (--max_restarts) while
+        # the job is being stopped; the SLURM script requeues on the signal it saw (launch/slurm.sbatch).
+        return 0
     if trainer.accelerator.is_main_process:
         summary = ", ".join(f"{name} {value:.2f}" for name, value in results.items())
         print(f"final mIoU ({config.data.val_split}): {summary}")

@@ -8,6 +8,8 @@
 # node can reach), MASTER_PORT (29500), GPUS_PER_NODE (8). LAUNCH_CONFIG picks the backend
 # (default launch/ddp-8gpu.yaml; any single-node config of launch/ works: the flags below
 # override its machine count, process count and rank). Arguments go to depmatch.train.
+# MAX_RESTARTS (0) lets torchrun restart this node's workers after one fails; they resume
+# from the newest complete checkpoint when the arguments include `--resume latest`.
 # Run from the repository root: the launch configs use paths relative to it.
 set -euo pipefail
 
@@ -17,8 +19,21 @@ set -euo pipefail
 MASTER_PORT="${MASTER_PORT:-29500}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 LAUNCH_CONFIG="${LAUNCH_CONFIG:-launch/ddp-8gpu.yaml}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
-# static rendezvous: each node is told its rank, so node 0's port is the only meeting point.
+if [ "$MAX_RESTARTS" -gt 0 ]; then
+    # Restarted workers meet in a new round of torchrun's c10d rendezvous, its backend for restarts.
+    rendezvous=(--rdzv_backend c10d --max_restarts "$MAX_RESTARTS")
+else
+    # static rendezvous: each node is told its rank, so node 0's port is the only meeting point.
+    rendezvous=(--rdzv_backend static)
+fi
+
+# SIGUSR1 asks the training processes to finish their step, checkpoint and exit
+# (launch/slurm.sbatch sends it to every process of the job before the time limit). The
+# launcher must outlive it: ignored here, and so in accelerate/torchrun; depmatch.train
+# installs its own handler.
+trap '' USR1
 exec accelerate launch \
     --config_file "$LAUNCH_CONFIG" \
     --num_machines "$NNODES" \
@@ -26,6 +41,6 @@ exec accelerate launch \
     --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" \
     --main_process_port "$MASTER_PORT" \
-    --rdzv_backend static \
+    "${rendezvous[@]}" \
     --same_network \
     -m depmatch.train "$@"

@@ -300,3 +300,17 @@ def test_label_map_parsing():
     assert (table[11], table[3], table[4], table[5]) == (255, 1, 2, 5)
     with pytest.raises(ShardInputError, match="SOURCE:TARGET"):
         parse_label_map(["eleven"])
+
+
+def test_two_writers_of_one_shard_each_publish_a_whole_file(tmp_path):
+    """Two nodes building the same shard on a shared filesystem: each writes a temporary file of its
+    own, so the second rename replaces the first file whole instead of failing on a vanished `.tmp`."""
+    from depmatch.data.writer import ShardWriter
+
+    first, second = ShardWriter(tmp_path / "labeled-000000.tar"), ShardWriter(tmp_path / "labeled-000000.tar")
+    for writer in (first, second):
+        writer.write("sample_000000", {"png": b"image bytes", "label.png": b"label bytes"})
+    assert first.commit() == second.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["labeled-000000.tar"]
+    with tarfile.open(tmp_path / "labeled-000000.tar") as tar:
+        assert tar.getnames() == ["sample_000000.png", "sample_000000.label.png"]

@@ -1,6 +1,7 @@
 """Training a tiny ViT on the synthetic RGB-D shards: every framework learns, resume is exact, DDP agrees."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -79,17 +80,22 @@ def test_each_framework_learns(shards, tmp_path, framework, depmatch):
     assert (checkpoint / "teacher.safetensors").is_file() == (framework == "unimatch_v2")
 
 
-def test_resume_is_exact(shards, tmp_path):
+def test_resume_is_exact(shards, tmp_path, caplog):
+    """Resuming from step 4 gives step 8 bit for bit; the damaged step-8 checkpoint that `latest`
+    passes over on the way is named."""
     common = ["train.steps=8", "train.checkpoint_every=4", "train.keep_last=3", "train.eval_every=4"]
     straight = tiny_config(shards, tmp_path / "straight", *common)
     Trainer(straight, dataset=prepare_dataset(straight)).train()
 
     interrupted = tiny_config(shards, tmp_path / "interrupted", *common)
     Trainer(interrupted, dataset=prepare_dataset(interrupted)).train()
-    # Forget everything after step 4, as if the run had been killed there.
-    shutil.rmtree(tmp_path / "interrupted" / "checkpoints" / "step_00000008")
+    # Cut the step-8 model file short, as a full disk would, and forget the log after step 4.
+    damaged = tmp_path / "interrupted" / "checkpoints" / "step_00000008"
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:1000])
     (tmp_path / "interrupted" / "metrics.jsonl").unlink()
-    resumed = Trainer(interrupted, resume="latest", dataset=prepare_dataset(interrupted))
+    with caplog.at_level(logging.WARNING):
+        resumed = Trainer(interrupted, resume="latest", dataset=prepare_dataset(interrupted))
+    assert f"checkpoint {damaged} is incomplete or corrupt: model.safetensors has 1000 bytes" in caplog.text
     assert resumed.state.step == 4
     resumed.train()
 

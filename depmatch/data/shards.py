@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import webdataset as wds
@@ -36,9 +37,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unique_temporary(path: Path) -> Path:
+    """A name next to `path` that no other process, on this host or another, writes to."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Write to a temporary name, then rename: a reader never sees half a file, and two writers
+    (nodes sharing a filesystem) never share a temporary file."""
+    temporary = unique_temporary(path)
     temporary.write_text(json.dumps(content, indent=1))
     os.replace(temporary, path)
 

@@ -1,6 +1,7 @@
 """Writing shard datasets safely: temporary names, checksums, resumable builds.
 
-A shard is written to `<name>.tmp` and renamed when complete; its completion record
+A shard is written to `<name>.<random>.tmp` and renamed when complete (two nodes building
+the same shard on a shared filesystem each rename a whole file of their own); its completion record
 (`.build/<name>.json`: plan digest, sample count, sha256) is written after the rename.
 A rerun skips a shard only when its record matches the plan and the file's sha256, so
 nothing half-written is ever trusted. The manifest is written last, by one process.
@@ -24,6 +25,7 @@ from depmatch.data.shards import (
     MANIFEST_NAME,
     file_sha256,
     shard_name,
+    unique_temporary,
     write_json_atomic,
 )
 
@@ -65,7 +67,7 @@ class ShardWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.temporary = path.with_name(path.name + ".tmp")
+        self.temporary = unique_temporary(path)
         self.tar = tarfile.open(self.temporary, "w")
         self.samples = 0
 

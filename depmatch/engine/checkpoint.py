@@ -1,16 +1,26 @@
-"""Checkpoints that resume exactly and that eval/predict/export read without DeepSpeed.
+"""Checkpoints that resume exactly, that eval/predict/export read without DeepSpeed, and
+that are either whole or ignored.
 
 Each `checkpoints/step_XXXXXXXX/` holds `accelerator.save_state` files (model, optimizer
 and RNG states, DeepSpeed shards) written by every rank, and, from the main process,
 consolidated `student.safetensors` / `teacher.safetensors`, `config.yaml`,
-`classes.json` and `trainer_state.json`. The last file is written last: a folder
-without it is an interrupted save and is never resumed from.
+`classes.json` and `trainer_state.json`.
+
+A save goes into `.step_XXXXXXXX.partial/`. Once every rank has written its files (a
+barrier), the main process lists each file's size and sha256 in `complete.json` and only
+then renames the folder into place, so a node killed mid-save or a full disk leaves a
+`.partial` folder that nothing reads. `best/` is published the same way. Resuming checks
+the sizes and checksums against `complete.json`: a truncated, missing or altered file
+disqualifies the checkpoint, which is reported by name, and `latest` falls back to the
+previous complete one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +29,16 @@ from typing import Optional
 from safetensors.torch import load_file, save_file
 
 from depmatch.config import ExperimentConfig, save_config
+from depmatch.data.shards import file_sha256, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 @dataclass
@@ -35,10 +53,91 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def _partial_path(directory: Path) -> Path:
+    """Where `directory` is written before it is complete; hidden, so `step_*` never matches it."""
+    return directory.with_name(f".{directory.name}.partial")
+
+
+def _inventory(folder: Path) -> dict[str, dict]:
+    return {
+        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != COMPLETE_FILE
+    }
+
+
+def _publish(partial: Path, directory: Path) -> None:
+    """Main process, after every rank's writes: record the files, then rename the folder into place."""
+    write_json_atomic(partial / COMPLETE_FILE, {"files": _inventory(partial)})
+    # A folder cannot be renamed over a non-empty one: move the old one aside first. A crash
+    # between the two renames leaves no `directory` but never a half-written one.
+    previous = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(partial, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def checkpoint_problem(directory: Path) -> Optional[str]:
+    """What makes `directory` untrustworthy (missing, truncated or altered files), or None if it is whole."""
+    marker = directory / COMPLETE_FILE
+    if not marker.is_file():
+        return f"it has no {COMPLETE_FILE}, so its save never finished (or an older depmatch wrote it)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"its {COMPLETE_FILE} is unreadable"
+    # Sizes first: they find a missing or truncated file without reading gigabytes.
+    for name, recorded in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes where {COMPLETE_FILE} recorded {recorded['bytes']} (truncated?)"
+    for name, recorded in files.items():
+        if file_sha256(directory / name) != recorded["sha256"]:
+            return f"{name} does not match the sha256 in {COMPLETE_FILE} (corrupted or overwritten)"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint under `output_dir`, or None."""
-    complete = sorted(p.parent for p in (Path(output_dir) / "checkpoints").glob(f"step_*/{STATE_FILE}"))
-    return complete[-1] if complete else None
+    """The newest complete checkpoint under `output_dir`, or None when there is no checkpoint at all.
+
+    A newer damaged one is reported by name and passed over; damaged ones alone are an error,
+    not a silent fresh start that would overwrite days of training.
+    """
+    checkpoints = Path(output_dir) / "checkpoints"
+    candidates = sorted((p for p in checkpoints.glob("step_*") if p.is_dir()), reverse=True)
+    rejected = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("checkpoint %s is incomplete or corrupt: %s; trying the previous one", candidate, problem)
+        rejected.append(f"{candidate.name}: {problem}")
+    if rejected:
+        raise CheckpointError(
+            f"no complete checkpoint under {checkpoints} ({'; '.join(rejected)}). Pass --resume with a checkpoint "
+            "you trust, or move these folders away to start from scratch"
+        )
+    return None
+
+
+def resume_checkpoint(output_dir: str | Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint `--resume` names, checked: a folder, or "latest" (None: start from scratch)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            logger.info("no checkpoint under %s: starting from scratch", output_dir)
+        return found
+    directory = Path(resume)
+    problem = checkpoint_problem(directory) if directory.is_dir() else "it is not a folder"
+    if problem is not None:
+        raise CheckpointError(f"--resume {directory} cannot be trusted: {problem}. Pick another checkpoint or --resume latest")
+    return directory
 
 
 def consolidated_state_dict(accelerator, model) -> dict:
@@ -68,47 +167,69 @@ def write_inference_files(
     (directory / "classes.json").write_text(json.dumps(classes, indent=1))
 
 
+def _fresh_partial(accelerator, directory: Path) -> Path:
+    """An empty `.partial` folder for `directory`: a save killed earlier may have left one."""
+    partial = _partial_path(directory)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return partial
+
+
 def save_checkpoint(
     accelerator, student, student_state: dict, teacher, state: TrainerState, config: ExperimentConfig, classes: dict
 ) -> Path:
     """Called on every rank (save_state is collective); `student_state` comes from `consolidated_state_dict`."""
     directory = checkpoint_path(config.train.output_dir, state.step)
-    accelerator.save_state(str(directory))
+    partial = _fresh_partial(accelerator, directory)
+    accelerator.save_state(str(partial))
     if accelerator.is_main_process:
         teacher_state = teacher.model.state_dict() if teacher is not None else None
-        write_inference_files(directory, config, classes, student_state, teacher_state)
-        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
-        _prune(Path(config.train.output_dir) / "checkpoints", config.train.keep_last)
+        write_inference_files(partial, config, classes, student_state, teacher_state)
+        (partial / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+    # Every rank's own files (its RNG state, its ZeRO or FSDP shards) are written before any is counted.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(partial, directory)
+        _prune(directory.parent, config.train.keep_last)
     accelerator.wait_for_everyone()
     return directory
 
 
 def _prune(checkpoints: Path, keep_last: int) -> None:
-    steps = sorted(p for p in checkpoints.glob("step_*") if p.is_dir())
-    for old in steps[: max(len(steps) - keep_last, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep_last` complete checkpoints (and anything newer); drop leftovers of killed saves."""
+    complete = sorted(p for p in checkpoints.glob(f"step_*/{COMPLETE_FILE}"))
+    if len(complete) > keep_last:
+        oldest_kept = complete[-keep_last].parent
+        for old in checkpoints.glob("step_*"):
+            if old.is_dir() and old < oldest_kept:
+                shutil.rmtree(old, ignore_errors=True)
+    # One save runs at a time and this one is published: any other hidden folder is from a killed save.
+    for leftover in [*checkpoints.glob(".step_*.partial"), *checkpoints.glob(".step_*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_checkpoint(accelerator, directory: Path, teacher) -> TrainerState:
-    """Restore model, optimizer and RNG states (accelerate), the EMA teacher and the counters."""
-    state_file = directory / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {STATE_FILE}); pick another with --resume")
+    """Restore model, optimizer and RNG states (accelerate), the EMA teacher and the counters.
+
+    `directory` is checked first by `resume_checkpoint` (on one process: it reads every byte).
+    """
     accelerator.load_state(str(directory))
     if teacher is not None:
         teacher.model.load_state_dict(load_file(directory / "teacher.safetensors"))
-    return TrainerState(**json.loads(state_file.read_text()))
+    return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
 
 
 def save_best(
     accelerator, student_state: dict, teacher, state: TrainerState, config: ExperimentConfig, classes: dict, miou: dict
 ) -> None:
-    """Keep the weights with the best validation mIoU (student or EMA teacher) in `best/`."""
+    """Keep the weights with the best validation mIoU (student or EMA teacher) in `best/`, replaced whole."""
     if accelerator.is_main_process:
         directory = Path(config.train.output_dir) / "best"
+        partial = _partial_path(directory)
+        shutil.rmtree(partial, ignore_errors=True)
         teacher_state = teacher.model.state_dict() if teacher is not None else None
-        write_inference_files(directory, config, classes, student_state, teacher_state)
-        (directory / "best.json").write_text(json.dumps({"step": state.step, "model": state.best_model, "miou": miou}))
+        write_inference_files(partial, config, classes, student_state, teacher_state)
+        (partial / "best.json").write_text(json.dumps({"step": state.step, "model": state.best_model, "miou": miou}))
+        _publish(partial, directory)
     accelerator.wait_for_everyone()
-
-

@@ -7,7 +7,9 @@ The same code runs plain DDP, DeepSpeed ZeRO-2/3 (with CPU offload) and FSDP2: o
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -23,25 +25,81 @@ def _process_group_kwargs() -> list:
     Otherwise accelerate finds no device backend, lets DeepSpeed start its process group
     but then reports a single process, and DeepSpeed rejects the batch-size arithmetic.
     """
-    uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if uses_deepspeed and not torch.cuda.is_available():
+    if _uses_deepspeed() and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
 
 
-def distributed_state() -> PartialState:
+def _uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def distributed_state(collective_timeout: Optional[float] = None) -> PartialState:
     """The process group, started once per process with the backend `build_accelerator` will use.
 
     The first state made in a process is the one every later Accelerator shares, so it must
     honour ACCELERATE_USE_CPU as the Accelerator would: without it, CPU ranks never join.
+    `collective_timeout` (seconds; None keeps torch's default) bounds every collective: gloo
+    raises when it passes, and NCCL's watchdog aborts the process.
     """
     kwargs = {k: v for handler in _process_group_kwargs() for k, v in handler.to_kwargs().items()}
+    if collective_timeout is not None:
+        kwargs["timeout"] = timedelta(seconds=collective_timeout)
+    if not torch.distributed.is_initialized():
+        kwargs.update(_store_of_this_attempt(kwargs.get("timeout", torch.distributed.constants.default_pg_timeout)))
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
+
+
+def _store_of_this_attempt(timeout: timedelta) -> dict:
+    """Process-group arguments that keep workers restarted by torchrun (`--max_restarts`) apart
+    from the attempt before.
+
+    torchrun's agent hosts the workers' store and keeps it across restarts: restarted gloo
+    ranks read their peers' addresses from the failed attempt there and failed to connect
+    ("Gloo connectFullMesh failed ... Connection refused", or a wait; torch 2.14). Keys under a
+    prefix of their own per attempt cannot be stale. DeepSpeed starts its group itself and
+    takes no store.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _uses_deepspeed():
+        return {}
+    agent_store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return {
+        "store": torch.distributed.PrefixStore(f"depmatch/attempt_{attempt}", agent_store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
+
+
+class CollectiveError(RuntimeError):
+    pass
+
+
+def explain_collective_failure(error: RuntimeError, rank: int, step: int, timeout: float) -> Optional[CollectiveError]:
+    """The error to report when `error` is a collective that timed out or lost its peer, else None."""
+    text = str(error)
+    if "Timed out" in text or "timed out" in text:
+        return CollectiveError(
+            f"rank {rank}: a collective operation (gradient all-reduce, barrier or stop agreement) after step {step} "
+            f"did not complete within train.collective_timeout={timeout:g} s, so another rank is hung (stopped, "
+            "wedged GPU, stuck read) or unreachable. Its log, or `py-spy dump --pid PID` on its node, shows where it "
+            "waits. If a step, evaluation or checkpoint legitimately takes longer, raise train.collective_timeout. "
+            "Continue with --resume latest"
+        )
+    if "closed by peer" in text or "reset by peer" in text:
+        return CollectiveError(
+            f"rank {rank}: another rank left a collective operation after step {step} (it crashed or was killed): "
+            "its log says why. Continue with --resume latest"
+        )
+    return None
 
 
 def build_accelerator(config: ExperimentConfig) -> Accelerator:
     output_dir = Path(config.train.output_dir)
     check_trackers(config.train.log_with)
+    distributed_state(config.train.collective_timeout)  # the group every Accelerator of this process shares
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.grad_accum,

@@ -7,25 +7,34 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from depmatch.config import ExperimentConfig, save_config
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import strong_view
 from depmatch.engine.checkpoint import (
+    CheckpointError,
     TrainerState,
+    checkpoint_path,
     consolidated_state_dict,
-    latest_checkpoint,
     load_checkpoint,
+    resume_checkpoint,
     save_best,
     save_checkpoint,
 )
-from depmatch.engine.distributed import build_accelerator, input_dtype, prepare_student, shards_parameters
+from depmatch.engine.distributed import (
+    build_accelerator,
+    explain_collective_failure,
+    input_dtype,
+    prepare_student,
+    shards_parameters,
+)
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
+from depmatch.engine.preemption import StopSignals
 from depmatch.engine.trackers import start_trackers
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
@@ -72,16 +81,22 @@ class Trainer:
             self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         self.nonfinite_in_a_row = 0
+        self.stopped_by: Optional[str] = None  # the signal that ended `train()` early, if one did
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+        """The checkpoint to load, checked by the main process alone (the check reads every byte), told to all."""
         if resume is None:
             return None
-        if resume == "latest":
-            found = latest_checkpoint(self.config.train.output_dir)
-            if found is None:
-                logger.info("no checkpoint under %s: starting from scratch", self.config.train.output_dir)
-            return found
-        return Path(resume)
+        outcome: list = [None]
+        if self.accelerator.is_main_process:
+            try:
+                outcome[0] = resume_checkpoint(self.config.train.output_dir, resume)
+            except CheckpointError as error:
+                outcome[0] = error
+        broadcast_object_list(outcome)
+        if isinstance(outcome[0], CheckpointError):
+            raise outcome[0]
+        return outcome[0]
 
     # ------------------------------------------------------------------ data
 
@@ -217,18 +232,40 @@ class Trainer:
         batches = self.batch_generator()
         results: dict[str, float] = {}
         try:
-            while self.state.step < config.steps:
-                parts = self.train_step(batches)
-                if parts:
-                    log.add(parts)
-                log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
-                done = self.state.step == config.steps
-                new_best = False
-                if done or self.state.step % config.eval_every == 0:
-                    results, new_best = self._evaluate(log)
-                self._save(results, new_best, checkpoint_due=done or self.state.step % config.checkpoint_every == 0)
+            with StopSignals() as stop:
+                while self.state.step < config.steps:
+                    parts = self.train_step(batches)
+                    if parts:
+                        log.add(parts)
+                    log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
+                    done = self.state.step == config.steps
+                    stopping = not done and stop.agreed(self.accelerator)
+                    new_best = False
+                    if done or self.state.step % config.eval_every == 0:
+                        results, new_best = self._evaluate(log)
+                    checkpoint_due = done or stopping or self.state.step % config.checkpoint_every == 0
+                    self._save(results, new_best, checkpoint_due)
+                    if stopping:
+                        self._report_stop(stop.received)
+                        break
+        except RuntimeError as error:
+            rank, timeout = self.accelerator.process_index, config.collective_timeout
+            explained = explain_collective_failure(error, rank, self.state.step, timeout)
+            if explained is None:
+                raise
+            raise explained from error
         finally:
             log.close()
             self.accelerator.end_training()
         return results
 
+    def _report_stop(self, received: Optional[str]) -> None:
+        self.stopped_by = received or "a stop signal to another rank"
+        if received:
+            logger.warning("rank %d received %s", self.accelerator.process_index, received)
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "stopped after step %d on a stop signal and saved %s; continue with --resume latest",
+                self.state.step,
+                checkpoint_path(self.config.train.output_dir, self.state.step),
+            )
