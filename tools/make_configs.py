@@ -136,7 +136,8 @@ def experiment(dataset_name: str, split: str, framework: str, encoder: str, depm
         GENERATED_NOTE
         + f"# {dataset_name}, split {split} ({labeled} labeled images), {framework}, DepMatch {'on' if depmatch else 'off'}, {encoder}.\n"
         + "# Keys not set here keep the ExperimentConfig defaults (depmatch/config.py): the method's values.\n"
-        + "# model.pretrained is a placeholder: point it at your local weights file (docs/training.md).\n"
+        + "# model.pretrained is a placeholder: a local weights file, or a hub id such as\n"
+        + "#   timm/vit_small_patch14_dinov2.lvd142m for dinov2_s (docs/models.md).\n"
         + f"# train.steps = {dataset['epochs']} epochs over the unlabeled set = ceil(({dataset['train_images']} - {labeled}) unlabeled\n"
         + f"#   / ({dataset['batch_size']} per GPU × {dataset['gpus']} GPUs)) × {dataset['epochs']}"
         + f" = {steps_per_epoch} × {dataset['epochs']} = {steps} (UniMatch iterates over the unlabeled loader).\n"
