@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from depmatch.models.layout import conv_layout, like_layout
 
 LOW_LEVEL_CHANNELS = 48
 FUSED_CHANNELS = 256
@@ -38,7 +40,7 @@ class ASPP(nn.Module):
         self.project = _conv_bn_relu((len(rates) + 2) * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        pooled = like_layout(F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True), x)
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
@@ -55,9 +57,11 @@ class DeepLabV3PlusHead(nn.Module):
             _conv_bn_relu(FUSED_CHANNELS, FUSED_CHANNELS, kernel_size=3),
         )
         self.classifier = nn.Conv2d(FUSED_CHANNELS, num_classes, kernel_size=1)
+        self.channels_last: Optional[bool] = None  # None: on CUDA (depmatch/models/layout.py)
 
     def decode(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Encoder maps -> the fused map before the classifier, at the low-level map's size."""
+        feature_maps = conv_layout(feature_maps, self.channels_last)
         low_level, high_level = feature_maps[0], feature_maps[-1]
         context = F.interpolate(self.aspp(high_level), size=low_level.shape[-2:], mode="bilinear", align_corners=True)
         return self.fuse(torch.cat((self.reduce_low_level(low_level), context), dim=1))
