@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depmatch.models.layout import conv_layout, like_layout
+from depmatch.models.layout import bilinear, conv_layout, like_layout
 
 LOW_LEVEL_CHANNELS = 48
 FUSED_CHANNELS = 256
@@ -40,7 +40,7 @@ class ASPP(nn.Module):
         self.project = _conv_bn_relu((len(rates) + 2) * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = like_layout(F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True), x)
+        pooled = like_layout(bilinear(self.image_pool(x), size=x.shape[-2:]), x)
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
@@ -63,5 +63,5 @@ class DeepLabV3PlusHead(nn.Module):
         """Encoder maps -> the fused map before the classifier, at the low-level map's size."""
         feature_maps = conv_layout(feature_maps, self.channels_last)
         low_level, high_level = feature_maps[0], feature_maps[-1]
-        context = F.interpolate(self.aspp(high_level), size=low_level.shape[-2:], mode="bilinear", align_corners=True)
+        context = bilinear(self.aspp(high_level), size=low_level.shape[-2:])
         return self.fuse(torch.cat((self.reduce_low_level(low_level), context), dim=1))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depmatch.models.layout import conv_layout, like_layout
+from depmatch.models.layout import bilinear, conv_layout, like_layout
 
 # Pyramid scales of the four maps relative to the coarsest encoder map (ViT: all on the patch grid).
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -56,7 +56,7 @@ class FusionBlock(nn.Module):
             path = path + self.lateral_unit(lateral)
         path = self.output_unit(path)
         resize = {"size": size} if size is not None else {"scale_factor": 2}
-        return self.out_conv(like_layout(F.interpolate(path, **resize, mode="bilinear", align_corners=True), path))
+        return self.out_conv(like_layout(bilinear(path, **resize), path))
 
 
 class DPTHead(nn.Module):

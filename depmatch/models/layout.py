@@ -1,4 +1,4 @@
-"""Memory layout of the heads' convolutions.
+"""Memory layout and dtype of the heads' convolution inputs.
 
 cuDNN runs bf16/fp16 convolutions in NHWC (channels_last): given NCHW inputs it converts
 every input, weight and gradient on the way in and out (a GPU profile of the DPT head showed
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def conv_layout(feature_maps: Sequence[torch.Tensor], channels_last: Optional[bool]) -> list[torch.Tensor]:
@@ -28,3 +29,13 @@ def like_layout(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     a concatenation or convolution of mixed layouts would then fall back to NCHW too."""
     in_channels_last = reference.is_contiguous(memory_format=torch.channels_last) and not reference.is_contiguous()
     return tensor.contiguous(memory_format=torch.channels_last) if in_channels_last else tensor
+
+
+def bilinear(maps: torch.Tensor, **size_or_scale) -> torch.Tensor:
+    """Bilinear resize (align_corners, as UniMatch) in the maps' own dtype.
+
+    CUDA autocast runs upsampling in fp32: a bf16 map would come back as an fp32 copy that the
+    next convolution casts back to bf16, and every residual sum after it would be fp32 too.
+    """
+    with torch.autocast(maps.device.type, enabled=False):
+        return F.interpolate(maps, **size_or_scale, mode="bilinear", align_corners=True)
