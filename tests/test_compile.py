@@ -1,7 +1,7 @@
 """`train.compile`: the compiled step equals the eager one, without graph breaks or recompilations.
 
 Inductor compiles C++ kernels on the CPU, which takes minutes for the default tiny model on
-the shared 2-core machine, so these tests use a smaller one (one ViT block, 8-wide head).
+the shared 2-core machine, so these tests use a narrower one (24-wide ViT, 8-wide head).
 """
 
 import pytest
@@ -17,7 +17,7 @@ from depmatch.engine.trainer import Trainer
 from depmatch.losses import pair_backend
 from depmatch.models import build_model
 
-SMALL_MODEL = ["model.tiny_depth=1", "model.intermediate_layers=[0,0,0,0]", "model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8",
+SMALL_MODEL = ["model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8",
                "model.head_out_channels=[8,8,8,8]", "data.crop_size=28", "train.batch_size=2",
                "train.unlabeled_batch_size=2"]  # fmt: skip
 

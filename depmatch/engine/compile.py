@@ -1,8 +1,8 @@
 """`train.compile`: torch.compile of the student's and the EMA teacher's forwards.
 
 `nn.Module.compile` compiles a module's call in place, so the module stays the same object:
-its state dict keeps the plain names (no `_orig_mod.`), DDP and DeepSpeed wrap it as before,
-and the EMA teacher still updates its parameters in place. The losses stay eager (their
+its state dict keeps the plain names (no `_orig_mod.`), accelerate's wrappers stay as they
+are, and the EMA teacher still updates its parameters in place. The losses stay eager (their
 pair sums are custom autograd functions). Shapes are static in training (fixed crop and
 batch), so each call site compiles once, with `dynamic=False` so that the student's two
 calls per step (labeled batch, two strong views) get a static graph each instead of one
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 
 from depmatch.config import ConfigError, TrainConfig
 from depmatch.engine.distributed import shards_parameters
@@ -33,7 +34,11 @@ def compile_forwards(accelerator: Accelerator, student: torch.nn.Module, teacher
             "train.compile: not supported with DeepSpeed ZeRO-3 or FSDP yet; use DDP or ZeRO-2 "
             "(launch/ddp-*.yaml, launch/zero2-8gpu.yaml) or set train.compile=false"
         )
-    for model in (accelerator.unwrap_model(student), teacher_model):
+    # Under DDP the wrapper itself: dynamo then splits the graph at DDP's gradient buckets, so the
+    # all-reduces still overlap the backward. Otherwise the plain module (DeepSpeed's engine
+    # forward is host-side bookkeeping around it).
+    compiled_student = student if isinstance(student, DistributedDataParallel) else accelerator.unwrap_model(student)
+    for model in (compiled_student, teacher_model):
         if model is not None:
             model.compile(mode=config.compile_mode, dynamic=False)
 
