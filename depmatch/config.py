@@ -123,6 +123,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     poly_power: float = 0.9
     grad_clip: float = 0.0  # 0 disables clipping
+    fused: Optional[bool] = None  # fused AdamW kernels; None: on CUDA unless DeepSpeed offloads the optimizer
 
 
 @dataclass
@@ -153,6 +154,8 @@ class TrainConfig:
     # stalling it. Above the slowest legitimate wait (rank 0 writing a checkpoint, a first compile).
     collective_timeout: float = 600.0
     online_depth_model: Optional[str] = None  # Depth Anything folder or hub id: depth per step (slow, as the reference)
+    compile: bool = False  # torch.compile the student's and teacher's forwards (docs/training.md)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """`depmatch bench`: its report arithmetic and one real measured configuration."""
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from depmatch.bench.cli import launch_environment
+from depmatch.bench.cli import launch_environment, register, shipped_deepspeed_config
+from depmatch.bench.ops import OpCounter
 from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
 from depmatch.bench.report import markdown_table
 from depmatch.bench.step import overrides_for
@@ -65,3 +68,49 @@ def test_zero_choice_becomes_a_one_process_deepspeed_launch(zero, stage, offload
     assert env.get("ACCELERATE_USE_DEEPSPEED") == ("true" if stage else None)
     assert env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") == offload
     assert env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") == offload
+
+
+@pytest.mark.parametrize("zero", ["2", "3", "3-offload"])
+def test_zero_runs_hand_accelerate_the_shipped_deepspeed_json(zero, monkeypatch):
+    """The bench measures the DeepSpeed settings users launch (launch/deepspeed/*.json: overlap,
+    buckets, contiguous gradients), not accelerate's defaults for a bare stage."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    for name, value in launch_environment(zero, "bf16").items():
+        monkeypatch.setenv(name, value)
+    handed = dict(DeepSpeedPlugin().deepspeed_config)
+    handed.pop("steps_per_print")  # accelerate silences DeepSpeed's own logging
+    assert handed == json.loads(shipped_deepspeed_config(zero).read_text())
+
+
+def test_zero_runs_refuse_a_precision_the_shipped_json_does_not_train_in(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--zero", "2", "--precision", "fp16", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "launch/deepspeed/zero2.json, which trains in bf16" in capsys.readouterr().err
+
+
+def test_op_counter_counts_each_dispatched_op():
+    """Four aten ops, one of them a view that computes nothing; ops before the block are not counted."""
+    x = torch.ones(3)
+    y = x + 1
+    with OpCounter() as ops:
+        z = (y * 2).view(3, 1)
+        torch.relu(z).sum()
+    assert dict(ops.counts) == {"mul": 1, "view": 1, "relu": 1, "sum": 1}
+    assert (ops.total, ops.computing) == (4, 3)
+
+
+@pytest.mark.slow
+def test_bench_counts_the_ops_of_a_step(tmp_path):
+    """--count-ops: one row per configuration with the step's op counts, DepMatch adding ops."""
+    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", "vit_tiny", "--depmatch", "off", "on",
+               "--count-ops", "--crop", "28", "--batch", "2", "--warmup", "0", "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    off, on = json.loads((tmp_path / "bench.json").read_text())
+    assert (off["depmatch"], on["depmatch"]) == (False, True)
+    assert 0 < off["computing_ops_per_step"] < off["ops_per_step"] < on["ops_per_step"]
+    assert "step_time_s" not in on
+    assert f"| {on['ops_per_step']:,} | {on['computing_ops_per_step']:,} |" in (tmp_path / "bench.md").read_text()

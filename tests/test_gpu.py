@@ -117,3 +117,19 @@ def test_training_steps_on_cuda(tmp_path, precision):
     first, last = (sum(r["loss_x"] for r in part) / 10 for part in (records[:10], records[-10:]))
     assert last < 0.8 * first
     assert results["student"] > 100 / 6
+
+
+@pytest.mark.parametrize("head", ["dpt", "deeplabv3plus"])
+def test_heads_keep_bf16_channels_last_maps_under_cuda_autocast(head):
+    """CUDA autocast runs upsampling in fp32; the heads resize in the maps' dtype and layout, so
+    the decoder features come out bf16 and channels_last, and no map is cast up and back."""
+    from depmatch.config import ModelConfig
+    from depmatch.models import build_model
+
+    encoder = "vit_tiny" if head == "dpt" else "resnet18"
+    model = build_model(ModelConfig(encoder=encoder, head=head), 5).to(CUDA)
+    images = torch.randn(2, 3, 112, 112, device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        features = model(images)["features"]
+    assert features.dtype == torch.bfloat16
+    assert features.is_contiguous(memory_format=torch.channels_last)

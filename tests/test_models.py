@@ -185,6 +185,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(encoder):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*gradients))
 
 
+@pytest.mark.parametrize("encoder,head", [("timm_vit", "dpt"), ("resnet18_os16", "deeplabv3plus")])
+def test_channels_last_heads_compute_the_same_outputs_and_gradients(encoder, head):
+    """The heads' channels_last path (the CUDA default) changes strides only: outputs and
+    gradients equal the contiguous path's on the CPU, and the head really ran channels_last."""
+    x = images(4, 56, 56) if encoder.startswith("timm") else images(4, 32, 32)  # the coarsest DPT map 2×2, not 1×1
+    runs = []
+    for channels_last in (False, True):
+        model = build(ENCODERS[encoder], head=head).train()
+        model.head.channels_last = channels_last
+        torch.manual_seed(5)  # the same complementary masks
+        output = model(x, perturbation="complementary", clean_features=True)
+        (output["logits"].square().mean() + output["clean_features"].mean()).backward()
+        runs.append((output, [p.grad for p in model.parameters()]))
+    (plain, plain_grads), (nhwc, nhwc_grads) = runs
+    assert nhwc["features"].is_contiguous(memory_format=torch.channels_last)
+    assert not plain["features"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("logits", "features", "clean_features"):
+        torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-5)
+    for got, want in zip(nhwc_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("encoder", ["timm_vit", "resnet18_os16"])
 def test_param_groups_partition_the_parameters(encoder):
     model = build(ENCODERS[encoder], head="deeplabv3plus")

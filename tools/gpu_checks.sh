@@ -17,8 +17,16 @@
 #   losses    loss kernels: their CUDA tests, then triton (also compiled) vs blocked vs the loop reference,
 #             one view at Pascal size, and the original code's functions where
 #             ORIGINAL_DEPMATCH=path/to/DepMatch.py (the original repository's file) is set  (#10.3)
+#   profile   tools/profile_step.py: kernel time vs wall, launches, syncs, top ops; S and L,
+#             DepMatch off/on, eager and compiled (plain accelerate)                  (#10.1)
+#   compile   bench S/B x DepMatch off/on x eager/compiled, plain accelerate          (#10.1, #10.2)
+#   zero2c    bench S/B/L x DepMatch off/on compiled, and S eager, under ZeRO-2 with the
+#             shipped launch/deepspeed/zero2.json                                     (#10.2, #10.5)
+#   mfu       DINOv2-L student alone eager/compiled; L DepMatch off/on and G on, compiled,
+#             plain accelerate                                                        (#10.2, #10.4)
 #
-# Order of value if the budget is short: core, mem518, zero3, mem798, online (losses: a call of its own, at most 7.5 min).
+# Order of value if the budget is short: core, mem518, zero3, mem798, online.
+# For issue #10: losses, profile, compile, zero2c, mfu (each a call of its own, at most 8 min).
 set -uo pipefail
 RESULTS=runs/gpu
 mkdir -p "$RESULTS"
@@ -27,6 +35,8 @@ if [ -d .whl ] && ! python3 -c "import deepspeed, webdataset" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# Compiled configurations reuse inductor's kernels across the bench's processes (not packed).
+export TORCHINDUCTOR_CACHE_DIR=$PWD/runs/inductor-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 python3 -c "import torch, timm, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
 cat "$RESULTS/gpu.txt"
@@ -37,8 +47,8 @@ pack() {  # after every command, so that a call stopped at its time limit still 
 PARTS=$(IFS=-; echo "$*")
 
 bench() {  # bench NAME ARGS...: one `depmatch bench` into runs/gpu/NAME/ (its report grows per configuration)
-  local name=$1; shift
-  python3 -m depmatch bench --out "$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1
+  local name=$1; shift  # BENCH_LIMIT=SECONDS stops it there (0, the default: no limit)
+  timeout "${BENCH_LIMIT:-0}" python3 -m depmatch bench --out "$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1
   grep -v "^\s*$" "$RESULTS/$name.log" | grep -E "^\||failed|Error" | tail -n 30
   pack
 }
@@ -77,6 +87,28 @@ for part in "$@"; do
       timeout 270 python3 tools/bench_losses.py --device cuda --views 1 --repeats 50 --warmup 3 --reference-repeats 5 \
         --implementations triton compiled blocked reference ${original[@]+"${original[@]}"} --json "$RESULTS/bench_losses_kernels.json" 2>&1 | tail -n 12 | tee "$RESULTS/bench_losses_kernels.txt"; pack
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses)"; exit 2 ;;
+    profile)  # in one process, so later configurations reuse the compiled kernels; none starts after 330 s
+      timeout 450 python3 tools/profile_step.py --encoders dinov2_s dinov2_l --depmatch off on --compile off on \
+        --crop 518 --batch 4 --budget-s 330 --out "$RESULTS/profile" 2>&1 | grep -v "^\s*$" > "$RESULTS/profile.log"
+      grep -E "^(dinov2|budget)" "$RESULTS/profile.log"; pack
+      ;;
+    compile)
+      BENCH_LIMIT=450 bench compile-plain --encoders dinov2_s dinov2_b --depmatch off on --compile off on \
+        --precision bf16 --crop 518 --steps 10 --warmup 3
+      ;;
+    zero2c)
+      BENCH_LIMIT=330 bench compile-zero2 --encoders dinov2_s dinov2_b dinov2_l --depmatch off on --compile on \
+        --zero 2 --precision bf16 --crop 518 --steps 10 --warmup 3
+      BENCH_LIMIT=120 bench eager-zero2-s --encoders dinov2_s --depmatch off on --zero 2 --precision bf16 --crop 518
+      ;;
+    mfu)
+      BENCH_LIMIT=200 bench mfu-student --encoders dinov2_l --depmatch off --scope student --compile off on \
+        --precision bf16 --crop 518 --steps 8 --warmup 3
+      BENCH_LIMIT=150 bench mfu-step-l --encoders dinov2_l --depmatch off on --compile on --precision bf16 \
+        --crop 518 --steps 5 --warmup 3
+      BENCH_LIMIT=110 bench mfu-step-g --encoders dinov2_g --depmatch on --compile on --precision bf16 \
+        --crop 518 --steps 5 --warmup 3
+      ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses, profile, compile, zero2c, mfu)"; exit 2 ;;
   esac
 done

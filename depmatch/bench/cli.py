@@ -16,6 +16,12 @@ import torch
 
 from depmatch.bench.presets import ENCODER_PRESETS
 from depmatch.bench.report import markdown_table, write_report
+from depmatch.engine.compile import COMPILE_MODES
+from depmatch.losses.depmatch import PAIR_BACKENDS
+
+# The pair-sum path the losses take on CUDA, which the op count should see.
+CUDA_PAIR_BACKEND = "triton" if "triton" in PAIR_BACKENDS else "blocked"
+REPO = Path(__file__).resolve().parents[2]
 
 ON_GPU = torch.cuda.is_available()
 
@@ -39,6 +45,18 @@ def register(subparsers) -> None:
     parser.add_argument("--zero", nargs="+", default=["0"], choices=["0", "2", "3", "3-offload"],
                         help="DeepSpeed ZeRO stage in a one-process launch (0 = plain accelerate; 3-offload: "
                              "optimizer states and parameters in CPU memory)")
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                        help="on: train.compile, torch.compile of the student's and teacher's forwards (the warm-up "
+                             "steps compile; give at least one)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode for --compile on (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
+                             "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
+                             "on their CUDA paths (--pair-backend, optim.fused=true)")
+    parser.add_argument("--pair-backend", default=CUDA_PAIR_BACKEND, choices=PAIR_BACKENDS,
+                        help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
+                             f"{CUDA_PAIR_BACKEND}; triton needs TRITON_INTERPRET=1 without a GPU)")
     parser.add_argument("--scope", nargs="+", default=["step"], choices=["step", "student"],
                         help="step: the whole training step (teacher, student views, losses, update); "
                              "student: the student's forward and backward over the step's images, and the update")
@@ -62,13 +80,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def shipped_deepspeed_config(zero: str) -> Path:
+    """The JSON that `launch/zero*-8gpu.yaml` hands to DeepSpeed for this --zero choice."""
+    return REPO / "launch" / "deepspeed" / f"zero{zero}.json"
+
+
+def deepspeed_precision(config_file: Path) -> str:
+    settings = json.loads(config_file.read_text())
+    enabled = [name for name in ("bf16", "fp16") if settings.get(name, {}).get("enabled") is True]
+    return enabled[0] if enabled else "no"
+
+
 def launch_environment(zero: str, precision: str) -> dict:
-    """A one-process 'launch': accelerate reads its DeepSpeed settings from these variables."""
+    """A one-process 'launch' with the shipped DeepSpeed JSON, as `accelerate launch --config_file
+    launch/zero*-8gpu.yaml` runs it; accelerate reads its settings from these variables. The stage
+    and offload variables repeat the file's (accelerate takes the file's values)."""
     env = dict(os.environ)
     stage, _, offload = zero.partition("-")
     if stage != "0":
         env.update(
             ACCELERATE_USE_DEEPSPEED="true",
+            ACCELERATE_DEEPSPEED_CONFIG_FILE=str(shipped_deepspeed_config(zero)),
             ACCELERATE_DEEPSPEED_ZERO_STAGE=stage,
             ACCELERATE_MIXED_PRECISION=precision,
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
@@ -82,17 +114,30 @@ def run(args: argparse.Namespace) -> int:
     encoders = args.encoders or (["dinov2_s", "dinov2_b", "dinov2_l"] if ON_GPU else ["vit_tiny", "resnet18"])
     precisions = args.precision or (["bf16"] if ON_GPU else ["no"])
     out_dir = Path(args.out)
+    for zero in sorted(set(args.zero) - {"0"}):
+        shipped = shipped_deepspeed_config(zero)
+        if any(precision != deepspeed_precision(shipped) for precision in precisions):
+            print(f"--zero {zero} runs {shipped}, which trains in {deepspeed_precision(shipped)}: pass "
+                  f"--precision {deepspeed_precision(shipped)} for ZeRO runs", file=sys.stderr)
+            return 2
+    if "on" in args.compile and args.warmup < 1:
+        print("--compile on needs --warmup 1 or more: the first step compiles", file=sys.stderr)
+        return 2
     results = []
-    combos = list(itertools.product(args.scope, encoders, args.frameworks, args.depmatch, precisions, args.zero))
-    for index, (scope, encoder, framework, depmatch, precision, zero) in enumerate(combos, start=1):
+    combos = list(itertools.product(args.scope, encoders, args.frameworks, args.depmatch, precisions, args.zero, args.compile))
+    for index, (scope, encoder, framework, depmatch, precision, zero, compiled) in enumerate(combos, start=1):
         spec = {
+            "compile": compiled == "on", "compile_mode": args.compile_mode, "count_ops": args.count_ops,
+            "pair_backend": args.pair_backend if args.count_ops else None,
             "scope": scope, "encoder": encoder, "framework": framework, "depmatch": depmatch == "on", "precision": precision,
             "zero": zero, "crop": args.crop, "batch": args.batch, "num_classes": args.num_classes,
             "steps": args.steps, "warmup": args.warmup, "train_steps": args.train_steps, "shards": args.shards,
             "synthesize": args.shards.startswith("shards/synthetic"), "output_dir": str(out_dir / "runs" / f"run{index}"),
-            "extra": args.overrides,
+            # counted as CUDA runs it: the fused AdamW (on the CPU, training defaults to the per-tensor one)
+            "extra": args.overrides + (["optim.fused=true"] if args.count_ops else []),
         }
-        print(f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero}", flush=True)
+        print(f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero} "
+              f"compile={compiled}", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
             completed = subprocess.run(
                 [sys.executable, "-m", "depmatch.bench.step", json.dumps(spec), result_file.name],
@@ -108,5 +153,6 @@ def run(args: argparse.Namespace) -> int:
         print("no configuration ran", file=sys.stderr)
         return 1
     print(markdown_table(results))
-    print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+    written = ["bench.json", "bench.md"] + ([] if args.count_ops else ["bench.png"])
+    print("wrote " + ", ".join(str(out_dir / name) for name in written))
     return 0

@@ -6,6 +6,7 @@ accelerate/DeepSpeed state and the peak-memory counters start clean each time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -16,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from depmatch.bench.ops import OpCounter
 from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
 from depmatch.config import load_config
 from depmatch.data.photometric import draw_strong_params
+from depmatch.losses import pair_backend
 
 
 def synthetic_batches(config) -> tuple[dict, dict]:
@@ -64,6 +67,8 @@ def overrides_for(spec: dict) -> list[str]:
         f"train.unlabeled_batch_size={spec['batch']}",
         f"train.output_dir={spec['output_dir']}",
         f"num_classes={spec['num_classes']}",
+        f"train.compile={str(spec.get('compile', False)).lower()}",
+        f"train.compile_mode={spec.get('compile_mode', 'default')}",
     ]
     if spec["precision"] != "no":
         overrides.append(f"train.mixed_precision={spec['precision']}")
@@ -110,8 +115,19 @@ def measure(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # The warm-up steps compile (train.compile), so neither count nor time includes compilation.
     for _ in range(spec["warmup"]):
         step()
+    identity = {
+        **{k: spec[k] for k in ("scope", "encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
+        "compile": spec.get("compile", False),
+        "overrides": " ".join(spec.get("extra", [])) or None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    if spec.get("count_ops"):
+        with OpCounter() as ops:
+            step()
+        return {**identity, "ops_per_step": ops.total, "computing_ops_per_step": ops.computing}
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
@@ -124,13 +140,10 @@ def measure(spec: dict) -> dict:
         times.append(time.perf_counter() - started)
     step_time = sorted(times)[len(times) // 2]
     images = config.train.batch_size + config.train.unlabeled_batch_size  # labeled + unlabeled images per step
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_tflops(device_name)
+    peak = peak_tflops(identity["device"])
     achieved = flops / step_time / 1e12
     return {
-        **{k: spec[k] for k in ("scope", "encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
-        "overrides": " ".join(spec.get("extra", [])) or None,
-        "device": device_name,
+        **identity,
         "step_time_s": step_time,
         "images_per_s": images / step_time,
         "peak_memory_gib": peak_memory_gib(device),
@@ -162,7 +175,9 @@ def train_and_evaluate(spec: dict) -> dict[str, float]:
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    result = measure(spec)
+    # The op count runs the losses' pair sums on the path CUDA takes (bench --pair-backend).
+    with pair_backend(spec["pair_backend"]) if spec.get("pair_backend") else contextlib.nullcontext():
+        result = measure(spec)
     if spec.get("train_steps"):
         result.update({f"miou_{name}": value for name, value in train_and_evaluate(spec).items()})
     with open(sys.argv[2], "w") as handle:

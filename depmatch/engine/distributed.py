@@ -150,6 +150,24 @@ def prepare_student(accelerator: Accelerator, student: torch.nn.Module, optimize
     return accelerator.prepare(student, optimizer)
 
 
+def fused_optimizer(accelerator: Accelerator, requested: Optional[bool]) -> bool:
+    """`optim.fused`, or by default fused AdamW where the optimizer steps on the GPU: CUDA, and not
+    DeepSpeed's CPU offload.
+
+    Under ZeRO the JSON names no optimizer, so DeepSpeed steps this torch AdamW on its fp32
+    partitions, on the GPU unless `offload_optimizer` moves them to the CPU. The CPU keeps the
+    per-tensor AdamW by default, so CPU runs and their recorded numbers are unchanged.
+    """
+    if requested is not None:
+        return requested
+    if accelerator.device.type != "cuda":
+        return False
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        offload = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+        return offload.get("device", "none") in ("none", None)
+    return True
+
+
 def is_zero3(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False

@@ -40,12 +40,12 @@ class EMATeacher:
         """`student` is the unwrapped module; every rank calls this (gathering is collective)."""
         ema = min(1 - 1 / (step + 1), self.decay)
         with _gathered(student):
-            for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
-                teacher_param.lerp_(_full(student_param).float(), 1 - ema)
+            pairs = list(zip(self.model.parameters(), student.parameters()))
+            pairs += [(t, s) for t, s in zip(self.model.buffers(), student.buffers()) if t.dtype.is_floating_point]
+            # One multi-tensor kernel for all weights instead of one lerp per tensor.
+            torch._foreach_lerp_([t for t, _ in pairs], [_full(s).float() for _, s in pairs], 1 - ema)
             for teacher_buffer, student_buffer in zip(self.model.buffers(), student.buffers()):
-                if teacher_buffer.dtype.is_floating_point:
-                    teacher_buffer.lerp_(_full(student_buffer).float(), 1 - ema)
-                else:
+                if not teacher_buffer.dtype.is_floating_point:
                     teacher_buffer.copy_(student_buffer)
 
     def __call__(self, images: torch.Tensor, **kwargs):

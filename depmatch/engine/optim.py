@@ -12,13 +12,14 @@ from torch import nn
 from depmatch.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: one multi-tensor kernel per update instead of a few per parameter (CUDA)."""
     encoder_params, head_params = model.param_groups()
     groups = [
         {"params": encoder_params, "lr": config.lr},
         {"params": head_params, "lr": config.lr * config.lr_multi},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused)
 
 
 def poly_lr(config: OptimConfig, step: int, total_steps: int) -> float:

@@ -23,9 +23,11 @@ from depmatch.engine.checkpoint import (
     save_best,
     save_checkpoint,
 )
+from depmatch.engine.compile import compile_forwards, compile_function, eager_forwards
 from depmatch.engine.distributed import (
     build_accelerator,
     explain_collective_failure,
+    fused_optimizer,
     input_dtype,
     prepare_student,
     shards_parameters,
@@ -67,10 +69,12 @@ class Trainer:
         set_seed(config.train.seed, device_specific=True)
         # The EMA teacher copies the plain student before DeepSpeed or FSDP can shard it.
         self.teacher = EMATeacher(student, config.train.ema_decay) if self.framework.ema_teacher else None
-        optimizer = build_optimizer(student, config.optim)
+        optimizer = build_optimizer(student, config.optim, fused=fused_optimizer(self.accelerator, config.optim.fused))
         self.student, self.optimizer = prepare_student(self.accelerator, student, optimizer, config)
         if self.teacher is not None:
             self.teacher.model.to(self.accelerator.device)
+        compile_forwards(self.accelerator, self.student, self.teacher.model if self.teacher else None, config.train)
+        self.strong_view = compile_function(strong_view, config.train)
         self.input_dtype = input_dtype(self.student)
         model_path = config.train.online_depth_model
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
@@ -115,7 +119,7 @@ class Trainer:
         moved = {name: value.to(self.accelerator.device, non_blocking=True) for name, value in batch.items() if torch.is_tensor(value)}
         for view in (1, 2):
             if f"strong_params{view}" in moved:
-                moved[f"image_strong{view}"] = strong_view(moved["image_weak"], moved.pop(f"strong_params{view}"))
+                moved[f"image_strong{view}"] = self.strong_view(moved["image_weak"], moved.pop(f"strong_params{view}"))
         for name in [name for name in moved if name.startswith("image")]:
             moved[name] = normalize(moved[name]).to(self.input_dtype)
         return moved
@@ -195,7 +199,7 @@ class Trainer:
         else:
             loader = build_val_loader(self.config, self.accelerator.process_index, self.accelerator.num_processes)
             accelerator = self.accelerator
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), eager_forwards():
             return evaluate(model, loader, self.config.num_classes, settings, accelerator)["miou"]
 
     def _evaluate(self, log: MetricLog) -> tuple[dict[str, float], bool]:

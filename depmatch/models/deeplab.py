@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from depmatch.models.layout import bilinear, conv_layout, like_layout
 
 LOW_LEVEL_CHANNELS = 48
 FUSED_CHANNELS = 256
@@ -38,7 +39,7 @@ class ASPP(nn.Module):
         self.project = _conv_bn_relu((len(rates) + 2) * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        pooled = like_layout(bilinear(self.image_pool(x), size=x.shape[-2:]), x)
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
@@ -55,9 +56,11 @@ class DeepLabV3PlusHead(nn.Module):
             _conv_bn_relu(FUSED_CHANNELS, FUSED_CHANNELS, kernel_size=3),
         )
         self.classifier = nn.Conv2d(FUSED_CHANNELS, num_classes, kernel_size=1)
+        self.channels_last: Optional[bool] = None  # None: on CUDA (depmatch/models/layout.py)
 
     def decode(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Encoder maps -> the fused map before the classifier, at the low-level map's size."""
+        feature_maps = conv_layout(feature_maps, self.channels_last)
         low_level, high_level = feature_maps[0], feature_maps[-1]
-        context = F.interpolate(self.aspp(high_level), size=low_level.shape[-2:], mode="bilinear", align_corners=True)
+        context = bilinear(self.aspp(high_level), size=low_level.shape[-2:])
         return self.fuse(torch.cat((self.reduce_low_level(low_level), context), dim=1))

@@ -8,11 +8,13 @@ merge it coarse to fine. The finest fusion output (8× the patch grid for a ViT)
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from depmatch.models.layout import bilinear, conv_layout, like_layout
 
 # Pyramid scales of the four maps relative to the coarsest encoder map (ViT: all on the patch grid).
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -54,8 +56,7 @@ class FusionBlock(nn.Module):
             path = path + self.lateral_unit(lateral)
         path = self.output_unit(path)
         resize = {"size": size} if size is not None else {"scale_factor": 2}
-        path = F.interpolate(path, **resize, mode="bilinear", align_corners=True)
-        return self.out_conv(path)
+        return self.out_conv(like_layout(bilinear(path, **resize), path))
 
 
 class DPTHead(nn.Module):
@@ -89,9 +90,11 @@ class DPTHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(features, num_classes, kernel_size=1),
         )
+        self.channels_last: Optional[bool] = None  # None: on CUDA (depmatch/models/layout.py)
 
     def decode(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Four encoder maps -> the finest fusion output, N×features×h×w."""
+        feature_maps = conv_layout(feature_maps, self.channels_last)
         laterals = [
             lateral(resize(project(f)))
             for f, project, resize, lateral in zip(
