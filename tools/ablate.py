@@ -128,7 +128,7 @@ PRESETS = {
         unlabeled=160,
         steps=300,
         jobs=8,
-        out="runs/ablate-gpu",
+        out="runs/ablate-gpu/results",  # beside each run's folder (runs/ablate-gpu/<run>): one folder holds all
     ),
 }
 
