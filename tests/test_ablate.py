@@ -180,3 +180,22 @@ def test_gpu_preset_plumbing_at_a_tiny_size_on_cpu(tmp_path):
     assert (machine["preset"], machine["jobs"], machine["runs"]) == ("gpu", 2, 2)
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 runs planned, 2 done before, 0 to train" in again.stdout
+
+
+def test_report_only_summarises_the_records_present_and_trains_nothing(tmp_path):
+    argv = ["--out", str(tmp_path), "--frameworks", "fixmatch", "--seeds", "0", "1", "--work-dir", str(tmp_path / "work")]
+    args = ablate.parse_args(argv)
+    for run, miou in ((("fixmatch", "true", "base", 0), 50.0), (("fixmatch", "true", "both", 0), 53.0)):
+        path = ablate.record_path(args, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        framework, depth_mode, variant, seed = run
+        path.write_text(json.dumps({
+            **record(variant, seed, miou, [miou, miou]), "framework": framework,
+            "overrides": ablate.run_overrides(args, *run)}))
+    assert ablate.main(argv + ["--report-only"]) == 0
+    table = (tmp_path / "ablation-fixmatch.md").read_text()
+    assert "| true | base | 0 | 50.00 |  | 10 |" in table and "| true | both | 0 | 53.00 | 3.00 | 10 |" in table
+    assert table.count("| true |") == 4  # two rows in each of the two tables: nothing else was trained
+    machine = json.loads((tmp_path / "machine.json").read_text())
+    assert machine["runs"] == 2 and machine["train_seconds_all_runs"] == 20.0
+    assert "wall_seconds_this_invocation" not in machine and not (tmp_path / "work").exists()

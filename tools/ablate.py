@@ -283,6 +283,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     plan = planned_runs(args)
     records = {run: done_record(args, run) for run in plan}
     todo = [run for run in plan if records[run] is None]
+    if args.report_only:
+        print(f"{len(plan)} runs planned, {len(plan) - len(todo)} with a record; reporting those", flush=True)
+        return [records[run] for run in plan if records[run] is not None]
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} done before, {len(todo)} to train", flush=True)
     prepare_datasets(args, todo)
     labels = {run: f"[{plan.index(run) + 1}/{len(plan)}]" for run in todo}
@@ -454,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights (default: removed)")
     parser.add_argument("--jobs", type=int, help="runs at once, each in its own process (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the planned runs that have a record (an unfinished ablation)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for name in ("labeled", "unlabeled", "steps", "jobs", "out"):
@@ -474,11 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     records = run_all(args)
     for framework in args.frameworks:
-        write_report([r for r in records if r["framework"] == framework], args, framework)
+        if any(r["framework"] == framework for r in records):
+            write_report([r for r in records if r["framework"] == framework], args, framework)
     machine = {**machine_description(), "command": [sys.executable, *sys.argv], "preset": args.preset,
                "jobs": args.jobs, "threads": args.threads, "runs": len(records),
-               "wall_seconds_this_invocation": time.perf_counter() - started,
                "train_seconds_all_runs": sum(r["wall_seconds"] for r in records)}
+    if not args.report_only:  # a report-only invocation's time says nothing about training
+        machine["wall_seconds_this_invocation"] = time.perf_counter() - started
     (Path(args.out) / "machine.json").write_text(json.dumps(machine, indent=1))
     return 0
 
