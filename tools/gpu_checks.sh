@@ -14,6 +14,8 @@
 #   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
 #   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
 #   mem798    the same at crop 798                                                   (#6.5)
+#   ablate    the CDDP/ULDR ablation, `tools/ablate.py --preset gpu`: 48 DINOv2-S runs,
+#             8 at a time, into runs/gpu/ablate/ (resumes if cut off; rerun to finish) (#11)
 #
 # Order of value if the budget is short: core, mem518, zero3, mem798, online.
 set -uo pipefail
@@ -64,6 +66,11 @@ for part in "$@"; do
       bench "$part" --encoders dinov2_l dinov2_g --depmatch on --precision bf16 --zero 2 3 3-offload \
         --crop "${part#mem}" --batch "$batch" --steps 3 --warmup 1
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798)"; exit 2 ;;
+    ablate)
+      timeout 570 python3 tools/ablate.py --preset gpu --out "$RESULTS/ablate/results" --work-dir "$RESULTS/ablate" \
+        > "$RESULTS/ablate.log" 2>&1
+      grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack
+      ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798, ablate)"; exit 2 ;;
   esac
 done
