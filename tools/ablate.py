@@ -17,7 +17,7 @@ method that helps only through depth must not gain under the control. Base never
 depth, so a control row is compared with the true-depth base of the same seed unless
 the control's own base was run too (--control-variants base both).
 
-Two presets fix the size (PRESETS): `cpu` (the default, about an hour on a 2-core CPU)
+Two presets fix the size (PRESETS): `cpu` (the default: two runs at a time on a 2-core CPU)
 and `gpu` (a DINOv2-S-shaped model at a larger crop, several runs at once on one GPU).
 
     python tools/ablate.py --steps 5 --seeds 0                        # plumbing check
@@ -90,7 +90,7 @@ class Preset:
 
 
 PRESETS = {
-    # 2-core CPU, vit_tiny: see docs/results.md for how this size was chosen.
+    # 2-core CPU, vit_tiny; docs/results.md says how this size was chosen and how long it took.
     "cpu": Preset(
         size=(
             "data.synth.height=96",
