@@ -1,7 +1,10 @@
 """tools/ablate.py: aggregation and report against hand-computed numbers (no training)."""
 
 import importlib.util
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "ablate.py"
 spec = importlib.util.spec_from_file_location("ablate", TOOL)
 ablate = importlib.util.module_from_spec(spec)
+sys.modules["ablate"] = ablate  # dataclasses look their module up there
 spec.loader.exec_module(ablate)
 
 CLASSES = ["a", "b"]
@@ -63,17 +67,135 @@ def test_markdown_tables():
     assert "| true | both | 48.00 ± 5.29 | 60.00 ± 0.00 |" in text
 
 
+def test_control_rows_pair_with_the_true_depth_base_when_their_own_was_not_run():
+    records = RECORDS[:6] + [record("both", 0, 49.0, [40.0, 58.0], depth_mode="random"),
+                             record("both", 1, 53.5, [40.0, 58.0], depth_mode="random")]
+    rows = {(r["depth_mode"], r["variant"]): r for r in ablate.summarize(records)}
+    # per-seed gains against the true-depth base (50, 52): -1.0 and +1.5
+    assert rows["random", "both"]["gain"] == pytest.approx((0.25, math.sqrt(2 * 1.25**2)))
+    # with its own base run, a control pairs with that one (seed 0: 30 -> gain 19)
+    rows = {(r["depth_mode"], r["variant"]): r for r in ablate.summarize(records + [RECORDS[6]])}
+    assert rows["random", "both"]["gain"][0] == pytest.approx(19.0)
+
+
 def test_plan_is_seed_major_with_controls():
-    args = ablate.parse_args(["--framework", "fixmatch", "--seeds", "0", "1", "--controls", "random", "constant"])
+    args = ablate.parse_args(["--frameworks", "fixmatch", "--seeds", "0", "1", "--controls", "random", "constant",
+                              "--control-variants", "base", "both"])
     plan = ablate.planned_runs(args)
     assert len(plan) == 2 * (len(ablate.VARIANTS) + 2 * 2)
-    assert {seed for _, _, seed in plan[: len(plan) // 2]} == {0}
-    overrides = ablate.run_overrides(args, "true", "labeled_only", 1)
+    assert {seed for *_, seed in plan[: len(plan) // 2]} == {0}
+    overrides = ablate.run_overrides(args, "fixmatch", "true", "labeled_only", 1)
     assert "data.synth.depth_mode='true'" in overrides
     assert "train.conf_threshold=1.01" in overrides and "train.seed=1" in overrides
+
+
+def test_default_cpu_plan_is_eight_cells_per_framework_and_seed():
+    args = ablate.parse_args([])
+    plan = ablate.planned_runs(args)
+    assert len(plan) == 8 * 2 * 3  # 7 true-depth variants + both under random depth; 2 frameworks; 3 seeds
+    assert ("unimatch_v2", "random", "both", 2) in plan and ("fixmatch", "random", "base", 0) not in plan
+    preset = ablate.PRESETS["cpu"]
+    assert (args.labeled, args.unlabeled, args.steps, args.jobs) == (preset.labeled, preset.unlabeled, preset.steps, 2)
+    assert args.runs_dir == f"{preset.out}/runs"
+    assert (ablate.load_config_of(args, ("fixmatch", "true", "both", 0)).data.crop_size // 14) >= 7  # CDDP grid
+
+
+def test_all_labels_labels_every_training_image_and_trains_labeled_only():
+    args = ablate.parse_args(["--labeled", "8", "--unlabeled", "40"])
+    upper = ablate.load_config_of(args, ("fixmatch", "true", "all_labels", 0))
+    bottom = ablate.load_config_of(args, ("fixmatch", "true", "labeled_only", 0))
+    assert (upper.data.synth.labeled, upper.data.synth.unlabeled) == (48, 40)
+    assert (bottom.data.synth.labeled, bottom.data.synth.unlabeled) == (8, 40)
+    assert upper.train.conf_threshold > 1 and not upper.depmatch.enabled
+    paper = ablate.load_config_of(args, ("fixmatch", "true", "cddp_paper", 0))
+    shipped = ablate.load_config_of(args, ("fixmatch", "true", "cddp", 0))
+    assert (paper.depmatch.cddp.inter_weight, shipped.depmatch.cddp.inter_weight) == (1.0, 0.0)
+    assert paper.depmatch.lambda_uldr == shipped.depmatch.lambda_uldr == 0
+    assert upper.data.root != bottom.data.root  # different labeled splits never share shards
+    upper.data.synth.labeled, upper.data.root = bottom.data.synth.labeled, bottom.data.root
+    upper.train.output_dir = bottom.train.output_dir
+    assert upper == bottom  # nothing else differs
+
+
+def test_gpu_preset_is_a_dinov2_s_shape_at_a_larger_crop():
+    args = ablate.parse_args(["--preset", "gpu"])
+    config = ablate.load_config_of(args, ("unimatch_v2", "true", "both", 0))
+    cpu = ablate.load_config_of(ablate.parse_args([]), ("unimatch_v2", "true", "both", 0))
+    assert config.model.encoder == "dinov2_s" and config.model.random_init and config.model.head_features == 64
+    assert tuple(config.model.head_out_channels) == (48, 96, 192, 384)
+    assert config.train.mixed_precision == "bf16"
+    assert config.data.crop_size > cpu.data.crop_size and config.data.crop_size % 14 == 0
+    assert len(ablate.planned_runs(args)) == 48 and args.jobs > 1
+    assert args.out == "runs/ablate-gpu/results" and args.runs_dir == "runs/ablate-gpu/results/runs"
+    assert args.work_dir == "runs/ablate-gpu"  # each run's folder beside the results: one folder to fetch
+
+
+def test_a_record_made_with_other_settings_is_not_reused(tmp_path):
+    args = ablate.parse_args(["--out", str(tmp_path), "--steps", "7"])
+    run = ("fixmatch", "true", "base", 0)
+    path = ablate.record_path(args, run)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"overrides": ablate.run_overrides(args, *run), "reported_miou": 1.0}))
+    assert ablate.done_record(args, run)["reported_miou"] == 1.0
+    args.steps = 8
+    with pytest.raises(SystemExit, match="other settings"):
+        ablate.done_record(args, run)
 
 
 def test_chart_writes_png(tmp_path):
     path = tmp_path / "chart.png"
     ablate.chart(ablate.summarize(RECORDS), CLASSES, "test", path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_gpu_preset_plumbing_at_a_tiny_size_on_cpu(tmp_path):
+    """The GPU preset's model and plumbing (two runs at once, one folder, resume) at 28 px, 2 steps."""
+    out = tmp_path / "gpu"
+    command = [sys.executable, str(TOOL), "--preset", "gpu", "--out", str(out), "--frameworks", "fixmatch",
+               "--seeds", "0", "--steps", "2", "--labeled", "2", "--unlabeled", "4", "--jobs", "2",
+               "--variants", "base", "--controls", "random", "--control-variants", "both"]
+    for setting in ("data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.crop_size=28",
+                    "train.batch_size=1", "train.unlabeled_batch_size=1", "train.mixed_precision=no"):
+        command += ["--set", setting]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 runs planned, 0 done before, 2 to train" in first.stdout
+    keys = ["fixmatch-true-base-s0", "fixmatch-random-both-s0"]
+    assert sorted(path.name for path in (out / "runs").iterdir()) == sorted(f"{key}.json" for key in keys)
+    assert {path.name for path in out.iterdir()} == {
+        "runs", "machine.json", "ablation-fixmatch.json", "ablation-fixmatch.md", "ablation-fixmatch.png"}
+    for key in keys:
+        record = json.loads((out / "runs" / f"{key}.json").read_text())
+        assert "model.encoder=\"dinov2_s\"" in record["overrides"] and "data.crop_size=28" in record["overrides"]
+        assert len(record["per_class"]) == 6 and 0 <= record["reported_miou"] <= 100
+        work = tmp_path / "runs" / "ablate-gpu" / key
+        assert (work / "metrics.jsonl").is_file() and not (work / "checkpoints").exists()  # weights dropped
+    summary = json.loads((out / "ablation-fixmatch.json").read_text())
+    assert [(row["depth_mode"], row["variant"]) for row in summary["rows"]] == [
+        ("true", "base"), ("random", "both")]
+    control = summary["rows"][1]  # paired with the true-depth base: base never reads depth
+    assert control["gain"][0] == pytest.approx(control["miou"][0] - summary["rows"][0]["miou"][0])
+    machine = json.loads((out / "machine.json").read_text())
+    assert (machine["preset"], machine["jobs"], machine["runs"]) == ("gpu", 2, 2)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "2 runs planned, 2 done before, 0 to train" in again.stdout
+
+
+def test_report_only_summarises_the_records_present_and_trains_nothing(tmp_path):
+    argv = ["--out", str(tmp_path), "--frameworks", "fixmatch", "--seeds", "0", "1", "--work-dir", str(tmp_path / "work")]
+    args = ablate.parse_args(argv)
+    for run, miou in ((("fixmatch", "true", "base", 0), 50.0), (("fixmatch", "true", "both", 0), 53.0)):
+        path = ablate.record_path(args, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        framework, depth_mode, variant, seed = run
+        path.write_text(json.dumps({
+            **record(variant, seed, miou, [miou, miou]), "framework": framework,
+            "overrides": ablate.run_overrides(args, *run)}))
+    assert ablate.main(argv + ["--report-only"]) == 0
+    table = (tmp_path / "ablation-fixmatch.md").read_text()
+    assert "| true | base | 0 | 50.00 |  | 10 |" in table and "| true | both | 0 | 53.00 | 3.00 | 10 |" in table
+    assert table.count("| true |") == 4  # two rows in each of the two tables: nothing else was trained
+    machine = json.loads((tmp_path / "machine.json").read_text())
+    assert machine["runs"] == 2 and machine["train_seconds_all_runs"] == 20.0
+    assert "wall_seconds_this_invocation" not in machine and not (tmp_path / "work").exists()

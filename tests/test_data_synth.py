@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from depmatch.config import SynthConfig
-from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, SYNTH_CLASSES, ensure_synthetic_shards, synthetic_sample
+from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, SYNTH_CLASSES, WALL, ensure_synthetic_shards, synthetic_sample
 
 SMALL = SynthConfig(labeled=4, unlabeled=4, val=2, height=48, width=64, seed=1, samples_per_shard=3)
 
@@ -41,6 +41,22 @@ def test_look_alike_boxes_are_separated_by_depth():
 def test_ground_spans_a_large_depth_range():
     _, label, depth = synthetic_sample(SynthConfig(), "labeled", 0)
     assert np.ptp(depth[label == GROUND]) > 15
+
+
+def test_easy_walls_change_only_the_wall_pixels_to_grey():
+    walls_seen = 0
+    for index in range(6):
+        image, label, depth = synthetic_sample(SMALL, "labeled", index)
+        easy_image, easy_label, easy_depth = synthetic_sample(dataclasses.replace(SMALL, easy_walls=True), "labeled", index)
+        assert np.array_equal(label, easy_label) and np.array_equal(depth, easy_depth)
+        wall = label == WALL
+        assert np.array_equal(image[~wall], easy_image[~wall])
+        if wall.any():
+            walls_seen += 1
+            # grey: the channels of a wall pixel differ only by the image noise (std 3)
+            channel_spread = np.ptp(easy_image[wall].astype(float), axis=1)
+            assert np.median(channel_spread) < 10 < np.median(np.ptp(image[wall].astype(float), axis=1))
+    assert walls_seen >= 3
 
 
 @pytest.mark.parametrize("mode", ["constant", "random"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depmatch.config import ConfigError, DepMatchConfig, ExperimentConfig, TrainConfig, load_config, save_config
+from depmatch.config import CDDPConfig, ConfigError, DepMatchConfig, ExperimentConfig, TrainConfig, load_config, save_config
 from depmatch.engine.ema import EMATeacher
 from depmatch.frameworks import FixMatch, Predictions, UniMatch, UniMatchV2
 from depmatch.frameworks.cutmix import mix_with_partner
@@ -64,7 +64,8 @@ def expected_loss(predictions, label, unlabeled, depmatch_config, with_fp):
         if depmatch_config.enabled:
             pseudo = probs.argmax(1)
             extra = extra + depmatch_config.lambda_cddp * cddp_loss(
-                features, depth, probs, pseudo, ignore, size=(H // 14, W // 14)
+                features, depth, probs, pseudo, ignore, size=(H // 14, W // 14),
+                inter_weight=depmatch_config.cddp.inter_weight,
             )
             extra = extra + depmatch_config.lambda_uldr * uldr_loss(logits, depth, pseudo, ignore, size=(H // 10, W // 10))
     if with_fp:
@@ -75,10 +76,11 @@ def expected_loss(predictions, label, unlabeled, depmatch_config, with_fp):
 
 @pytest.mark.parametrize("framework", [FixMatch(), UniMatch(), UniMatchV2()], ids=lambda f: f.name)
 @pytest.mark.parametrize("enabled", [True, False])
-def test_objective_matches_written_out_formula(framework, enabled):
+@pytest.mark.parametrize("inter_weight", [0.0, 1.0], ids=["reference-code", "paper"])
+def test_objective_matches_written_out_formula(framework, enabled, inter_weight):
     with_fp = framework.name == "unimatch"
     predictions, label, unlabeled = fake_step(0, framework.strong_views, with_fp)
-    depmatch_config = DepMatchConfig(enabled=enabled, lambda_cddp=0.5, lambda_uldr=2.0)
+    depmatch_config = DepMatchConfig(enabled=enabled, lambda_cddp=0.5, lambda_uldr=2.0, cddp=CDDPConfig(inter_weight=inter_weight))
     loss, parts = semi_supervised_loss(predictions, label, unlabeled, framework, DepMatch(depmatch_config), TrainConfig())
     expected = expected_loss(predictions, label, unlabeled, depmatch_config, with_fp)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,27 +1,37 @@
 """DepMatch ablation on the synthetic RGB-D benchmark: which of CDDP and ULDR helps, and only through depth?
 
-For one framework and label budget it trains, over several seeds,
+For each framework, over several seeds, it trains
 
     labeled_only   no unlabeled loss (the confidence threshold is above 1, see VARIANTS)
     base           the plain framework (depmatch.enabled=false)
     cddp           base + CDDP            (lambda_uldr=0)
+    cddp_paper     base + CDDP with its inter-class term (inter_weight=1, the paper's form)
     uldr           base + ULDR            (lambda_cddp=0)
     both           base + CDDP + ULDR     (the defaults)
+    all_labels     the upper bound: labeled_only with every training image labeled
+                   (labeled + unlabeled images, all in the labeled split)
 
-on scenes with true depth, and the control variants (default: base, both) on the same
-images and labels with depth that carries no class information (data.synth.depth_mode).
-A method that helps only through depth must not gain under the control.
+on scenes with true depth, and the control variants (default: both) on the same images
+and labels with depth that carries no class information (data.synth.depth_mode). A
+method that helps only through depth must not gain under the control. Base never reads
+depth, so a control row is compared with the true-depth base of the same seed unless
+the control's own base was run too (--control-variants base both).
 
-    python tools/ablate.py --framework unimatch_v2 --steps 5           # plumbing check
-    nohup python tools/ablate.py --framework fixmatch > /tmp/ablate-fixmatch.log 2>&1 &
+Two presets fix the size (PRESETS): `cpu` (the default: two runs at a time on a 2-core CPU)
+and `gpu` (a DINOv2-S-shaped model at a larger crop, several runs at once on one GPU).
+
+    python tools/ablate.py --steps 5 --seeds 0                        # plumbing check
+    nohup python tools/ablate.py > /tmp/ablate-cpu.log 2>&1 &         # the CPU ablation
+    python tools/ablate.py --preset gpu                               # on a GPU machine
 
 Every run writes one JSON file (its overrides, mIoU, per-class IoU, wall time) under
---runs-dir before the next starts; a rerun skips the runs that have one, so an
-interrupted ablation resumes where it stopped. Each run prints the equivalent
-`python -m depmatch.train` command. The summary goes to
-<out>/ablation-<framework>.{json,md,png}: mean ± sample std (ddof 1) over seeds per
-variant and per class, and the gain over base paired by seed. The reported model is the
-EMA teacher for frameworks that have one (UniMatch V2), the student otherwise.
+--runs-dir before the next starts; a rerun skips the runs that have one (and stops if
+the record was made with other overrides), so an interrupted ablation resumes where it
+stopped. Each run prints the equivalent `python -m depmatch.train` command. The summary
+goes to <out>/ablation-<framework>.{json,md,png}: mean ± sample std (ddof 1) over
+seeds per variant and per class, and the gain over base paired by seed; <out>/machine.json
+says where and how long it ran. The reported model is the EMA teacher for frameworks
+that have one (UniMatch V2), the student otherwise.
 """
 
 from __future__ import annotations
@@ -29,10 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
+import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -41,62 +57,115 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from depmatch.bench.presets import encoder_overrides  # noqa: E402  (needs ROOT on the path)
+
 # The unlabeled CE keeps pixels whose teacher confidence is >= conf_threshold; a softmax
 # never exceeds 1, so 1.01 masks every pixel, each unlabeled branch is exactly 0 and the
 # loss is loss_x / 2 (depmatch/frameworks/objective.py). AdamW is invariant to that
 # constant factor (up to its epsilon), so this is labeled-only training through the same
 # pipeline: same model, data order and augmentation, without a trainer switch.
+LABELED_ONLY = ["depmatch.enabled=false", "train.conf_threshold=1.01"]
 VARIANTS = {
-    "labeled_only": ["depmatch.enabled=false", "train.conf_threshold=1.01"],
+    "labeled_only": LABELED_ONLY,
     "base": ["depmatch.enabled=false"],
     "cddp": ["depmatch.lambda_uldr=0"],
     "uldr": ["depmatch.lambda_cddp=0"],
     "both": [],
+    "all_labels": LABELED_ONLY,  # and every training image labeled: see run_overrides
+    # CDDP as the paper writes it (the default, inter_weight 0, is the reference code's)
+    "cddp_paper": ["depmatch.lambda_uldr=0", "depmatch.cddp.inter_weight=1"],
 }
 
-# A size that trains on a 2-core CPU in about a minute per run (docs/results.md).
-BENCHMARK = [
-    "data.synth.height=48",
-    "data.synth.width=64",
-    "data.synth.unlabeled=96",
-    "data.synth.val=48",
-    "data.crop_size=56",
-    "train.batch_size=2",
-    "train.unlabeled_batch_size=2",
-]
+
+@dataclass(frozen=True)
+class Preset:
+    """One size of the ablation: the overrides every run shares, the label budget and the steps."""
+
+    size: tuple[str, ...]
+    labeled: int
+    unlabeled: int
+    steps: int
+    jobs: int  # runs trained at once, each in a process of its own (1: in this process)
+    out: str
 
 
-def run_key(framework: str, labeled: int, depth_mode: str, variant: str, seed: int) -> str:
-    return f"{framework}-l{labeled}-{depth_mode}-{variant}-s{seed}"
+PRESETS = {
+    # 2-core CPU, vit_tiny; docs/results.md says how this size was chosen and how long it took.
+    "cpu": Preset(
+        size=(
+            "data.synth.height=96",
+            "data.synth.width=128",
+            "data.synth.easy_walls=true",
+            "data.synth.val=48",
+            "data.crop_size=98",  # CDDP grid 7×7 (crop // 14)
+            "train.batch_size=4",
+            "train.unlabeled_batch_size=4",
+            "train.ema_decay=0.99",  # the default 0.996 averages over most of a run this short
+        ),
+        labeled=4,
+        unlabeled=160,
+        steps=300,
+        jobs=2,  # one run per core, one torch thread each
+        out="docs/results/ablation-cpu",
+    ),
+    # One H100/H200: a DINOv2-S-shaped model (random init), bf16, eight runs at a time (docs/results.md).
+    "gpu": Preset(
+        size=(
+            *encoder_overrides("dinov2_s"),
+            "model.random_init=true",
+            "model.pretrained=null",
+            "train.mixed_precision=bf16",
+            "data.synth.height=192",
+            "data.synth.width=256",
+            "data.synth.easy_walls=true",
+            "data.synth.val=48",
+            "data.crop_size=224",  # CDDP grid 16×16
+            "train.batch_size=4",
+            "train.unlabeled_batch_size=4",
+            "train.ema_decay=0.99",
+        ),
+        labeled=4,
+        unlabeled=160,
+        steps=300,
+        jobs=8,
+        out="runs/ablate-gpu/results",  # beside each run's folder (runs/ablate-gpu/<run>): one folder holds all
+    ),
+}
 
 
-def run_overrides(args: argparse.Namespace, depth_mode: str, variant: str, seed: int) -> list[str]:
-    """The complete `--set` list of one run: benchmark size, budget, depth mode, variant, seed."""
-    key = run_key(args.framework, args.labeled, depth_mode, variant, seed)
+def run_key(framework: str, depth_mode: str, variant: str, seed: int) -> str:
+    return f"{framework}-{depth_mode}-{variant}-s{seed}"
+
+
+def run_overrides(args: argparse.Namespace, framework: str, depth_mode: str, variant: str, seed: int) -> list[str]:
+    """The complete `--set` list of one run: preset size, budget, depth mode, variant, seed."""
+    preset = PRESETS[args.preset]
+    labeled = args.labeled + args.unlabeled if variant == "all_labels" else args.labeled
     return [
-        f"train.framework={args.framework}",
-        *BENCHMARK,
-        f"data.synth.labeled={args.labeled}",
+        f"train.framework={framework}",
+        *preset.size,
+        f"data.synth.labeled={labeled}",
+        f"data.synth.unlabeled={args.unlabeled}",
         f"data.synth.depth_mode='{depth_mode}'",  # quoted: YAML would read a bare true as a boolean
-        # one shard folder per budget and depth mode, so that concurrent datasets never clash
-        f"data.root=shards/ablate-l{args.labeled}-{depth_mode}",
+        # one shard folder per preset, budget and depth mode, so that datasets never clash
+        f"data.root=shards/ablate-{args.preset}-l{labeled}-u{args.unlabeled}-{depth_mode}",
         f"train.steps={args.steps}",
         # evaluate and checkpoint only at the end: the reported number is the final model's
         f"train.eval_every={args.steps}",
         f"train.checkpoint_every={args.steps}",
         f"train.log_every={max(args.steps // 5, 1)}",
         f"train.seed={seed}",
-        f"train.output_dir={args.work_dir}/{key}",
+        f"train.output_dir={args.work_dir}/{run_key(framework, depth_mode, variant, seed)}",
         *VARIANTS[variant],
         *args.overrides,
     ]
 
 
-def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(depth_mode, variant, seed), seed-major so that a partial ablation has every variant at some seeds."""
-    cells = [("true", variant) for variant in VARIANTS]
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
+    """(framework, depth_mode, variant, seed), seed-major so that a partial ablation has every variant at some seeds."""
+    cells = [("true", variant) for variant in args.variants]
     cells += [(mode, variant) for mode in args.controls for variant in args.control_variants]
-    return [(mode, variant, seed) for seed in args.seeds for mode, variant in cells]
+    return [(framework, mode, variant, seed) for seed in args.seeds for framework in args.frameworks for mode, variant in cells]
 
 
 def shell_word(text: str) -> str:
@@ -136,34 +205,120 @@ def train_one(overrides: list[str]) -> dict:
     }
 
 
+def record_path(args: argparse.Namespace, run: tuple[str, str, str, int]) -> Path:
+    return Path(args.runs_dir) / f"{run_key(*run)}.json"
+
+
+def train_and_record(args: argparse.Namespace, run: tuple[str, str, str, int], label: str) -> dict:
+    """Train one planned run, write its record (atomically) and drop its checkpoints unless kept."""
+    framework, depth_mode, variant, seed = run
+    overrides = run_overrides(args, *run)
+    command = "python -m depmatch.train " + " ".join(f"--set {shell_word(o)}" for o in overrides)
+    print(f"{label} {run_key(*run)}\n  {command}", flush=True)
+    started = time.perf_counter()
+    outcome = train_one(overrides)
+    record = {
+        "key": run_key(*run), "framework": framework, "labeled": args.labeled, "depth_mode": depth_mode,
+        "variant": variant, "seed": seed, "overrides": overrides, "command": command,
+        **outcome, "wall_seconds": time.perf_counter() - started,
+    }
+    path = record_path(args, run)
+    # write to a temporary name first: an interruption never leaves a half-written record to skip
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    path.with_suffix(".tmp").replace(path)
+    if not args.keep_checkpoints:  # metrics.jsonl and config.yaml stay; the weights are not reported
+        output_dir = Path(overrides_value(overrides, "train.output_dir"))
+        for folder in ("checkpoints", "best"):
+            shutil.rmtree(output_dir / folder, ignore_errors=True)
+    print(f"  {run_key(*run)}: {outcome['reported']} mIoU {outcome['reported_miou']:.2f} in {record['wall_seconds']:.0f} s",
+          flush=True)
+    return record
+
+
+def overrides_value(overrides: list[str], key: str) -> str:
+    """The value the last `key=value` in `overrides` sets."""
+    return [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == key][-1]
+
+
+def done_record(args: argparse.Namespace, run: tuple[str, str, str, int]) -> dict | None:
+    """The run's record if an earlier invocation wrote one with the same overrides."""
+    path = record_path(args, run)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record["overrides"] != run_overrides(args, *run):
+        raise SystemExit(f"{path} was made with other settings than this invocation's; "
+                         "delete it or choose another --runs-dir (or --out)")
+    return record
+
+
+def load_config_of(args: argparse.Namespace, run: tuple[str, str, str, int]):
+    """The typed config of one planned run."""
+    from depmatch.config import load_config
+
+    return load_config(None, run_overrides(args, *run))
+
+
+def prepare_datasets(args: argparse.Namespace, plan: list[tuple[str, str, str, int]]) -> None:
+    """Build each shard folder once, here, before runs in parallel processes read them."""
+    from depmatch.train import prepare_dataset
+
+    configs = {}
+    for run in plan:
+        config = load_config_of(args, run)
+        configs.setdefault(config.data.root, config)
+    for config in configs.values():
+        prepare_dataset(config)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_all(args: argparse.Namespace) -> list[dict]:
-    runs_dir = Path(args.runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    """Every planned run's record: read back when done before, else trained (`args.jobs` at a time)."""
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     plan = planned_runs(args)
-    records = []
-    for number, (depth_mode, variant, seed) in enumerate(plan, start=1):
-        key = run_key(args.framework, args.labeled, depth_mode, variant, seed)
-        path = runs_dir / f"{key}.json"
-        overrides = run_overrides(args, depth_mode, variant, seed)
-        command = "python -m depmatch.train " + " ".join(f"--set {shell_word(o)}" for o in overrides)
-        if path.is_file():
-            print(f"[{number}/{len(plan)}] {key}: done before, skipped", flush=True)
-            records.append(json.loads(path.read_text()))
-            continue
-        print(f"[{number}/{len(plan)}] {key}\n  {command}", flush=True)
-        started = time.perf_counter()
-        outcome = train_one(overrides)
-        record = {
-            "key": key, "framework": args.framework, "labeled": args.labeled, "depth_mode": depth_mode,
-            "variant": variant, "seed": seed, "overrides": overrides, "command": command,
-            **outcome, "wall_seconds": time.perf_counter() - started,
-        }
-        # write to a temporary name first: an interruption never leaves a half-written record to skip
-        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        path.with_suffix(".tmp").replace(path)
-        print(f"  {outcome['reported']} mIoU {outcome['reported_miou']:.2f} in {record['wall_seconds']:.0f} s", flush=True)
-        records.append(record)
-    return records
+    records = {run: done_record(args, run) for run in plan}
+    todo = [run for run in plan if records[run] is None]
+    if args.report_only:
+        print(f"{len(plan)} runs planned, {len(plan) - len(todo)} with a record; reporting those", flush=True)
+        return [records[run] for run in plan if records[run] is not None]
+    print(f"{len(plan)} runs planned, {len(plan) - len(todo)} done before, {len(todo)} to train", flush=True)
+    prepare_datasets(args, todo)
+    labels = {run: f"[{plan.index(run) + 1}/{len(plan)}]" for run in todo}
+    if args.jobs == 1:
+        for run in todo:
+            records[run] = train_and_record(args, run, labels[run])
+    else:
+        # a fresh process per run (max_tasks_per_child): no memory or compiled state carries over
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(args.threads,), max_tasks_per_child=1) as pool:
+            futures = {run: pool.submit(train_and_record, args, run, labels[run]) for run in todo}
+            for run, future in futures.items():
+                records[run] = future.result()
+    return [records[run] for run in plan]
+
+
+def machine_description() -> dict:
+    """Where the ablation ran: accelerator or CPU, versions and the commit of the code."""
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit,
+    }
 
 
 # ---------------------------------------------------------------------- aggregation
@@ -180,16 +335,18 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (depth_mode, variant), in the order first seen: mean ± std of mIoU and of each class.
 
-    `gain` is the mean ± std over seeds of (variant - base) on the same seed and depth
-    mode: the seeds share data order and initialisation, so the paired difference is
-    the comparison with the least noise.
+    `gain` is the mean ± std over seeds of (variant - base) on the same seed: the seeds
+    share data order and initialisation, so the paired difference is the comparison with
+    the least noise. The base is the one of the same depth mode when it was run, else the
+    true-depth base (base never reads depth: the same run either way).
     """
     cells: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
     rows = []
     for (depth_mode, variant), group in cells.items():
-        base = {r["seed"]: r["reported_miou"] for r in cells.get((depth_mode, "base"), [])}
+        base_runs = cells.get((depth_mode, "base")) or cells.get(("true", "base"), [])
+        base = {r["seed"]: r["reported_miou"] for r in base_runs}
         paired = [r["reported_miou"] - base[r["seed"]] for r in group if r["seed"] in base]
         per_class = np.array([r["per_class"] for r in group], dtype=float)
         rows.append({
@@ -259,42 +416,56 @@ def chart(rows: list[dict], class_names: list[str], title: str, path: Path) -> N
     plt.close(fig)
 
 
-def write_report(records: list[dict], args: argparse.Namespace) -> None:
+def write_report(records: list[dict], args: argparse.Namespace, framework: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     class_names = records[0]["classes"]
     reported = records[0]["reported"]
-    stem = out / f"ablation-{args.framework}"
-    summary = {"framework": args.framework, "labeled": args.labeled, "steps": args.steps, "reported_model": reported,
-               "classes": class_names, "rows": rows, "runs": records}
+    stem = out / f"ablation-{framework}"
+    summary = {"preset": args.preset, "framework": framework, "labeled": args.labeled, "unlabeled": args.unlabeled,
+               "steps": args.steps, "reported_model": reported, "classes": class_names, "rows": rows, "runs": records}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     stem.with_suffix(".md").write_text(
-        f"{args.framework}, {args.labeled} labeled images, {args.steps} steps, {reported} mIoU (%), "
-        f"mean ± std over seeds\n\n" + markdown_tables(rows, class_names)
+        f"{framework}, preset {args.preset}, {args.labeled} labeled + {args.unlabeled} unlabeled images, "
+        f"{args.steps} steps, {reported} mIoU (%), mean ± std over seeds\n\n" + markdown_tables(rows, class_names)
     )
-    title = f"{args.framework}: {args.labeled} labels, {args.steps} steps, {reported} mIoU, synthetic RGB-D"
+    title = f"{framework}: {args.labeled} labels, {args.steps} steps, {reported} mIoU, synthetic RGB-D ({args.preset} preset)"
     chart(rows, class_names, title, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--framework", default="unimatch_v2", choices=["fixmatch", "unimatch", "unimatch_v2"])
-    parser.add_argument("--labeled", type=int, default=12, help="label budget: data.synth.labeled")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="size of every run (model, images, crop, batch) and the defaults below")
+    parser.add_argument("--frameworks", nargs="+", default=["unimatch_v2", "fixmatch"],
+                        choices=["fixmatch", "unimatch", "unimatch_v2"])
+    parser.add_argument("--labeled", type=int, help="label budget: data.synth.labeled (default: the preset's)")
+    parser.add_argument("--unlabeled", type=int, help="data.synth.unlabeled (default: the preset's)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variants trained with true depth")
     parser.add_argument("--controls", nargs="*", default=["random"], help="depth modes without class information")
-    parser.add_argument("--control-variants", nargs="+", default=["base", "both"], choices=list(VARIANTS))
+    parser.add_argument("--control-variants", nargs="+", default=["both"], choices=list(VARIANTS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (repeatable)")
-    parser.add_argument("--runs-dir", help="per-run JSON; default <out>/runs/<framework>-l<labeled>-<steps>")
-    parser.add_argument("--work-dir", default="runs/ablate", help="train.output_dir parent (checkpoints)")
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", help="summaries, charts, machine.json (default: the preset's)")
+    parser.add_argument("--runs-dir", help="one JSON record per run; default <out>/runs")
+    parser.add_argument("--work-dir", help="train.output_dir parent; default runs/ablate-<preset>")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights (default: removed)")
+    parser.add_argument("--jobs", type=int, help="runs at once, each in its own process (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: summarise the planned runs that have a record (an unfinished ablation)")
     args = parser.parse_args(argv)
-    if args.runs_dir is None:
-        args.runs_dir = f"{args.out}/runs/{args.framework}-l{args.labeled}-{args.steps}steps"
+    preset = PRESETS[args.preset]
+    for name in ("labeled", "unlabeled", "steps", "jobs", "out"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(preset, name))
+    args.runs_dir = args.runs_dir or f"{args.out}/runs"
+    args.work_dir = args.work_dir or f"runs/ablate-{args.preset}"
     return args
 
 
@@ -305,7 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     # On a small CPU shared with other jobs, two intra-op threads spin-wait on each other
     # whenever one is descheduled: measured at 1-4 s per step against 0.1 s with one thread.
     torch.set_num_threads(args.threads)
-    write_report(run_all(args), args)
+    started = time.perf_counter()
+    records = run_all(args)
+    for framework in args.frameworks:
+        if any(r["framework"] == framework for r in records):
+            write_report([r for r in records if r["framework"] == framework], args, framework)
+    machine = {**machine_description(), "command": [sys.executable, *sys.argv], "preset": args.preset,
+               "jobs": args.jobs, "threads": args.threads, "runs": len(records),
+               "train_seconds_all_runs": sum(r["wall_seconds"] for r in records)}
+    if not args.report_only:  # a report-only invocation's time says nothing about training
+        machine["wall_seconds_this_invocation"] = time.perf_counter() - started
+    (Path(args.out) / "machine.json").write_text(json.dumps(machine, indent=1))
     return 0
 
 

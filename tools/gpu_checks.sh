@@ -24,6 +24,8 @@
 #             shipped launch/deepspeed/zero2.json                                     (#10.2, #10.5)
 #   mfu       DINOv2-L student alone eager/compiled; L DepMatch off/on and G on, compiled,
 #             plain accelerate                                                        (#10.2, #10.4)
+#   ablate    the CDDP/ULDR ablation, `tools/ablate.py --preset gpu`: 48 DINOv2-S runs,
+#             8 at a time, into runs/gpu/ablate/ (resumes if cut off; rerun to finish) (#11)
 #
 # Order of value if the budget is short: core, mem518, zero3, mem798, online.
 # For issue #10: losses, profile, compile, zero2c, mfu (each a call of its own, at most 8 min).
@@ -109,6 +111,11 @@ for part in "$@"; do
       BENCH_LIMIT=110 bench mfu-step-g --encoders dinov2_g --depmatch on --compile on --precision bf16 \
         --crop 518 --steps 5 --warmup 3
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses, profile, compile, zero2c, mfu)"; exit 2 ;;
+    ablate)
+      timeout 570 python3 tools/ablate.py --preset gpu --out "$RESULTS/ablate/results" --work-dir "$RESULTS/ablate" \
+        > "$RESULTS/ablate.log" 2>&1
+      grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack
+      ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
   esac
 done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 # encoder -> ModelConfig overrides; the DPT widths follow UniMatch V2 / Depth Anything per size.
 ENCODER_PRESETS: dict[str, dict] = {
     "vit_tiny": {"encoder": "vit_tiny", "head": "dpt"},
@@ -13,6 +15,12 @@ ENCODER_PRESETS: dict[str, dict] = {
     "resnet50": {"encoder": "resnet50", "head": "deeplabv3plus"},
     "resnet101": {"encoder": "resnet101", "head": "deeplabv3plus"},
 }
+
+
+def encoder_overrides(encoder: str) -> list[str]:
+    """`--set` overrides that give `model` the shape of `encoder` (ENCODER_PRESETS)."""
+    return [f"model.{key}={json.dumps(value)}" for key, value in ENCODER_PRESETS[encoder].items()]
+
 
 # Dense bf16/fp16 tensor-core peak per device, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from depmatch.bench.ops import OpCounter
-from depmatch.bench.presets import ENCODER_PRESETS, peak_tflops
+from depmatch.bench.presets import encoder_overrides, peak_tflops
 from depmatch.config import load_config
 from depmatch.data.photometric import draw_strong_params
 from depmatch.losses import pair_backend
@@ -56,8 +56,7 @@ def synthetic_batches(config) -> tuple[dict, dict]:
 
 
 def overrides_for(spec: dict) -> list[str]:
-    overrides = [f"model.{key}={json.dumps(value)}" for key, value in ENCODER_PRESETS[spec["encoder"]].items()]
-    overrides += [
+    overrides = encoder_overrides(spec["encoder"]) + [
         "model.random_init=true",
         "model.pretrained=null",
         f"train.framework={spec['framework']}",

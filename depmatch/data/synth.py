@@ -6,7 +6,8 @@ only in the depth they sit at, so appearance alone cannot separate them; the sid
 and the ground span a large depth range. Depth is disparity-like, in about [0, 20]
 (larger = closer), as Depth Anything outputs. Every scene is a function of
 (seed, split, index) alone. `depth_mode` replaces the stored depth by a control that
-carries no class information (`constant`, `random`) while images and labels stay the same.
+carries no class information (`constant`, `random`) while images and labels stay the same;
+`easy_walls` paints the walls light grey instead of a brown close to the ground's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SPLIT_STREAMS = {"labeled": 0, "unlabeled": 1, "val": 2}
 MAX_DISPARITY = 20.0
 CONSTANT_DISPARITY = 5.0
 BOX_COLOURS = ((60, 150, 90), (70, 120, 170), (150, 140, 60))
+EASY_WALL_GREY = 215.0
 OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
 
 
@@ -79,9 +81,10 @@ def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float) -
     canvas.paint(canvas.rows >= horizon, GROUND, colour * shade[..., None], disparity)
 
 
-def _walls(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+def _walls(canvas: _Canvas, rng: np.random.Generator, horizon: float, easy: bool) -> None:
     height, width = canvas.label.shape
-    colour = np.array([170, 150, 130], np.float32) * rng.uniform(0.85, 1.15, 3)
+    jitter = rng.uniform(0.85, 1.15, 3)  # drawn in both styles, so the rest of the scene is the same
+    colour = np.full(3, EASY_WALL_GREY, np.float32) * jitter.mean() if easy else np.array([170, 150, 130], np.float32) * jitter
     if rng.random() < 0.7:  # a side wall receding from the image edge: a large depth range
         near, far = rng.uniform(12, 19), rng.uniform(1.5, 3.0)
         extent = rng.uniform(0.15, 0.4) * width
@@ -129,12 +132,13 @@ def _objects(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
         canvas.paint(mask & ~nearer_wall, int(class_index), rgb, object_disparity)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, height: int, width: int,
+                 easy_walls: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: uint8 H×W×3 image, uint8 H×W label, float32 H×W disparity."""
     canvas = _Canvas(height, width)
     horizon = rng.uniform(0.3, 0.5) * height
     _sky_and_ground(canvas, rng, horizon)
-    _walls(canvas, rng, horizon)
+    _walls(canvas, rng, horizon, easy_walls)
     _objects(canvas, rng, horizon)
     image = canvas.image * rng.uniform(0.75, 1.15) + rng.normal(0, 3.0, canvas.image.shape)
     depth = canvas.depth + rng.normal(0, 0.05, canvas.depth.shape)
@@ -156,7 +160,8 @@ def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.
 def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scene `index` of `split`: (image, label, stored depth), deterministic from synth.seed."""
     stream = SPLIT_STREAMS[split]
-    image, label, depth = render_scene(np.random.default_rng([synth.seed, stream, index]), synth.height, synth.width)
+    image, label, depth = render_scene(np.random.default_rng([synth.seed, stream, index]), synth.height, synth.width,
+                                       synth.easy_walls)
     # The control draws from its own generator so images and labels are the same in every mode.
     control_rng = np.random.default_rng([synth.seed, stream, index, 1])
     return image, label, control_depth(depth, synth.depth_mode, control_rng)
