@@ -56,7 +56,7 @@ def register(subparsers) -> None:
                              "on their CUDA paths (--pair-backend, optim.fused=true)")
     parser.add_argument("--pair-backend", default=CUDA_PAIR_BACKEND, choices=PAIR_BACKENDS,
                         help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
-                             f"{CUDA_PAIR_BACKEND}; triton needs TRITON_INTERPRET=1 without a GPU)")
+                             f"{CUDA_PAIR_BACKEND}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
     parser.add_argument("--scope", nargs="+", default=["step"], choices=["step", "student"],
                         help="step: the whole training step (teacher, student views, losses, update); "
                              "student: the student's forward and backward over the step's images, and the update")
@@ -138,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
         }
         print(f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero} "
               f"compile={compiled}", flush=True)
+        env = launch_environment(zero, precision)
+        if spec["pair_backend"] == "triton" and not ON_GPU:
+            # The kernels' CUDA path, counted on the CPU through Triton's interpreter, which triton
+            # chooses when it is first imported: hence the child process's environment.
+            env["TRITON_INTERPRET"] = "1"
         with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
             completed = subprocess.run(
-                [sys.executable, "-m", "depmatch.bench.step", json.dumps(spec), result_file.name],
-                env=launch_environment(zero, precision),
+                [sys.executable, "-m", "depmatch.bench.step", json.dumps(spec), result_file.name], env=env
             )
             if completed.returncode != 0:
                 print(f"  failed with exit code {completed.returncode}; see the output above", flush=True)
