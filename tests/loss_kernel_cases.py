@@ -17,20 +17,17 @@ normaliser moves values by far more than 1e-5.
 
 import contextlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import depmatch.losses.depmatch as depmatch_losses
+from depmatch.bench.ops import OpCounter
 from depmatch.losses import cddp_loss, uldr_loss
 from depmatch.losses.depmatch import pair_backend
 from depmatch.losses.reference import cddp_loss_reference
 from test_losses import cddp_loop, make_inputs, uldr_loop, uneven_inputs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_losses import OpCounter  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (see the docstring)", allow_module_level=True)
@@ -203,18 +200,18 @@ def test_float64_falls_back_to_the_blocked_path():
     counter = OpCounter()
     with pair_backend("triton"), counter:
         value = cddp_loss(features, depth, probs, pseudo_label, ignore, size=(6, 8), **CDDP_KWARGS)
-    assert counter.ops["depmatch.cddp_pairs.default"] == 0
+    assert counter.counts["cddp_pairs"] == 0
     torch.testing.assert_close(value, cddp_loop(features, depth, probs, pseudo_label, ignore, (6, 8), **CDDP_KWARGS))
 
 
 def count_forward_backward(backend, loss, differentiable, inputs, size, **kwargs):
-    """Dispatched ops of one forward + backward, after one uncounted call (which builds the cached resampling plans)."""
+    """The op counter of one forward + backward, after one uncounted call (which builds the cached resampling plans)."""
     counter = OpCounter()
     for mode in (contextlib.nullcontext(), counter):
         leaf = differentiable.float().requires_grad_(True)
         with pair_backend(backend), mode:
             loss(leaf, *inputs, size=size, **kwargs).backward()
-    return counter.ops
+    return counter
 
 
 @pytest.mark.parametrize("name, bound", [("cddp", 110), ("uldr", 75)])
@@ -232,11 +229,11 @@ def test_each_pair_sum_is_one_op(monkeypatch, name, bound):
         args = (uldr_loss, logits, (depth, pseudo_label, ignore), (10, 10))
     kernel_ops = count_forward_backward("triton", *args)
     blocked_ops = count_forward_backward("blocked", *args)
-    assert kernel_ops[f"depmatch.{name}_pairs.default"] == 1
-    assert sum(kernel_ops.values()) <= bound
+    assert kernel_ops.counts[f"{name}_pairs"] == 1
+    assert kernel_ops.total <= bound
     # The ops that replace the one kernel op: about 90 (CDDP) or 50 (ULDR) per row block.
-    pair_ops = sum(blocked_ops.values()) - (sum(kernel_ops.values()) - 1)
-    assert pair_ops >= 4 * 40, (sum(blocked_ops.values()), sum(kernel_ops.values()))
+    pair_ops = blocked_ops.total - (kernel_ops.total - 1)
+    assert pair_ops >= 4 * 40, (blocked_ops.total, kernel_ops.total)
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the pure resampling plans

@@ -29,7 +29,6 @@ peak before the first loss call (interpreter, torch, the two views' inputs).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import platform
@@ -40,11 +39,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
 
+from depmatch.bench.ops import OpCounter  # noqa: E402
 from depmatch.bench.step import peak_memory_gib  # noqa: E402
 from depmatch.losses import cddp_loss, uldr_loss  # noqa: E402
 from depmatch.losses.depmatch import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
@@ -126,18 +125,6 @@ def losses(implementation: str, original: Path | None):
     return (*original_losses(original), None)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ops dispatched below autograd, by name: what runs as kernels on a GPU (views included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def measure(implementation: str, device: torch.device, batch: int, num_views: int, repeats: int, warmup: int,
             original: Path | None) -> dict:  # fmt: skip
     """Median seconds of one forward + backward over all views, and peak memory, in this process."""
@@ -167,12 +154,11 @@ def measure(implementation: str, device: torch.device, batch: int, num_views: in
         loss = step()
         times.append(time.perf_counter() - started)
     peak = peak_memory_gib(device)
-    ops = None  # a dispatch mode stops torch.compile: the compiled losses are not counted
+    ops = None  # the compiled row is timed only
     if implementation != "compiled":
-        counter = OpCounter()
-        with counter:
+        with OpCounter() as counter:
             step()
-        ops = sum(counter.ops.values())
+        ops = counter.total
     return {
         "implementation": implementation,
         "ops": ops,
