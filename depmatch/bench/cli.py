@@ -17,10 +17,8 @@ import torch
 from depmatch.bench.presets import ENCODER_PRESETS
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.engine.compile import COMPILE_MODES
-from depmatch.losses.depmatch import PAIR_BACKENDS
+from depmatch.losses.depmatch import PAIR_BACKENDS, cuda_pair_backend
 
-# The pair-sum path the losses take on CUDA, which the op count should see.
-CUDA_PAIR_BACKEND = "triton" if "triton" in PAIR_BACKENDS else "blocked"
 REPO = Path(__file__).resolve().parents[2]
 
 ON_GPU = torch.cuda.is_available()
@@ -54,9 +52,9 @@ def register(subparsers) -> None:
                         help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
                              "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
                              "on their CUDA paths (--pair-backend, optim.fused=true)")
-    parser.add_argument("--pair-backend", default=CUDA_PAIR_BACKEND, choices=PAIR_BACKENDS,
+    parser.add_argument("--pair-backend", default=cuda_pair_backend(), choices=PAIR_BACKENDS,
                         help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
-                             f"{CUDA_PAIR_BACKEND}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
+                             f"{cuda_pair_backend()}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
     parser.add_argument("--scope", nargs="+", default=["step"], choices=["step", "student"],
                         help="step: the whole training step (teacher, student views, losses, update); "
                              "student: the student's forward and backward over the step's images, and the update")

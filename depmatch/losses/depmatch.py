@@ -185,8 +185,9 @@ def pair_backend(name: str):
 
 
 @functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def cuda_pair_backend() -> str:
+    """The pair-sum path CUDA tensors take by default: the kernels where triton is installed."""
+    return "triton" if importlib.util.find_spec("triton") is not None else "blocked"
 
 
 def _pair_backend(tensor: torch.Tensor, dtype: torch.dtype) -> str:
@@ -195,7 +196,7 @@ def _pair_backend(tensor: torch.Tensor, dtype: torch.dtype) -> str:
     elif tensor.device.type == "cpu":
         backend = "compact"
     else:
-        backend = "triton" if _triton_available() else "blocked"
+        backend = cuda_pair_backend()
     return "blocked" if backend == "triton" and dtype != torch.float32 else backend
 
 
