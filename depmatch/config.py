@@ -24,10 +24,12 @@ class ConfigError(ValueError):
 
 
 class _YAMLLoader(yaml.SafeLoader):
-    """The safe loader with YAML 1.2 booleans: only true/false.
+    """The safe loader with YAML 1.2 booleans (only true/false) and floats (1e-4 too).
 
     YAML 1.1 reads a bare no/yes/on/off as a boolean, so `mixed_precision: no` and
-    `--set train.mixed_precision=no` would arrive as False instead of accelerate's "no".
+    `--set train.mixed_precision=no` would arrive as False instead of accelerate's "no";
+    and it wants a dot and a signed exponent in a float, so `--set optim.lr=1e-4`
+    would arrive as the string "1e-4".
     """
 
 
@@ -36,6 +38,9 @@ _YAMLLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+)
 
 
 def _load_yaml(text: str) -> Any:

@@ -135,3 +135,13 @@ def test_no_stays_a_word(tmp_path):
     with pytest.raises(ConfigError, match="depmatch.enabled: expected bool, got 'yes'"):
         load_config(None, ["depmatch.enabled=yes"])
     assert load_config(None, ["depmatch.enabled=false"]).depmatch.enabled is False
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-4 (no dot, as users write learning rates) as a string."""
+    assert load_config(None, ["optim.lr=8e-4"]).optim.lr == 8e-4
+    assert load_config(None, ["optim.lr=2.5E-5"]).optim.lr == 2.5e-5
+    assert load_config(None, ["train.conf_threshold=+9.5e-1"]).train.conf_threshold == 0.95
+    assert load_config(None, ["train.steps=300"]).train.steps == 300  # ints stay ints
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got '1e'"):
+        load_config(None, ["optim.lr=1e"])
