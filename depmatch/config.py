@@ -58,7 +58,7 @@ class SynthConfig:
     width: int = 128
     seed: int = 0
     depth_mode: str = "true"  # true | constant | random: the control where depth carries no class information
-    # light grey walls instead of a brown close to the ground's, so that wall is as easy as
+    # purple walls instead of a brown close to the ground's, so that wall is as easy as
     # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
     # presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False

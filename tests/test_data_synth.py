@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from depmatch.config import SynthConfig
+from depmatch.data import synth
 from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, SYNTH_CLASSES, WALL, ensure_synthetic_shards, synthetic_sample
 
 SMALL = SynthConfig(labeled=4, unlabeled=4, val=2, height=48, width=64, seed=1, samples_per_shard=3)
@@ -43,7 +44,7 @@ def test_ground_spans_a_large_depth_range():
     assert np.ptp(depth[label == GROUND]) > 15
 
 
-def test_easy_walls_change_only_the_wall_pixels_to_grey():
+def test_easy_walls_change_only_the_wall_pixels_to_purple():
     walls_seen = 0
     for index in range(6):
         image, label, depth = synthetic_sample(SMALL, "labeled", index)
@@ -53,9 +54,11 @@ def test_easy_walls_change_only_the_wall_pixels_to_grey():
         assert np.array_equal(image[~wall], easy_image[~wall])
         if wall.any():
             walls_seen += 1
-            # grey: the channels of a wall pixel differ only by the image noise (std 3)
-            channel_spread = np.ptp(easy_image[wall].astype(float), axis=1)
-            assert np.median(channel_spread) < 10 < np.median(np.ptp(image[wall].astype(float), axis=1))
+            # purple: red and blue well above green, which no other class has (the sky is bluer
+            # than red, the ground and the boxes are not bluer than green)
+            red, green, blue = np.median(easy_image[wall].astype(float), axis=0)
+            assert red > green + 20 and blue > green + 20
+            assert not (image[wall][:, 2].astype(float) > image[wall][:, 1] + 20).any()  # brown before
     assert walls_seen >= 3
 
 
@@ -86,6 +89,16 @@ def test_ensure_builds_once_and_rebuilds_on_config_change(tmp_path):
     changed = dataclasses.replace(SMALL, depth_mode="constant")
     ensure_synthetic_shards(str(tmp_path), changed, 6)
     assert json.loads((root / "manifest.json").read_text())["synth"]["depth_mode"] == "constant"
+
+
+def test_shards_of_an_older_scene_version_are_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "SCENE_VERSION", 1)
+    root = ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    stamp = (root / "labeled-000000.tar").stat().st_mtime_ns
+    monkeypatch.setattr(synth, "SCENE_VERSION", 2)  # same settings, scenes drawn differently
+    ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    assert json.loads((root / "manifest.json").read_text())["scene_version"] == 2
+    assert (root / "labeled-000000.tar").stat().st_mtime_ns != stamp
 
 
 def test_ensure_rejects_a_class_count_it_cannot_make(tmp_path):

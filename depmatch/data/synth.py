@@ -7,7 +7,8 @@ and the ground span a large depth range. Depth is disparity-like, in about [0, 2
 (larger = closer), as Depth Anything outputs. Every scene is a function of
 (seed, split, index) alone. `depth_mode` replaces the stored depth by a control that
 carries no class information (`constant`, `random`) while images and labels stay the same;
-`easy_walls` paints the walls light grey instead of a brown close to the ground's.
+`easy_walls` paints the walls purple, a colour no other class has, instead of a brown close
+to the ground's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ SPLIT_STREAMS = {"labeled": 0, "unlabeled": 1, "val": 2}
 MAX_DISPARITY = 20.0
 CONSTANT_DISPARITY = 5.0
 BOX_COLOURS = ((60, 150, 90), (70, 120, 170), (150, 140, 60))
-EASY_WALL_GREY = 215.0
+# Purple, not the light grey of scene version 1: a 4-label model took grey walls for the sky
+# near the horizon, and pseudo-labels spread that confusion (docs/results.md, the benchmark).
+EASY_WALL_COLOUR = (140.0, 70.0, 150.0)
+# Bumped whenever a scene drawn from the same settings changes, so that cached shards are rebuilt.
+SCENE_VERSION = 2
 OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
 
 
@@ -84,7 +89,7 @@ def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float) -
 def _walls(canvas: _Canvas, rng: np.random.Generator, horizon: float, easy: bool) -> None:
     height, width = canvas.label.shape
     jitter = rng.uniform(0.85, 1.15, 3)  # drawn in both styles, so the rest of the scene is the same
-    colour = np.full(3, EASY_WALL_GREY, np.float32) * jitter.mean() if easy else np.array([170, 150, 130], np.float32) * jitter
+    colour = np.array(EASY_WALL_COLOUR, np.float32) * jitter.mean() if easy else np.array([170, 150, 130], np.float32) * jitter
     if rng.random() < 0.7:  # a side wall receding from the image edge: a large depth range
         near, far = rng.uniform(12, 19), rng.uniform(1.5, 3.0)
         extent = rng.uniform(0.15, 0.4) * width
@@ -191,10 +196,12 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
     settings = dataclasses.asdict(synth)
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
-        if manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION:
+        if (manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION
+                and manifest.get("scene_version") == SCENE_VERSION):
             return path
     counts = {"labeled": synth.labeled, "unlabeled": synth.unlabeled, "val": synth.val}
-    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard, settings)
+    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard,
+                        {**settings, "scene_version": SCENE_VERSION})  # in each shard's digest: no stale shard is kept
     manifest_fields = {
         "dataset": "synthetic",
         "num_classes": len(SYNTH_CLASSES),
@@ -203,6 +210,7 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
         "ignore_index": 255,
         "depth": depth_manifest_entry({"source": "synthetic", "mode": synth.depth_mode}),
         "synth": settings,
+        "scene_version": SCENE_VERSION,
     }
     write_dataset(path, plans, lambda plan: _samples(plan, synth), manifest_fields)
     return path
