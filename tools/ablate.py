@@ -5,7 +5,8 @@ For each framework, over several seeds, it trains
     labeled_only   no unlabeled loss (the confidence threshold is above 1, see VARIANTS)
     base           the plain framework (depmatch.enabled=false)
     cddp           base + CDDP            (lambda_uldr=0)
-    cddp_paper     base + CDDP with its inter-class term (inter_weight=1, the paper's form)
+    cddp_paper     base + CDDP with its inter-class term (inter_weight=1, the paper's form);
+                   not in the default plan (--variants ... cddp_paper adds it)
     uldr           base + ULDR            (lambda_cddp=0)
     both           base + CDDP + ULDR     (the defaults)
     all_labels     the upper bound: labeled_only with every training image labeled
@@ -75,6 +76,9 @@ VARIANTS = {
     # CDDP as the paper writes it (the default, inter_weight 0, is the reference code's)
     "cddp_paper": ["depmatch.lambda_uldr=0", "depmatch.cddp.inter_weight=1"],
 }
+# What the issue asks of every ablation; cddp_paper, the evidence for the CDDP default, is extra
+# (six runs more would take the CPU plan past its hour).
+DEFAULT_VARIANTS = [variant for variant in VARIANTS if variant != "cddp_paper"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ PRESETS = {
         ),
         labeled=4,
         unlabeled=160,
-        steps=300,
+        steps=600,
         jobs=2,  # one run per core, one torch thread each
         out="docs/results/ablation-cpu",
     ),
@@ -445,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, help="data.synth.unlabeled (default: the preset's)")
     parser.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                         help="variants trained with true depth")
     parser.add_argument("--controls", nargs="*", default=["random"], help="depth modes without class information")
     parser.add_argument("--control-variants", nargs="+", default=["both"], choices=list(VARIANTS))
