@@ -82,18 +82,20 @@ def test_plan_is_seed_major_with_controls():
     args = ablate.parse_args(["--frameworks", "fixmatch", "--seeds", "0", "1", "--controls", "random", "constant",
                               "--control-variants", "base", "both"])
     plan = ablate.planned_runs(args)
-    assert len(plan) == 2 * (len(ablate.VARIANTS) + 2 * 2)
+    assert len(plan) == 2 * (len(ablate.DEFAULT_VARIANTS) + 2 * 2)
     assert {seed for *_, seed in plan[: len(plan) // 2]} == {0}
     overrides = ablate.run_overrides(args, "fixmatch", "true", "labeled_only", 1)
     assert "data.synth.depth_mode='true'" in overrides
     assert "train.conf_threshold=1.01" in overrides and "train.seed=1" in overrides
 
 
-def test_default_cpu_plan_is_eight_cells_per_framework_and_seed():
+def test_default_cpu_plan_is_the_issues_seven_cells_per_framework_and_seed():
     args = ablate.parse_args([])
     plan = ablate.planned_runs(args)
-    assert len(plan) == 8 * 2 * 3  # 7 true-depth variants + both under random depth; 2 frameworks; 3 seeds
+    # labeled_only, base, cddp, uldr, both, all_labels, both under random depth; 2 frameworks; 3 seeds
+    assert len(plan) == 7 * 2 * 3
     assert ("unimatch_v2", "random", "both", 2) in plan and ("fixmatch", "random", "base", 0) not in plan
+    assert not any(variant == "cddp_paper" for _, _, variant, _ in plan)  # extra: --variants ... cddp_paper
     preset = ablate.PRESETS["cpu"]
     assert (args.labeled, args.unlabeled, args.steps, args.jobs) == (preset.labeled, preset.unlabeled, preset.steps, 2)
     assert args.runs_dir == f"{preset.out}/runs"
