@@ -90,6 +90,9 @@ def test_default_intermediate_layers_follow_method_section_6():
     assert intermediate_layers(dataclasses.replace(config, intermediate_layers=(1, 3, 5, 7)), 12) == (1, 3, 5, 7)
     with pytest.raises(ConfigError, match="model.intermediate_layers"):
         intermediate_layers(dataclasses.replace(config, intermediate_layers=(1, 2, 12)), 12)
+    for repeated_or_unordered in [(2, 5, 5, 11), (11, 8, 5, 2)]:
+        with pytest.raises(ConfigError, match=r"4 increasing block indices in \[0, 12\), got \["):
+            intermediate_layers(dataclasses.replace(config, intermediate_layers=repeated_or_unordered), 12)
 
 
 def test_dinov2_short_name_maps_to_timm():

@@ -46,9 +46,13 @@ def intermediate_layers(config: ModelConfig, depth: int) -> tuple[int, ...]:
         or DINOV2_INTERMEDIATE_LAYERS.get(depth)
         or tuple((i + 1) * depth // NUM_FEATURE_MAPS - 1 for i in range(NUM_FEATURE_MAPS))
     )
-    if len(layers) != NUM_FEATURE_MAPS or not all(0 <= layer < depth for layer in layers):
+    # increasing and distinct: a repeated index would leave a DPT level without a feature map of its
+    # own (its parameters unused, which DDP refuses), and DPT fuses from shallow to deep
+    increasing = all(earlier < later for earlier, later in zip(layers, layers[1:]))
+    if len(layers) != NUM_FEATURE_MAPS or not all(0 <= layer < depth for layer in layers) or not increasing:
         raise ConfigError(
-            f"model.intermediate_layers: expected {NUM_FEATURE_MAPS} block indices in [0, {depth}), got {list(layers)}"
+            f"model.intermediate_layers: expected {NUM_FEATURE_MAPS} increasing block indices in [0, {depth}), "
+            f"got {list(layers)}"
         )
     return tuple(layers)
 
