@@ -182,6 +182,10 @@ def test_gpu_preset_plumbing_at_a_tiny_size_on_cpu(tmp_path):
     assert (machine["preset"], machine["jobs"], machine["runs"]) == ("gpu", 2, 2)
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 runs planned, 2 done before, 0 to train" in again.stdout
+    # each training invocation keeps its wall time: the second trained nothing
+    invocations = json.loads((out / "machine.json").read_text())["invocations"]
+    assert [entry["runs_trained"] for entry in invocations] == [2, 0]
+    assert invocations[0]["wall_seconds"] > invocations[1]["wall_seconds"] > 0
 
 
 def test_report_only_summarises_the_records_present_and_trains_nothing(tmp_path):
@@ -200,4 +204,16 @@ def test_report_only_summarises_the_records_present_and_trains_nothing(tmp_path)
     assert table.count("| true |") == 4  # two rows in each of the two tables: nothing else was trained
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert machine["runs"] == 2 and machine["train_seconds_all_runs"] == 20.0
-    assert "wall_seconds_this_invocation" not in machine and not (tmp_path / "work").exists()
+    assert machine["invocations"] == [] and not (tmp_path / "work").exists()
+
+
+def test_machine_json_keeps_every_training_invocation(tmp_path):
+    path = tmp_path / "machine.json"
+    # the format before the list: one invocation's wall time at the top level
+    path.write_text(json.dumps({"command": ["ablate.py"], "commit": "abc", "jobs": 2, "wall_seconds_this_invocation": 3600.0}))
+    second = {"command": ["ablate.py", "--variants", "cddp_paper"], "wall_seconds": 400.0, "runs_trained": 6}
+    merged = ablate.with_invocations(path, {"runs": 48}, second)
+    assert merged["runs"] == 48 and "wall_seconds_this_invocation" not in merged
+    assert [entry["wall_seconds"] for entry in merged["invocations"]] == [3600.0, 400.0]
+    path.write_text(json.dumps(merged))
+    assert ablate.with_invocations(path, {"runs": 48}, None)["invocations"] == merged["invocations"]  # report-only

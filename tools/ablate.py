@@ -31,7 +31,8 @@ the record was made with other overrides), so an interrupted ablation resumes wh
 stopped. Each run prints the equivalent `python -m depmatch.train` command. The summary
 goes to <out>/ablation-<framework>.{json,md,png}: mean ± sample std (ddof 1) over
 seeds per variant and per class, and the gain over base paired by seed; <out>/machine.json
-says where and how long it ran. The reported model is the EMA teacher for frameworks
+says where it ran and, per training invocation (a resumed or extended ablation has
+several), its command, commit, runs trained and wall time. The reported model is the EMA teacher for frameworks
 that have one (UniMatch V2), the student otherwise.
 """
 
@@ -50,6 +51,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -482,18 +484,39 @@ def main(argv: list[str] | None = None) -> int:
     # On a small CPU shared with other jobs, two intra-op threads spin-wait on each other
     # whenever one is descheduled: measured at 1-4 s per step against 0.1 s with one thread.
     torch.set_num_threads(args.threads)
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
+    done_before = sum(record_path(args, run).is_file() for run in planned_runs(args))
     records = run_all(args)
     for framework in args.frameworks:
         if any(r["framework"] == framework for r in records):
             write_report([r for r in records if r["framework"] == framework], args, framework)
-    machine = {**machine_description(), "command": [sys.executable, *sys.argv], "preset": args.preset,
+    description = machine_description()
+    machine = {**description, "command": [sys.executable, *sys.argv], "preset": args.preset,
                "jobs": args.jobs, "threads": args.threads, "runs": len(records),
                "train_seconds_all_runs": sum(r["wall_seconds"] for r in records)}
+    invocation = None
     if not args.report_only:  # a report-only invocation's time says nothing about training
-        machine["wall_seconds_this_invocation"] = time.perf_counter() - started
-    (Path(args.out) / "machine.json").write_text(json.dumps(machine, indent=1))
+        invocation = {"command": machine["command"], "commit": description["commit"], "started_utc": started_at,
+                      "jobs": args.jobs, "wall_seconds": time.perf_counter() - started,
+                      "runs_trained": len(records) - done_before}
+    path = Path(args.out) / "machine.json"
+    path.write_text(json.dumps(with_invocations(path, machine, invocation), indent=1))
     return 0
+
+
+def with_invocations(path: Path, machine: dict, invocation: dict | None) -> dict:
+    """machine.json's new content: `machine`, and every training invocation so far with `invocation` last.
+
+    An ablation that is resumed, or extended by variants, runs in several invocations; each one's
+    wall time is kept, so that the time of the whole plan can still be read.
+    """
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    invocations = earlier.get("invocations", [])
+    if "wall_seconds_this_invocation" in earlier:  # written by the tool before it kept a list
+        invocations = [{"command": earlier["command"], "commit": earlier.get("commit"), "jobs": earlier.get("jobs"),
+                        "wall_seconds": earlier["wall_seconds_this_invocation"], "runs_trained": None}]
+    return {**machine, "invocations": invocations + ([invocation] if invocation else [])}
 
 
 if __name__ == "__main__":
