@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,7 @@ from depmatch.data.layouts import ShardInputError, cityscapes, folder, parse_lab
 from depmatch.data.loader import build_val_loader
 from depmatch.data.shards import read_manifest
 from depmatch.engine.online_depth import OnlineDepth
+from depmatch.models.hub import HubError
 
 
 def _save(array, path: Path) -> Path:
@@ -216,6 +218,13 @@ def test_depth_anything_by_hub_id(tmp_path, tiny_depth_anything, offline_hub):
         DepthAnythingModel("depth-anything/absent")
     assert str(error.value).startswith("--depth-model: depth-anything/absent is not a local path")
     assert str(offline_hub.cache) in str(error.value)
+    a_file = tmp_path / "model.safetensors"  # a weights file where the folder around it is wanted
+    a_file.write_bytes(b"")
+    folder_wanted = f"{a_file} is neither a local transformers folder nor a hub repo id (such as depth-anything/"
+    with pytest.raises(ShardInputError, match=re.escape(f"--depth-model: {folder_wanted}")):
+        DepthAnythingModel(str(a_file))
+    with pytest.raises(HubError, match=re.escape(f"train.online_depth_model: {folder_wanted}")):
+        OnlineDepth(str(a_file), torch.device("cpu"))
 
 
 @pytest.mark.slow

@@ -369,7 +369,8 @@ def test_transformers_directory_that_does_not_fit_lists_the_keys(tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "hidden_size": 32}))
     with pytest.raises(WeightsError, match=r"shape mismatches: .*embeddings.cls_token \(file \(1, 1, 24\)"):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path))
-    with pytest.raises(WeightsError, match="not a directory"):
+    with pytest.raises(HubError, match="model.pretrained: .*model.safetensors is neither a local transformers folder "
+                                       r"nor a hub repo id \(such as facebook/dinov2-small\)"):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path / "model.safetensors"))
 
 

@@ -66,14 +66,9 @@ class DepthAnythingModel:
         from depmatch.models.hub import HubError, transformers_folder, weights_location
 
         try:
-            path = transformers_folder(name, "--depth-model")
+            path = transformers_folder(name, "--depth-model", "depth-anything/Depth-Anything-V2-Small-hf")
         except HubError as error:
             raise ShardInputError(str(error)) from None
-        if not path.is_dir():
-            raise ShardInputError(
-                f"{path}: depth model folder not found; pass a local transformers directory or a hub repo id "
-                "such as depth-anything/Depth-Anything-V2-Small-hf"
-            )
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.model = DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True).to(self.device).eval()

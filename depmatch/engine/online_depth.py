@@ -19,12 +19,7 @@ class OnlineDepth:
 
         from depmatch.models.hub import transformers_folder
 
-        folder = transformers_folder(path, "train.online_depth_model")
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"train.online_depth_model: {path} is neither a local transformers Depth Anything folder nor a hub "
-                "repo id (e.g. depth-anything/Depth-Anything-V2-Small-hf)"
-            )
+        folder = transformers_folder(path, "train.online_depth_model", "depth-anything/Depth-Anything-V2-Small-hf")
         self.model = DepthAnythingForDepthEstimation.from_pretrained(folder, local_files_only=True).to(device).eval()
 
     @torch.no_grad()

@@ -112,10 +112,16 @@ def _snapshot(hub_id: HubId, setting: str, patterns: list[str]) -> Path:
     return Path(folder)
 
 
-def transformers_folder(name: Union[str, Path], setting: str) -> Path:
-    """A local folder for `from_pretrained`: `name` itself, or the cached snapshot of the hub id it spells."""
+def transformers_folder(name: Union[str, Path], setting: str, example_id: str) -> Path:
+    """A local folder for `from_pretrained`: `name` itself, or the cached snapshot of the hub id it spells.
+
+    A local `name` that is not a folder is a HubError naming `setting` and a hub id to try instead.
+    """
     location = weights_location(name)
     if isinstance(location, Path):
+        if not location.is_dir():
+            raise HubError(f"{setting}: {location} is neither a local transformers folder nor a hub repo id "
+                           f"(such as {example_id})")
         return location
     folder = _snapshot(location, setting, _SAFE_PATTERNS)
     if not any(folder.glob("*.safetensors")):

@@ -147,11 +147,7 @@ def load_transformers_dinov2(name: str, **config_overrides) -> nn.Module:
     """`Dinov2Model` from a `save_pretrained` directory or a hub repo id, every weight accounted for."""
     from transformers import Dinov2Model
 
-    path = transformers_folder(name, "model.pretrained")
-    if not path.is_dir():
-        raise WeightsError(
-            f"backend transformers needs a Dinov2Model directory or a hub repo id (org/name); {path} is not a directory"
-        )
+    path = transformers_folder(name, "model.pretrained", "facebook/dinov2-small")
     try:
         # ignore_mismatched_sizes only makes transformers report mismatches instead of raising
         # a bare RuntimeError; any mismatch is still refused below, with its keys.
