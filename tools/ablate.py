@@ -485,13 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     # whenever one is descheduled: measured at 1-4 s per step against 0.1 s with one thread.
     torch.set_num_threads(args.threads)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    description = machine_description()  # before training: the commit of the code that trains
     started = time.perf_counter()
     done_before = sum(record_path(args, run).is_file() for run in planned_runs(args))
     records = run_all(args)
     for framework in args.frameworks:
         if any(r["framework"] == framework for r in records):
             write_report([r for r in records if r["framework"] == framework], args, framework)
-    description = machine_description()
     machine = {**description, "command": [sys.executable, *sys.argv], "preset": args.preset,
                "jobs": args.jobs, "threads": args.threads, "runs": len(records),
                "train_seconds_all_runs": sum(r["wall_seconds"] for r in records)}
