@@ -285,15 +285,16 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_all(args: argparse.Namespace) -> list[dict]:
-    """Every planned run's record: read back when done before, else trained (`args.jobs` at a time)."""
+def run_all(args: argparse.Namespace) -> tuple[list[dict], int]:
+    """Every planned run's record (read back when done before, else trained, `args.jobs` at a time)
+    and how many of them this call trained."""
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     plan = planned_runs(args)
     records = {run: done_record(args, run) for run in plan}
     todo = [run for run in plan if records[run] is None]
     if args.report_only:
         print(f"{len(plan)} runs planned, {len(plan) - len(todo)} with a record; reporting those", flush=True)
-        return [records[run] for run in plan if records[run] is not None]
+        return [records[run] for run in plan if records[run] is not None], 0
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} done before, {len(todo)} to train", flush=True)
     prepare_datasets(args, todo)
     labels = {run: f"[{plan.index(run) + 1}/{len(plan)}]" for run in todo}
@@ -308,7 +309,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             futures = {run: pool.submit(train_and_record, args, run, labels[run]) for run in todo}
             for run, future in futures.items():
                 records[run] = future.result()
-    return [records[run] for run in plan]
+    return [records[run] for run in plan], len(todo)
 
 
 def machine_description() -> dict:
@@ -487,8 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     description = machine_description()  # before training: the commit of the code that trains
     started = time.perf_counter()
-    done_before = sum(record_path(args, run).is_file() for run in planned_runs(args))
-    records = run_all(args)
+    records, trained = run_all(args)
     for framework in args.frameworks:
         if any(r["framework"] == framework for r in records):
             write_report([r for r in records if r["framework"] == framework], args, framework)
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:  # a report-only invocation's time says nothing about training
         invocation = {"command": machine["command"], "commit": description["commit"], "started_utc": started_at,
                       "jobs": args.jobs, "wall_seconds": time.perf_counter() - started,
-                      "runs_trained": len(records) - done_before}
+                      "runs_trained": trained}
     path = Path(args.out) / "machine.json"
     path.write_text(json.dumps(with_invocations(path, machine, invocation), indent=1))
     return 0
