@@ -147,6 +147,10 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 4  # labeled images per rank per step
     unlabeled_batch_size: int = 4
+    # The supervised baseline: the labeled images alone, no unlabeled image is read or forwarded
+    # (nor DepMatch, nor online depth). The framework still decides the EMA teacher, so a
+    # unimatch_v2 baseline reports an EMA model like the semi-supervised run it is compared with.
+    labeled_only: bool = False
     grad_accum: int = 1
     conf_threshold: float = 0.95  # teacher confidence for the unlabeled CE
     ema_decay: float = 0.996

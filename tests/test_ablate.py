@@ -86,7 +86,7 @@ def test_plan_is_seed_major_with_controls():
     assert {seed for *_, seed in plan[: len(plan) // 2]} == {0}
     overrides = ablate.run_overrides(args, "fixmatch", "true", "labeled_only", 1)
     assert "data.synth.depth_mode='true'" in overrides
-    assert "train.conf_threshold=1.01" in overrides and "train.seed=1" in overrides
+    assert "train.labeled_only=true" in overrides and "train.seed=1" in overrides
 
 
 def test_default_cpu_plan_is_the_issues_seven_cells_per_framework_and_seed():
@@ -108,7 +108,7 @@ def test_all_labels_labels_every_training_image_and_trains_labeled_only():
     bottom = ablate.load_config_of(args, ("fixmatch", "true", "labeled_only", 0))
     assert (upper.data.synth.labeled, upper.data.synth.unlabeled) == (48, 40)
     assert (bottom.data.synth.labeled, bottom.data.synth.unlabeled) == (8, 40)
-    assert upper.train.conf_threshold > 1 and not upper.depmatch.enabled
+    assert upper.train.labeled_only and bottom.train.labeled_only
     paper = ablate.load_config_of(args, ("fixmatch", "true", "cddp_paper", 0))
     shipped = ablate.load_config_of(args, ("fixmatch", "true", "cddp", 0))
     assert (paper.depmatch.cddp.inter_weight, shipped.depmatch.cddp.inter_weight) == (1.0, 0.0)

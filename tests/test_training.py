@@ -204,3 +204,35 @@ def test_a_compiled_student_saves_the_plain_model_names(shards, tmp_path):
     for folder in (tmp_path / "checkpoints" / "step_00000002", tmp_path / "best"):
         weights = load_file(folder / "student.safetensors")
         build_model(config.model, config.num_classes).load_state_dict(weights)  # strict: names must match
+
+
+def test_labeled_only_is_the_labeled_cross_entropy_alone(shards, tmp_path, monkeypatch):
+    """train.labeled_only: the same labeled batches as the semi-supervised run, the plain CE of
+    the student on them as the loss, no unlabeled image read, and the framework's EMA teacher kept."""
+    semi = Trainer(tiny_config(shards, tmp_path / "semi"), dataset=prepare_dataset(tiny_config(shards, tmp_path)))
+    semi_labeled, _ = next(semi.batch_generator())
+
+    def no_unlabeled_reads(*args, **kwargs):
+        raise AssertionError("train.labeled_only read the unlabeled split")
+
+    monkeypatch.setattr("depmatch.engine.trainer.build_unlabeled_loader", no_unlabeled_reads)
+    config = tiny_config(shards, tmp_path / "sup", "train.labeled_only=true", "train.steps=3", "train.checkpoint_every=3")
+    trainer = Trainer(config, dataset=prepare_dataset(config))
+    labeled, unlabeled = next(trainer.batch_generator())
+    assert unlabeled == {}
+    assert torch.equal(labeled["image"], semi_labeled["image"]) and torch.equal(labeled["label"], semi_labeled["label"])
+
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    expected = torch.nn.functional.cross_entropy(student(labeled["image"])["logits"], labeled["label"], ignore_index=255)
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    loss, parts = trainer.compute_loss(labeled, unlabeled)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    assert set(parts) == {"loss", "loss_x"} and torch.equal(parts["loss"], parts["loss_x"])
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+    initial_teacher = [p.detach().clone() for p in trainer.teacher.model.parameters()]
+    trainer.train()
+    assert trainer.state.step == 3 and len(losses(tmp_path / "sup")) == 3
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.teacher.model.parameters(), initial_teacher))

@@ -62,12 +62,9 @@ sys.path.insert(0, str(ROOT))
 
 from depmatch.bench.presets import encoder_overrides  # noqa: E402  (needs ROOT on the path)
 
-# The unlabeled CE keeps pixels whose teacher confidence is >= conf_threshold; a softmax
-# never exceeds 1, so 1.01 masks every pixel, each unlabeled branch is exactly 0 and the
-# loss is loss_x / 2 (depmatch/frameworks/objective.py). AdamW is invariant to that
-# constant factor (up to its epsilon), so this is labeled-only training through the same
-# pipeline: same model, data order and augmentation, without a trainer switch.
-LABELED_ONLY = ["depmatch.enabled=false", "train.conf_threshold=1.01"]
+# The supervised baseline through the same trainer: same model, labeled data order and
+# augmentation, and the framework's EMA teacher (train.labeled_only in depmatch/config.py).
+LABELED_ONLY = ["train.labeled_only=true"]
 VARIANTS = {
     "labeled_only": LABELED_ONLY,
     "base": ["depmatch.enabled=false"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -43,7 +44,7 @@ from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
 from depmatch.frameworks.cutmix import mix_with_partner
 from depmatch.frameworks.depmatch import DepMatch
-from depmatch.frameworks.objective import semi_supervised_loss
+from depmatch.frameworks.objective import labeled_loss, semi_supervised_loss
 from depmatch.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Trainer:
         compile_forwards(self.accelerator, self.student, self.teacher.model if self.teacher else None, config.train)
         self.strong_view = compile_function(strong_view, config.train)
         self.input_dtype = input_dtype(self.student)
-        model_path = config.train.online_depth_model
+        model_path = None if config.train.labeled_only else config.train.online_depth_model
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
 
         self.state = TrainerState()
@@ -109,7 +110,10 @@ class Trainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         consumed = self.state.step * self.config.train.grad_accum
         labeled = build_labeled_loader(self.config, rank, world, start_step=consumed)
-        unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
+        if self.config.train.labeled_only:
+            unlabeled = repeat({})
+        else:
+            unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
         for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
             yield self.to_device(labeled_batch), self.to_device(unlabeled_batch)
 
@@ -126,7 +130,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def forward_backward_step(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+    def compute_loss(self, labeled: dict, unlabeled: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and its detached parts (method.md §5, or the labeled CE alone)."""
+        if self.config.train.labeled_only:
+            with self.accelerator.autocast():
+                loss = labeled_loss(self.student(labeled["image"])["logits"], labeled["label"], self.config.train)
+            return loss, {"loss": loss.detach().float(), "loss_x": loss.detach().float()}
         if self.online_depth is not None:
             unlabeled["depth"] = self.online_depth(unlabeled["image_weak"])
         strong = [
@@ -137,9 +146,12 @@ class Trainer:
             predictions = self.framework.predict(
                 self.student, self.teacher, labeled["image"], unlabeled["image_weak"], strong, self.depmatch.wants_clean_features
             )
-            loss, parts = semi_supervised_loss(
+            return semi_supervised_loss(
                 predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
             )
+
+    def forward_backward_step(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        loss, parts = self.compute_loss(labeled, unlabeled)
         # Agree across ranks before skipping, or one rank would wait forever in backward.
         nonfinite_ranks = self.accelerator.reduce((~torch.isfinite(loss)).float(), "sum").item()
         if nonfinite_ranks:
@@ -230,7 +242,8 @@ class Trainer:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(self.config, Path(config.output_dir) / "config.yaml")
         start_trackers(self.accelerator, self.config)
-        images_per_step = (config.batch_size + config.unlabeled_batch_size) * config.grad_accum
+        unlabeled_images = 0 if config.labeled_only else config.unlabeled_batch_size
+        images_per_step = (config.batch_size + unlabeled_images) * config.grad_accum
         log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step)
         self.student.train()
         batches = self.batch_generator()
