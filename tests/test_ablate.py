@@ -217,3 +217,15 @@ def test_machine_json_keeps_every_training_invocation(tmp_path):
     assert [entry["wall_seconds"] for entry in merged["invocations"]] == [3600.0, 400.0]
     path.write_text(json.dumps(merged))
     assert ablate.with_invocations(path, {"runs": 48}, None)["invocations"] == merged["invocations"]  # report-only
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
+def test_a_worker_dies_with_the_ablation():
+    """`kill <ablate pid>` must not leave runs training in orphaned workers."""
+    probe = (
+        "import ctypes, signal, sys; sys.path.insert(0, 'tools'); import ablate; ablate._worker_init(1); "
+        "value = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(value));"  # PR_GET_PDEATHSIG
+        "print(value.value == signal.SIGTERM)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=TOOL.parents[1], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
