@@ -76,9 +76,13 @@ def estimate(args: argparse.Namespace, warmup: int, timed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps per cell")
-    parser.add_argument("--timed", type=int, default=25, help="timed training steps per cell")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every other option is tools/ablate.py's (python tools/ablate.py --help): --preset, --frameworks, "
+        "--variants, --steps, --jobs, --set, ...",
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps per cell (default: 5)")
+    parser.add_argument("--timed", type=int, default=25, help="timed training steps per cell (default: 25)")
     own, ablate_argv = parser.parse_known_args(argv)
     args = ablate.parse_args(ablate_argv)
     torch.set_num_threads(args.threads)
