@@ -2,7 +2,7 @@
 
 For each framework, over several seeds, it trains
 
-    labeled_only   no unlabeled loss (the confidence threshold is above 1, see VARIANTS)
+    labeled_only   no unlabeled loss (train.labeled_only, see VARIANTS)
     base           the plain framework (depmatch.enabled=false)
     cddp           base + CDDP            (lambda_uldr=0)
     cddp_paper     base + CDDP with its inter-class term (inter_weight=1, the paper's form);
@@ -185,12 +185,22 @@ def shell_word(text: str) -> str:
     return f'"{text}"' if "'" in text and not set('"$`\\') & set(text) else shlex.quote(text)
 
 
+def evaluate_reported(trainer, config) -> tuple[str, dict]:
+    """("teacher" or "student", its evaluation per class): the EMA teacher where the framework keeps one."""
+    from depmatch.data.loader import build_val_loader
+    from depmatch.evaluation.evaluate import evaluate
+
+    if trainer.teacher is not None:
+        name, model = "teacher", trainer.teacher.model
+    else:
+        name, model = "student", trainer.accelerator.unwrap_model(trainer.student)
+    return name, evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
+
+
 def train_one(overrides: list[str]) -> dict:
     """Train in this process (the CLI's exact path) and evaluate the reported model per class."""
     from depmatch.config import load_config
-    from depmatch.data.loader import build_val_loader
     from depmatch.engine.trainer import Trainer
-    from depmatch.evaluation.evaluate import evaluate
     from depmatch.train import prepare_dataset
 
     config = load_config(None, overrides)
@@ -200,9 +210,7 @@ def train_one(overrides: list[str]) -> dict:
     trainer = Trainer(config, dataset=manifest)
     miou = trainer.train()
     train_seconds = time.perf_counter() - started
-    reported = "teacher" if trainer.teacher is not None else "student"
-    model = trainer.teacher.model if trainer.teacher is not None else trainer.accelerator.unwrap_model(trainer.student)
-    result = evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
+    reported, result = evaluate_reported(trainer, config)
     # the last logged window (loss parts, mask_ratio) shows whether the unlabeled losses acted at all
     log_lines = (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
     last_log = next(json.loads(line) for line in reversed(log_lines) if "loss" in json.loads(line))

@@ -27,9 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablate  # noqa: E402  (tools/ablate.py, beside this file)
 
 from depmatch.config import load_config  # noqa: E402
-from depmatch.data.loader import build_val_loader  # noqa: E402
 from depmatch.engine.trainer import Trainer  # noqa: E402
-from depmatch.evaluation.evaluate import evaluate  # noqa: E402
 
 
 def time_cell(overrides: list[str], warmup: int, timed: int) -> dict:
@@ -49,8 +47,7 @@ def time_cell(overrides: list[str], warmup: int, timed: int) -> dict:
         step_ms = (time.perf_counter() - started) / timed * 1000
         started = time.perf_counter()
         trainer.validate()
-        reported = trainer.teacher.model if trainer.teacher is not None else trainer.accelerator.unwrap_model(trainer.student)
-        evaluate(reported, build_val_loader(config, 0, 1), config.num_classes, config.eval)
+        ablate.evaluate_reported(trainer, config)
         eval_seconds = time.perf_counter() - started
     return {"build_seconds": build_seconds, "step_ms": step_ms, "eval_seconds": eval_seconds}
 
