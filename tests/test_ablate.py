@@ -125,7 +125,7 @@ def test_gpu_preset_is_a_dinov2_s_shape_at_a_larger_crop():
     cpu = ablate.load_config_of(ablate.parse_args([]), ("unimatch_v2", "true", "both", 0))
     assert config.model.encoder == "dinov2_s" and config.model.random_init and config.model.head_features == 64
     assert tuple(config.model.head_out_channels) == (48, 96, 192, 384)
-    assert config.train.mixed_precision == "bf16"
+    assert config.train.mixed_precision == "bf16" and config.train.conf_threshold == 0.8
     assert config.data.crop_size > cpu.data.crop_size and config.data.crop_size % 14 == 0
     assert len(ablate.planned_runs(args)) == 42 and args.jobs > 1
     assert args.out == "runs/ablate-gpu/results" and args.runs_dir == "runs/ablate-gpu/results/runs"
@@ -229,3 +229,14 @@ def test_a_worker_dies_with_the_ablation():
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=TOOL.parents[1], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
+
+
+def test_machine_description_names_the_launchers_commit_where_the_tree_has_no_git(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(ablate.subprocess, "run", no_git)
+    monkeypatch.setenv("DEPMATCH_COMMIT", "0123abc")
+    assert ablate.machine_description()["commit"] == "0123abc"
+    monkeypatch.delenv("DEPMATCH_COMMIT")
+    assert ablate.machine_description()["commit"] is None
