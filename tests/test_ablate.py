@@ -231,12 +231,14 @@ def test_a_worker_dies_with_the_ablation():
     assert result.stdout.strip() == "True"
 
 
-def test_machine_description_names_the_launchers_commit_where_the_tree_has_no_git(monkeypatch):
+def test_machine_description_takes_the_launchers_commit_before_the_trees_git(monkeypatch):
+    """A lent GPU machine's copy of the tree can carry a .git of another commit than the files'."""
+    monkeypatch.setenv("DEPMATCH_COMMIT", "0123abc")
+    assert ablate.machine_description()["commit"] == "0123abc"
+
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, args[0])
 
-    monkeypatch.setattr(ablate.subprocess, "run", no_git)
-    monkeypatch.setenv("DEPMATCH_COMMIT", "0123abc")
-    assert ablate.machine_description()["commit"] == "0123abc"
     monkeypatch.delenv("DEPMATCH_COMMIT")
+    monkeypatch.setattr(ablate.subprocess, "run", no_git)
     assert ablate.machine_description()["commit"] is None

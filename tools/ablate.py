@@ -341,12 +341,15 @@ def machine_description() -> dict:
     """Where the ablation ran: accelerator or CPU, versions and the commit of the code."""
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (a lent GPU machine): the launcher names the commit
-        commit = os.environ.get("DEPMATCH_COMMIT")
+    # A lent GPU machine gets a copy of the tree whose .git, if any, may be of another commit
+    # (seen: the session's first), so the launcher's DEPMATCH_COMMIT comes first.
+    commit = os.environ.get("DEPMATCH_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
     return {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
         "cpus": os.cpu_count(),

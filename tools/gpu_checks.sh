@@ -3,8 +3,9 @@
 # call. Prepare the wheels first (bash tools/device_wheels.sh), then, on the device machine,
 # from the repository root with `.whl` carried:
 #
-#   bash tools/gpu_checks.sh PART [PART ...]
+#   export DEPMATCH_COMMIT=<output of `git rev-parse HEAD` here>; bash tools/gpu_checks.sh PART [PART ...]
 #
+# (the device's copy of the tree may carry a .git of another commit; the ablation records this one).
 # Results go to runs/gpu/ and, packed as one file after every command (a device call
 # returns at most 8 files), to $OUT/gpu-PARTS.tar.gz; the tables are also printed.
 #
