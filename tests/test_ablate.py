@@ -144,6 +144,21 @@ def test_a_record_made_with_other_settings_is_not_reused(tmp_path):
         ablate.done_record(args, run)
 
 
+def test_a_record_whose_overrides_give_the_same_config_is_reused(tmp_path):
+    """A setting moved from `--set` into the preset, and another work dir, leave the run the same."""
+    args = ablate.parse_args(["--out", str(tmp_path), "--work-dir", str(tmp_path / "now")])
+    run = ("fixmatch", "true", "base", 0)
+    planned = ablate.run_overrides(args, *run)
+    recorded = [item for item in planned if not item.startswith("train.ema_decay=")]
+    recorded = [*recorded, f"train.output_dir={tmp_path}/before/x", "train.ema_decay=0.99"]
+    assert recorded != planned and ablate.same_settings(recorded, planned)
+    assert not ablate.same_settings([*recorded, "train.ema_decay=0.98"], planned)
+    path = ablate.record_path(args, run)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"overrides": recorded, "reported_miou": 2.0}))
+    assert ablate.done_record(args, run)["reported_miou"] == 2.0
+
+
 def test_chart_writes_png(tmp_path):
     path = tmp_path / "chart.png"
     ablate.chart(ablate.summarize(RECORDS), CLASSES, "test", path)

@@ -27,7 +27,8 @@ and `gpu` (a DINOv2-S-shaped model at a larger crop, several runs at once on one
 
 Every run writes one JSON file (its overrides, mIoU, per-class IoU, wall time) under
 --runs-dir before the next starts; a rerun skips the runs that have one (and stops if
-the record was made with other overrides), so an interrupted ablation resumes where it
+the record was made with other settings: its overrides must give the same config, the
+run's folder aside), so an interrupted ablation resumes where it
 stopped. Each run prints the equivalent `python -m depmatch.train` command. The summary
 goes to <out>/ablation-<framework>.{json,md,png}: mean ± sample std (ddof 1) over
 seeds per variant and per class, and the gain over base paired by seed; <out>/machine.json
@@ -269,10 +270,24 @@ def done_record(args: argparse.Namespace, run: tuple[str, str, str, int]) -> dic
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record["overrides"] != run_overrides(args, *run):
+    if not same_settings(record["overrides"], run_overrides(args, *run)):
         raise SystemExit(f"{path} was made with other settings than this invocation's; "
                          "delete it or choose another --runs-dir (or --out)")
     return record
+
+
+def same_settings(recorded: list[str], planned: list[str]) -> bool:
+    """Whether two override lists train the same run: equal configs, wherever the run's folder is.
+
+    A setting that moved into a preset reorders the list without changing the run, so the
+    records made with `--set` before still count.
+    """
+    from depmatch.config import load_config
+
+    if recorded == planned:
+        return True
+    same_folder = "train.output_dir=."
+    return load_config(None, [*recorded, same_folder]) == load_config(None, [*planned, same_folder])
 
 
 def load_config_of(args: argparse.Namespace, run: tuple[str, str, str, int]):
