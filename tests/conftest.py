@@ -1,7 +1,8 @@
 """Shared fixtures: a small synthetic shard dataset, the camvid-mini folder, an offline Hugging Face
-cache; training in a process of its own."""
+cache; training in a process of its own; the scripts of tools/ as modules."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -127,3 +128,12 @@ def train_in_own_process(overrides: list[str], check: str, env: dict | None = No
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def load_tool(name: str):
+    """tools/<name>.py as the module `name` (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

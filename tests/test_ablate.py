@@ -1,6 +1,5 @@
 """tools/ablate.py: aggregation and report against hand-computed numbers (no training)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -9,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_tool
+
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "ablate.py"
-spec = importlib.util.spec_from_file_location("ablate", TOOL)
-ablate = importlib.util.module_from_spec(spec)
-sys.modules["ablate"] = ablate  # dataclasses look their module up there
-spec.loader.exec_module(ablate)
+ablate = load_tool("ablate")
 
 CLASSES = ["a", "b"]
 

@@ -1,20 +1,7 @@
 """tools/bench_ablation.py: the estimate counts every run of the plan and adds up its timings."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool
 
 
 def test_the_estimate_counts_every_run_of_the_plan_once_per_seed(tmp_path):
