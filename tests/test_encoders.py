@@ -209,6 +209,11 @@ def test_transformers_backbones_by_folder_and_hub_id(tmp_path, offline_hub, kind
             assert model(x)["logits"].shape == (2, NUM_CLASSES, 2 * patch, 3 * patch)
     state = {f"backbone.{k}" for k in reference.state_dict() if "mask_token" not in k}
     assert set(model.encoder.state_dict()) == state
+    # random init in the shape of a folder's or hub id's config.json, shape overrides applied
+    shrunk = build(dataclasses.replace(base, encoder=f"facebook/{kind}-tiny-test", depth=5, embed_dim=64, num_heads=4))
+    backbone = shrunk.encoder.backbone
+    assert (type(backbone), backbone.config.hidden_size, shrunk.encoder.layers) == (type(model.encoder.backbone), 64, (0, 1, 2, 4))
+    assert shrunk(x)["logits"].shape == (2, NUM_CLASSES, 2 * patch, 3 * patch)
 
 
 def test_random_transformers_dinov3_trains_every_parameter_with_checkpointing():

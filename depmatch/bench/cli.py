@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from depmatch.bench.presets import ENCODER_PRESETS
+from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.engine.compile import COMPILE_MODES
 from depmatch.losses.depmatch import PAIR_BACKENDS, cuda_pair_backend
@@ -34,8 +34,11 @@ def register(subparsers) -> None:
             "Defaults: tiny encoders on CPU, DINOv2-S/B/L at crop 518 in bf16 on a GPU."
         ),
     )
-    parser.add_argument("--encoders", nargs="+", choices=sorted(ENCODER_PRESETS), default=None,
-                        help="default: dinov2_s dinov2_b dinov2_l on GPU, vit_tiny resnet18 on CPU")
+    parser.add_argument("--encoders", nargs="+", default=None, metavar="NAME",
+                        help=f"presets ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, any timm ViT or ResNet "
+                             "name (vit_small_patch16_224.augreg_in21k), or a transformers folder or hub id; random "
+                             "init, shrink with --set model.depth=N. Default: dinov2_s dinov2_b dinov2_l on GPU, "
+                             "vit_tiny resnet18 on CPU")
     parser.add_argument("--frameworks", nargs="+", default=["unimatch_v2"], choices=["fixmatch", "unimatch", "unimatch_v2"])
     parser.add_argument("--depmatch", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--precision", nargs="+", default=None, choices=["no", "bf16", "fp16"],
@@ -111,6 +114,10 @@ def launch_environment(zero: str, precision: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     encoders = args.encoders or (["dinov2_s", "dinov2_b", "dinov2_l"] if ON_GPU else ["vit_tiny", "resnet18"])
     precisions = args.precision or (["bf16"] if ON_GPU else ["no"])
+    for encoder in encoders:
+        if unknown_encoder(encoder):
+            print(unknown_encoder(encoder), file=sys.stderr)
+            return 2
     out_dir = Path(args.out)
     for zero in sorted(set(args.zero) - {"0"}):
         shipped = shipped_deepspeed_config(zero)

@@ -7,11 +7,14 @@ LayerNorm applied and the CLS and register tokens dropped, which is what the hea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
+from depmatch.models.hub import HubId, transformers_folder, weights_location
 from depmatch.models.weights import load_transformers_backbone, pretrained_source
 
 # Where each backbone sits in the encoder's state dict. DINOv2's runs were saved as `encoder.dinov2.*`
@@ -70,27 +73,37 @@ def _read_blocks(config, model_config: ModelConfig):
 
 
 def _random_config(model_config: ModelConfig):
-    """The transformers config of a randomly initialised preset (vit_tiny: DINOv2-shaped, shrunk)."""
-    from transformers import CONFIG_MAPPING
+    """The transformers config of a randomly initialised encoder: a preset's shape, or the config.json of the
+    folder or hub id `model.encoder` names; then the shape overrides (vit_tiny: DINOv2-shaped, shrunk)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    if model_config.encoder == "vit_tiny":
-        shape = dict(PRESETS["dinov2_s"].transformers_shape, hidden_size=model_config.tiny_embed_dim,
-                     num_hidden_layers=model_config.tiny_depth, num_attention_heads=model_config.tiny_heads)
-    elif model_config.encoder in PRESETS:
-        shape = dict(PRESETS[model_config.encoder].transformers_shape)
-        if model_config.embed_dim is not None and "intermediate_size" in shape:
-            shape["intermediate_size"] = shape["intermediate_size"] * model_config.embed_dim // shape["hidden_size"]
-        overrides = dict(hidden_size=model_config.embed_dim, num_hidden_layers=model_config.depth,
-                         num_attention_heads=model_config.num_heads)
-        shape.update({key: value for key, value in overrides.items() if value is not None})
+    encoder = model_config.encoder
+    if encoder == "vit_tiny":
+        preset, shape = "dinov2_s", dict(embed_dim=model_config.tiny_embed_dim, depth=model_config.tiny_depth,
+                                          num_heads=model_config.tiny_heads)
+    else:
+        preset, shape = encoder, dict(embed_dim=model_config.embed_dim, depth=model_config.depth,
+                                       num_heads=model_config.num_heads)
+    if preset in PRESETS:
+        settings = dict(PRESETS[preset].transformers_shape)
+        config = CONFIG_MAPPING[settings.pop("model_type")](**settings, drop_path_rate=model_config.drop_path)
+    elif isinstance(weights_location(encoder), HubId) or Path(encoder).is_dir():
+        folder = transformers_folder(encoder, "model.encoder", "facebook/dinov3-vits16-pretrain-lvd1689m")
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, drop_path_rate=model_config.drop_path)
     else:
         known = ", ".join(["vit_tiny", *PRESETS])
         raise ConfigError(
-            f"model.encoder: backend transformers builds {known} at random, got {model_config.encoder}; for any other "
-            "transformers model set model.pretrained to its folder or hub id (its config.json gives the shape)"
+            f"model.encoder: backend transformers builds {known}, or the model of a transformers folder or hub id "
+            f"(its config.json), got {encoder}"
         )
-    model_type = shape.pop("model_type")
-    return CONFIG_MAPPING[model_type](**shape, drop_path_rate=model_config.drop_path)
+    if shape["embed_dim"] is not None and hasattr(config, "intermediate_size"):
+        config.intermediate_size = config.intermediate_size * shape["embed_dim"] // config.hidden_size
+    for attribute, value in (("hidden_size", shape["embed_dim"]), ("num_hidden_layers", shape["depth"]),
+                             ("num_attention_heads", shape["num_heads"])):
+        if value is not None:
+            setattr(config, attribute, value)
+    config.stage_names = ["stem"] + [f"stage{block}" for block in range(1, config.num_hidden_layers + 1)]
+    return config
 
 
 def _backbone_class(config):
