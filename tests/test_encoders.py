@@ -175,6 +175,27 @@ def test_dinov3_weights_reload_from_a_file_and_a_hub_id(tmp_path, offline_hub):
         build(DINOV3_S, embed_dim=48, num_heads=3, pretrained=str(tmp_path / "dinov3_s.safetensors"))
 
 
+def test_meta_dinov3_file_converts(tmp_path):
+    source = build(DINOV3_S, seed=0)
+    timm_weights = source.encoder.vit.state_dict()
+    # Meta's layout: LayerScale as ls1/ls2.gamma, registers as storage_tokens, plus what only pre-training
+    # or the reference code uses (mask token, RoPE periods, the zero qkv bias with its mask)
+    rename = {"gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma", "reg_token": "storage_tokens"}
+    meta = {}
+    for name, value in timm_weights.items():
+        for timm_part, meta_part in rename.items():
+            name = name.replace(timm_part, meta_part)
+        meta[name] = value
+    meta.update({"mask_token": torch.zeros(1, 32), "rope_embed.periods": torch.ones(4),
+                 "blocks.0.attn.qkv.bias": torch.zeros(96), "blocks.0.attn.qkv.bias_mask": torch.ones(96)})
+    assert "storage_tokens" in meta and "blocks.0.ls1.gamma" in meta
+    torch.save(meta, tmp_path / "dinov3_vits16_pretrain.pth")
+    loaded = build(DINOV3_S, seed=1, pretrained=str(tmp_path / "dinov3_vits16_pretrain.pth"), random_init=False)
+    x = images(1, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(loaded.encoder.eval()(x), source.encoder.eval()(x)))
+
+
 def save_transformers(kind: str, directory) -> torch.nn.Module:
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel
 
