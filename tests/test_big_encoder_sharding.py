@@ -8,7 +8,6 @@ Shape-reduced: the 7B's block (SwiGLU at MLP ratio 2, RoPE, 4 registers, LayerSc
 per step on a 2-core CPU; at width 1024 one launch already took 40 s here.
 """
 
-import json
 import shutil
 import subprocess
 import sys

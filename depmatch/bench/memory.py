@@ -189,7 +189,9 @@ def state_bytes(arch: Architecture, backend: str, gpus: int) -> tuple[float, flo
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend}")
 
 
-def estimate(encoder: str, backend: str, gpus: int, step: StepShape = StepShape(), arch: Architecture | None = None) -> Estimate:
+def estimate(
+    encoder: str, backend: str, gpus: int, step: StepShape = StepShape(), arch: Architecture | None = None
+) -> Estimate:
     arch = arch or architecture(encoder, step.crop)
     params, grads, optimizer = state_bytes(arch, backend, gpus)
     return Estimate(

@@ -18,16 +18,18 @@ NUM_FEATURE_MAPS = 4
 PUBLISHED_INTERMEDIATE_LAYERS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
 
 WHAT_WORKS = (
-    "presets dinov2_{s,b,l,g} and dinov3_{s,b,l,h,7b}; any timm ViT-family model with forward_intermediates on one "
-    "patch grid (VisionTransformer: vit_small_patch16_224, vit_small_patch14_reg4_dinov2; Eva: vit_small_patch16_dinov3, "
-    "eva02_small_patch14_224); resnet* (timm ResNets, head deeplabv3plus); with model.backend: transformers, a "
-    "transformers model with a Backbone class taking out_indices (facebook/dinov2-*, facebook/dinov3-vit*)"
+    "presets dinov2_{s,b,l,g} and dinov3_{s,b,l,h,7b}; any timm ViT-family model with forward_intermediates on "
+    "one patch grid (VisionTransformer: vit_small_patch16_224, vit_small_patch14_reg4_dinov2; Eva: "
+    "vit_small_patch16_dinov3, eva02_small_patch14_224); resnet* (timm ResNets, head deeplabv3plus); with "
+    "model.backend: transformers, a transformers model with a Backbone class taking out_indices (facebook/dinov2-*, "
+    "facebook/dinov3-vit*)"
 )
 
 
 def refuse_encoder(encoder: str, why: str) -> NoReturn:
     raise ConfigError(
-        f"model.encoder: {encoder} cannot give {NUM_FEATURE_MAPS} intermediate feature maps ({why}). What works: {WHAT_WORKS}"
+        f"model.encoder: {encoder} cannot give {NUM_FEATURE_MAPS} intermediate feature maps ({why}). "
+        f"What works: {WHAT_WORKS}"
     )
 
 
@@ -78,6 +80,5 @@ def crop_for_patch(config: ExperimentConfig, patch_size: Optional[int]) -> Exper
         "data.crop_size %d (eval.window %s) rounded to %d (%s), the nearest multiple of %s's patch size %d",
         config.data.crop_size, config.eval.window, crop, window, config.model.encoder, patch_size,
     )
-    return dataclasses.replace(
-        config, data=dataclasses.replace(config.data, crop_size=crop), eval=dataclasses.replace(config.eval, window=window)
-    )
+    data = dataclasses.replace(config.data, crop_size=crop)
+    return dataclasses.replace(config, data=data, eval=dataclasses.replace(config.eval, window=window))
