@@ -100,6 +100,10 @@ class ModelConfig:
     tiny_heads: int = 3
 
 
+# depmatch.cddp.target (the forms are depmatch.losses.depmatch.CDDP_TARGETS)
+CDDP_TARGET_NAMES = ("paper", "similarity", "distance")
+
+
 @dataclass
 class CDDPConfig:
     sigma: float = 1.0
@@ -112,6 +116,16 @@ class CDDPConfig:
     # --set depmatch.cddp.inter_weight=1
     inter_weight: float = 0.0
     features: str = "clean"  # clean: extra head pass without dropout; dropped: reuse the perturbed pass
+    # What the intra-class pairs compare. paper: method.md §3 exactly, δ against w = exp(-Δd²/2σ²)
+    # (pixels at one depth pushed to distance 1, at different depths pulled together). The other
+    # two DEVIATE FROM THE PAPER, so that same depth means similar features: similarity, the
+    # cosine similarity of the features against w; distance, δ against 1 - w (docs/results.md,
+    # issue 19). The inter-class term is the paper's in all three.
+    target: str = "paper"
+
+    def __post_init__(self):
+        if self.target not in CDDP_TARGET_NAMES:
+            raise ConfigError(f"depmatch.cddp.target must be one of {', '.join(CDDP_TARGET_NAMES)}, got {self.target!r}")
 
 
 @dataclass
