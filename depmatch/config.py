@@ -62,6 +62,9 @@ class SynthConfig:
     # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
     # presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
+    # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
+    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only
+    scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
 
