@@ -128,7 +128,8 @@ class CDDPConfig:
 
     def __post_init__(self):
         if self.target not in CDDP_TARGET_NAMES:
-            raise ConfigError(f"depmatch.cddp.target must be one of {', '.join(CDDP_TARGET_NAMES)}, got {self.target!r}")
+            names = ", ".join(CDDP_TARGET_NAMES)
+            raise ConfigError(f"depmatch.cddp.target must be one of {names}, got {self.target!r}")
 
 
 @dataclass

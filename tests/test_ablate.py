@@ -286,7 +286,8 @@ def test_v3_presets_are_issue_19s_plan_on_scene_version_3():
 
 def box_record(variant, seed, boxes, depth_mode="true", rank=0.5, probe=60.0):
     return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "per_class": [90.0, *boxes],
-            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0} for when in ("start", "end")}}
+            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0}
+                       for when in ("start", "end")}}
 
 
 def test_decision_rule_by_hand():
@@ -313,9 +314,10 @@ def test_decision_rule_by_hand():
 @pytest.mark.slow
 def test_the_probes_leave_training_unchanged(tmp_path, monkeypatch):
     """A run of the v3 plan at 28 px records both probes, and the same run without them trains to the same numbers."""
+    tiny = ["data.synth.height=28", "data.synth.width=28", "data.synth.val=4", "data.crop_size=28",
+            f"data.root={tmp_path / 'shards'}"]
     args = ablate.parse_args(["--preset", "cpu_v3", "--steps", "3", "--unlabeled", "4", "--work-dir", str(tmp_path),
-                              "--set", "data.synth.height=28", "--set", "data.synth.width=28", "--set", "data.synth.val=4",
-                              "--set", "data.crop_size=28", "--set", f"data.root={tmp_path / 'shards'}"])
+                              *[word for setting in tiny for word in ("--set", setting)]])
     overrides = ablate.run_overrides(args, "fixmatch", "true", "cddp_similarity", 0)
     probed = ablate.train_one(overrides)
     assert set(probed["probes"]) == {"start", "end"}

@@ -508,7 +508,8 @@ def probe_rows(records: list[dict]) -> list[dict]:
             cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
     return [
         {"depth_mode": mode, "variant": variant,
-         **{f"{name}_{when}": mean_std(r["probes"][when][name] for r in group) for name in PROBES for when in ("start", "end")}}
+         **{f"{name}_{when}": mean_std(r["probes"][when][name] for r in group)
+            for name in PROBES for when in ("start", "end")}}
         for (mode, variant), group in cells.items()
     ]
 
@@ -536,7 +537,8 @@ def decisions(records: list[dict], class_names: list[str], control: str = "rando
         probe_ok = True
         for name in ("depth_rank", "linear_probe"):
             own = probes.get(("true", variant), {}).get(f"{name}_end", (math.nan, 0))[0]
-            others = [probes.get(key, {}).get(f"{name}_end", (math.nan, 0))[0] for key in (("true", "base"), (control, variant))]
+            others = [probes.get(key, {}).get(f"{name}_end", (math.nan, 0))[0]
+                      for key in (("true", "base"), (control, variant))]
             probe_ok &= not math.isnan(own) and all(not math.isnan(o) and own > o for o in others)
         rows.append({"variant": variant, "seeds": seeds, "box_diff": (mean, std), "per_seed": diffs,
                      "seeds_ok": seeds_ok, "probes_ok": probe_ok, "helps": seeds_ok and probe_ok})
@@ -558,7 +560,8 @@ def probe_and_decision_tables(records: list[dict], class_names: list[str]) -> st
     verdicts = decisions(records, class_names)
     if verdicts:
         lines += ["", "Decision rule (docs/results.md): true − random box_near + box_far IoU, paired by seed", "",
-                  "| variant | per seed | mean ± std | > 0 on every seed, mean > 2 std | probes (a), (b) above base and random | helps through depth |",
+                  "| variant | per seed | mean ± std | > 0 on every seed, mean > 2 std "
+                  "| probes (a), (b) above base and random | helps through depth |",
                   "|---|---|---|---|---|---|"]
         for row in verdicts:
             per_seed = ", ".join(f"{d:+.2f}" for d in row["per_seed"])

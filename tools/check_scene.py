@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = ablate.parse_args(["--preset", args.preset])
     config = ablate.load_config_of(plan, ("fixmatch", "true", "base", 0))
     count = config.data.synth.unlabeled
-    stats = scene_statistics(config.data.synth, "unlabeled", count, config.data.crop_size, config.data.scale_range, args.seed)
+    data = config.data
+    stats = scene_statistics(data.synth, "unlabeled", count, data.crop_size, data.scale_range, args.seed)
     print(json.dumps({"preset": args.preset, "scene_version": config.data.synth.scene_version,
                       "unlabeled": preset.unlabeled, **stats}, indent=1))
     return 0

@@ -299,7 +299,7 @@ def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sig
             weighted = weight.mul_(residual)  # ω(m - t) on counted pairs, 0 elsewhere
             total = total + _symmetric_sum(weighted * residual, diagonal)
             if with_grad and intra.similarity:
-                # -(ω(m - t)) against f_j, with the -1 of _accumulate_symmetric: Σ_j ω(m - t) f_j (times 4 at the end).
+                # -ω(m - t) against f_j, with the -1 of _accumulate_symmetric: Σ_j ω(m - t) f_j (× 4 at the end).
                 _accumulate_symmetric(g, weighted.neg_(), f, rows, cols, diagonal, alpha=-1.0)
             elif with_grad:
                 # H/4 (the 4 is applied once at the end).
@@ -346,8 +346,8 @@ class _CDDPPairs(torch.autograd.Function):
     """The CDDP pair sum with its gradient computed in the forward pass, tile by tile."""
 
     @staticmethod
-    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, backend,
-                intra):
+    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
+                backend, intra):
         # The pair sums stay in the compute dtype under an ambient autocast (no bf16 Gram matrix).
         with torch.autocast(features.device.type, enabled=False):
             if backend == "triton":
