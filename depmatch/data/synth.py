@@ -15,8 +15,9 @@ its own disparity and draws far objects first, which gives the class away withou
 (the bottom row alone separates the boxes). Version 3 (issue 19) removes those cues: every
 object's bottom row, size and drawing order are drawn independently of its class, no wall
 hides an object, and each scene holds a near and a far box side by side, so that most
-training crops hold both on the CDDP grid. Its one RGB correlate of depth is weak: the
-boxes' low-contrast stripes have a period proportional to 1/disparity (`STRIPE_PERIOD`).
+training crops hold both on the CDDP grid. Its RGB correlates of depth are weak: the boxes'
+low-contrast stripes have a period proportional to 1/disparity (`STRIPE_PERIOD`), and far boxes
+are a little paler (aerial perspective, `HAZE`).
 `scene_statistics` measures those properties.
 """
 
@@ -54,6 +55,10 @@ SCENE_VERSIONS = (2, 3)
 # far ones 10-24) and relative amplitude STRIPE_CONTRAST, about the image noise (σ 3 of ~100).
 STRIPE_PERIOD = 72.0
 STRIPE_CONTRAST = 0.05
+# ... and aerial perspective: a box's colour blends towards the horizon's sky colour by
+# HAZE · (1 - disparity / 20), near boxes 3-18 %, far ones 26-34 %, so that far boxes are paler.
+HAZE = 0.4
+HAZE_COLOUR = (180.0, 205.0, 235.0)
 OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
 
 
@@ -188,6 +193,8 @@ def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> No
             stripes = np.sin(2 * np.pi * (canvas.rows + canvas.columns) / (np.sqrt(2) * period) + phase)
             vertical_shade = 1.0 - 0.25 * np.clip((canvas.rows - bottom + object_height) / object_height, 0, 1)
             colour = np.array(BOX_COLOURS[rng.integers(len(BOX_COLOURS))], np.float32)
+            haze = HAZE * (1 - disparity / MAX_DISPARITY)
+            colour = colour * (1 - haze) + np.array(HAZE_COLOUR, np.float32) * haze
             rgb = colour * ((1.0 + STRIPE_CONTRAST * stripes) * vertical_shade)[..., None]
             object_disparity = disparity + rng.uniform(-0.6, 0.6) * (across - 0.5)
         canvas.paint(mask, int(class_index), rgb, object_disparity)
