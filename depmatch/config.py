@@ -62,6 +62,9 @@ class SynthConfig:
     # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
     # presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
+    # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
+    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only
+    scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
 
@@ -106,6 +109,10 @@ class ModelConfig:
     num_heads: Optional[int] = None
 
 
+# depmatch.cddp.target (the forms are depmatch.losses.depmatch.CDDP_TARGETS)
+CDDP_TARGET_NAMES = ("paper", "similarity", "distance")
+
+
 @dataclass
 class CDDPConfig:
     sigma: float = 1.0
@@ -118,6 +125,17 @@ class CDDPConfig:
     # --set depmatch.cddp.inter_weight=1
     inter_weight: float = 0.0
     features: str = "clean"  # clean: extra head pass without dropout; dropped: reuse the perturbed pass
+    # What the intra-class pairs compare. paper: method.md §3 exactly, δ against w = exp(-Δd²/2σ²)
+    # (pixels at one depth pushed to distance 1, at different depths pulled together). The other
+    # two DEVIATE FROM THE PAPER, so that same depth means similar features: similarity, the
+    # cosine similarity of the features against w; distance, δ against 1 - w (docs/results.md,
+    # issue 19). The inter-class term is the paper's in all three.
+    target: str = "paper"
+
+    def __post_init__(self):
+        if self.target not in CDDP_TARGET_NAMES:
+            names = ", ".join(CDDP_TARGET_NAMES)
+            raise ConfigError(f"depmatch.cddp.target must be one of {names}, got {self.target!r}")
 
 
 @dataclass

@@ -58,6 +58,7 @@ class DepMatch:
                 sigma=self.config.cddp.sigma,
                 inter_threshold=self.config.cddp.inter_threshold,
                 inter_weight=self.config.cddp.inter_weight,
+                target=self.config.cddp.target,
             )
         if self.config.lambda_uldr > 0:
             uldr = uldr_loss(
