@@ -1,7 +1,7 @@
 """`depmatch shards build | synth | verify`, registered by the main `depmatch` command.
 
-Each subcommand's `func(args)` returns 0, or raises SystemExit with a message and a
-non-zero status.
+Each subcommand's `func(args)` returns 0, or 1 when `verify` finds problems; a mistake in
+the input raises a `UserError` (one line from the `depmatch` command, depmatch/errors.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ BUILD_EPILOG = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     shards = subparsers.add_parser(
-        "shards", help="build, generate and check WebDataset shards", description="WebDataset shards (docs/shards.md)."
+        "shards", description="WebDataset shards (docs/shards.md)."
     )
     commands = shards.add_subparsers(dest="shards_command", required=True, metavar="{build,synth,verify}")
     _add_build(commands)
@@ -123,14 +123,11 @@ def _depth_source(args: argparse.Namespace):
 
 
 def run_build(args: argparse.Namespace) -> int:
+    source = _source_dataset(args)  # the lists and files are checked before the slow imports
     from depmatch.data.build import build_shards
-    from depmatch.data.layouts import ShardInputError
     from depmatch.engine.distributed import distributed_state
 
-    try:
-        out = build_shards(_source_dataset(args), _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
-    except ShardInputError as error:
-        raise SystemExit(f"error: {error}") from None
+    out = build_shards(source, _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
     if distributed_state().is_main_process:
         print(f"wrote {out}/manifest.json")
     return 0
@@ -149,10 +146,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from depmatch.data.verify import verify_shards
 
-    try:
-        checked, problems = verify_shards(args.root)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
+    checked, problems = verify_shards(args.root)
     for problem in problems:
         print(problem)
     if problems:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from depmatch.errors import UserError
 from depmatch.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
@@ -27,7 +28,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABELED_SPLITS = ("labeled", "val")  # splits whose every image must have a label
 
 
-class ShardInputError(ValueError):
+class ShardInputError(UserError, ValueError):
     """A source file is missing or wrong; the message names the file and the fix."""
 
 

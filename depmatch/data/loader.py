@@ -26,7 +26,7 @@ import webdataset as wds
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from depmatch.config import ExperimentConfig
+from depmatch.config import ConfigError, ExperimentConfig
 from depmatch.data.samples import collate, labeled_sample, unlabeled_sample, val_sample
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import (
@@ -145,7 +145,7 @@ def build_unlabeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, st
     manifest = read_manifest(cfg.data.root)
     with_depth = _has_depth(manifest)
     if cfg.data.require_depth and not with_depth:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.data.root} was built without depth (--no-depth), which DepMatch needs; rebuild it with "
             "--depth-model or --depth-dir, or set data.require_depth: false for a base framework"
         )

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from depmatch.choices import PAIR_BACKENDS, cuda_pair_backend
 
 IGNORE_INDEX = 255
 ENTROPY_EPS = 1e-10
@@ -160,7 +161,6 @@ def _compact(keep: torch.Tensor, *per_pixel: torch.Tensor):
     )
 
 
-PAIR_BACKENDS = ("compact", "blocked", "triton")
 _forced_backend: str | None = None
 
 
@@ -182,12 +182,6 @@ def pair_backend(name: str):
         yield
     finally:
         _forced_backend = previous
-
-
-@functools.cache
-def cuda_pair_backend() -> str:
-    """The pair-sum path CUDA tensors take by default: the kernels where triton is installed."""
-    return "triton" if importlib.util.find_spec("triton") is not None else "blocked"
 
 
 def _pair_backend(tensor: torch.Tensor, dtype: torch.dtype) -> str:
