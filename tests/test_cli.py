@@ -123,3 +123,51 @@ def test_train_with_a_missing_shard_folder(tmp_path):
     missing = tmp_path / "shards"
     assert_one_line_error(depmatch("train", "--set", f"data.root={missing}", "--set", "data.synthesize=false"),
                           "data.root", f"{missing}/manifest.json does not exist")
+
+
+def test_a_num_classes_that_contradicts_the_manifest_names_both(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 11, "splits": {}}))
+    assert_one_line_error(
+        depmatch("train", "--set", f"data.root={tmp_path}", "--set", "data.synthesize=false", "--set", "num_classes=12"),
+        "num_classes is 12 in the config but 11 in", f"{tmp_path}/manifest.json",
+    )
+
+
+@pytest.mark.slow
+def test_camvid_from_build_to_predict_with_the_shipped_config(camvid, camvid_segnet, tmp_path):
+    """The CamVid path a user takes: one build command, configs/camvid.yaml with data.root, then predict and
+    export carry CamVid's palette. The model is shrunk to the CPU's tiny ViT; everything else is the config's."""
+    from PIL import Image
+
+    from depmatch.data.classes import CAMVID_PALETTE
+
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_text("\n".join((camvid / "train.txt").read_text().split()[::8]) + "\n")
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    built = depmatch("shards", "build", "camvid", "--source", camvid_segnet, "--labeled-list", labeled,
+                     "--out", shards, "--no-depth")
+    assert built.returncode == 0, built.stderr
+    tiny = ["model.encoder=vit_tiny", "model.pretrained=null", "model.random_init=true", "model.head_features=32",
+            "model.head_out_channels=[32,64,128,128]", "model.intermediate_layers=null", "depmatch.enabled=false",
+            "data.require_depth=false", "data.crop_size=56", "data.workers=0", "train.steps=1", "train.eval_every=1",
+            "train.checkpoint_every=1", "train.batch_size=2", "train.unlabeled_batch_size=2", f"train.output_dir={run}"]
+    trained = depmatch("train", "--config", ROOT / "configs/camvid.yaml", "--set", f"data.root={shards}",
+                       *(word for override in tiny for word in ("--set", override)))
+    assert trained.returncode == 0, trained.stderr
+    summary = trained.stdout.split("\n")
+    assert f"data         {shards}: 3 labeled, 21 unlabeled, 8 val" in summary
+    assert any(line.startswith("classes      11 from camvid: sky, building, pole") for line in summary)
+    assert f"output       {run} (checkpoints/, best/, metrics.jsonl)" in summary
+    assert "Setting accelerator" not in trained.stdout + trained.stderr and " INFO " not in trained.stderr
+    assert json.loads((run / "best/classes.json").read_text())["palette"] == [list(c) for c in CAMVID_PALETTE]
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    (images / "frame.png").symlink_to(camvid / "images" / (camvid / "val.txt").read_text().split()[0])
+    predicted = depmatch("predict", "--checkpoint", run / "best", "--images", images, "--out", tmp_path / "predicted")
+    assert predicted.returncode == 0, predicted.stderr
+    palette = Image.open(tmp_path / "predicted/frame_label.png").getpalette()[: 3 * 11]
+    assert palette == [channel for colour in CAMVID_PALETTE for channel in colour]
+    exported = depmatch("export", "--checkpoint", run / "best", "--out", tmp_path / "export")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "export/classes.json").read_text())["palette"] == [list(c) for c in CAMVID_PALETTE]
