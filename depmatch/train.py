@@ -55,6 +55,7 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
     (a filesystem shared by the nodes: one writer in all) or builds its own copy (node-local
     disks). No two processes write the same path at once.
     """
+    from depmatch.data.loader import check_depth
     from depmatch.data.shards import ShardsNotFoundError, read_manifest
     from depmatch.data.synth import ensure_synthetic_shards
     from depmatch.engine.distributed import distributed_state
@@ -78,6 +79,8 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
             f"num_classes is {config.num_classes} in the config but {manifest['num_classes']} in {root}/manifest.json: "
             "leave num_classes out of the config (it comes from the shards), fix it, or point data.root at the right shards"
         )
+    if not config.train.labeled_only:
+        check_depth(config, manifest)  # now, not at the first unlabeled batch
     return manifest
 
 

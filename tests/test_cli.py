@@ -171,3 +171,14 @@ def test_camvid_from_build_to_predict_with_the_shipped_config(camvid, camvid_seg
     exported = depmatch("export", "--checkpoint", run / "best", "--out", tmp_path / "export")
     assert exported.returncode == 0, exported.stderr
     assert json.loads((tmp_path / "export/classes.json").read_text())["palette"] == [list(c) for c in CAMVID_PALETTE]
+
+
+def test_shards_without_depth_for_depmatch_fail_before_training(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 11, "depth": {"source": "none"}, "splits": {}}))
+    run = tmp_path / "run"
+    assert_one_line_error(
+        depmatch("train", "--set", f"data.root={tmp_path}", "--set", "data.synthesize=false",
+                 "--set", f"train.output_dir={run}"),
+        "was built without depth (--no-depth)", "data.require_depth: false",
+    )
+    assert not run.exists()

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # CamVid's split sizes; only the manifest is read before training
 MANIFEST = {
     "dataset": "camvid", "num_classes": 11, "classes": [f"c{i}" for i in range(11)], "eval_splits": ["val", "test"],
+    "depth": {"source": "model"},
     "splits": {"labeled": {"total": 46}, "unlabeled": {"total": 321}, "val": {"total": 101}, "test": {"total": 233}},
 }
 
