@@ -1,42 +1,100 @@
-"""The `depmatch` command: each part of the package registers its own subcommands."""
+"""The `depmatch` command: each part of the package registers its own subcommands.
+
+Only the module of the command that runs is imported (`COMMANDS`): the others appear in
+`depmatch --help` through their one-line help here, so that no command, `--help` included,
+waits for torch or the model libraries unless it needs them. Each module's `register(subparsers)`
+adds its subcommands (without `help=`, which lives here) and sets `func(args) -> status`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 from depmatch import __version__
+from depmatch.errors import run_reporting_user_errors
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from depmatch import train
-    from depmatch.bench import cli as bench_cli
-    from depmatch.data import cli as data_cli
-    from depmatch.evaluation import cli as evaluation_cli
+@dataclass(frozen=True)
+class Command:
+    module: str  # registers the command; imported only when the command is named
+    help: str  # its line in `depmatch --help`
 
+
+COMMANDS = {
+    "train": Command("depmatch.train", "train a model (no arguments: the synthetic RGB-D default on CPU)"),
+    "shards": Command("depmatch.data.cli", "build, generate and check WebDataset shards"),
+    "eval": Command("depmatch.evaluation.cli", "mIoU and per-class IoU of a checkpoint on a shard split"),
+    "predict": Command("depmatch.evaluation.cli", "label maps and overlays for a folder of images"),
+    "export": Command("depmatch.evaluation.cli", "a standalone model directory from a checkpoint"),
+    "bench": Command(
+        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU"
+    ),
+}
+
+
+def _named_command(argv: list[str]) -> Optional[str]:
+    """The subcommand in `argv`: the first word that is not an option (the top-level options take no
+    value). None when `--help` comes first: the top-level help lists the commands by their lines here."""
+    for word in argv:
+        if word in ("-h", "--help"):
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error instead of its one-line message")
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="keep the INFO and warning lines of accelerate, DeepSpeed and the model libraries")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """The parsers that end a command line (`shards build`, not `shards`)."""
+    subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not subcommands:
+        yield parser
+    for action in subcommands:
+        for child in dict.fromkeys(action.choices.values()):  # a parser with aliases appears once
+            yield from _leaf_parsers(child)
+
+
+def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """The parser of `depmatch`; the command named in `argv` gets its full parser, the others a stub."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="depmatch",
-        description="Depth-guided semi-supervised semantic segmentation: build shards, train, evaluate, predict, export, benchmark.",
+        description="Depth-guided semi-supervised semantic segmentation: build shards, train, evaluate, predict, "
+        "export, benchmark. `depmatch COMMAND --help` shows a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"depmatch {__version__}")
+    _add_common_flags(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train_parser = subparsers.add_parser(
-        "train",
-        help="train a model (no arguments: the synthetic RGB-D default on CPU)",
-        description=train.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=train.run)
-    data_cli.register(subparsers)
-    evaluation_cli.register(subparsers)
-    bench_cli.register(subparsers)
+    named = _named_command(argv)
+    if named in COMMANDS:
+        importlib.import_module(COMMANDS[named].module).register(subparsers)
+        for leaf in _leaf_parsers(subparsers.choices[named]):
+            # SUPPRESS: a flag given before the command (`depmatch --debug train`) is not reset
+            _add_common_flags(leaf, default=argparse.SUPPRESS)
+    for name, command in COMMANDS.items():
+        if name not in subparsers.choices:  # not registered by the module imported for the named command
+            subparsers.add_parser(name, help=command.help, add_help=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    from depmatch.logs import quiet_third_party_logs
+
+    if not args.verbose:
+        quiet_third_party_logs()
+    return run_reporting_user_errors(lambda: args.func(args) or 0, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ that names the key. The defaults are the embedded synthetic RGB-D run that
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -18,8 +19,10 @@ from typing import Any, Optional
 
 import yaml
 
+from depmatch.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key is unknown or its value has the wrong type."""
 
 
@@ -258,7 +261,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: {hint}(known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -300,20 +305,53 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def _read_yaml_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        loaded = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
-    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML).
+
+    An error names where the bad key came from: the file, or the override.
+    """
     values = to_dict(ExperimentConfig())
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = _load_yaml(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        values = _merge(values, loaded)
+        values = _merge(values, _read_yaml_file(path))
+        try:
+            _build(ExperimentConfig, values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}; fix it in the file") from None
     for assignment in overrides:
         values = _merge(values, _dotted_to_nested(assignment))
+        try:
+            _build(ExperimentConfig, values)
+        except ConfigError as error:
+            raise ConfigError(f"--set {assignment}: {error}") from None
     return _build(ExperimentConfig, values)
+
+
+def given_keys(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> set[str]:
+    """The dotted keys that the YAML file and the overrides set, as opposed to the defaults."""
+    values: dict = _read_yaml_file(Path(path)) if path is not None else {}
+    for assignment in overrides:
+        values = _merge(values, _dotted_to_nested(assignment))
+
+    def dotted(tree: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in tree.items():
+            keys |= dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        return keys
+
+    return dotted(values)
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:

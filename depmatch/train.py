@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from depmatch.config import ExperimentConfig, load_config
+from depmatch.config import ConfigError, ExperimentConfig, given_keys, load_config
 
 logger = logging.getLogger("depmatch.train")
 
@@ -38,14 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_dataset(config: ExperimentConfig) -> dict:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` to the `depmatch` subcommands."""
+    parser = subparsers.add_parser("train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = False) -> dict:
     """The shards' manifest; the synthetic default is generated on first use.
+
+    `num_classes_from_data`: the config did not set num_classes, so it is taken from the
+    manifest; otherwise a config value that differs from the manifest's is an error.
 
     The job's main process builds it first; then each node's main process finds it complete
     (a filesystem shared by the nodes: one writer in all) or builds its own copy (node-local
     disks). No two processes write the same path at once.
     """
-    from depmatch.data.shards import read_manifest
+    from depmatch.data.loader import check_depth
+    from depmatch.data.shards import ShardsNotFoundError, read_manifest
     from depmatch.data.synth import ensure_synthetic_shards
     from depmatch.engine.distributed import distributed_state
 
@@ -57,24 +68,35 @@ def prepare_dataset(config: ExperimentConfig) -> dict:
             if builds_now:
                 ensure_synthetic_shards(str(root), config.data.synth, config.num_classes)
             state.wait_for_everyone()
-    manifest = read_manifest(root)
-    if manifest["num_classes"] != config.num_classes:
-        raise ValueError(
-            f"{root}/manifest.json has {manifest['num_classes']} classes but num_classes is {config.num_classes}: "
-            "fix num_classes in the config or point data.root at the right shards"
+    try:
+        manifest = read_manifest(root)
+    except ShardsNotFoundError as error:
+        raise ConfigError(f"data.root: {error}, or point data.root at a shard folder") from None
+    if num_classes_from_data:
+        config.num_classes = manifest["num_classes"]
+    elif manifest["num_classes"] != config.num_classes:
+        raise ConfigError(
+            f"num_classes is {config.num_classes} in the config but {manifest['num_classes']} in {root}/manifest.json: "
+            "leave num_classes out of the config (it comes from the shards), fix it, or point data.root at the right shards"
         )
+    if not config.train.labeled_only:
+        check_depth(config, manifest)  # now, not at the first unlabeled batch
     return manifest
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)  # a mistyped key fails before the slow imports
     from depmatch.engine.trackers import check_trackers
     from depmatch.engine.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_config(args.config, args.overrides)
     check_trackers(config.train.log_with)  # before the shards are generated or checked
-    manifest = prepare_dataset(config)
+    manifest = prepare_dataset(config, num_classes_from_data="num_classes" not in given_keys(args.config, args.overrides))
     trainer = Trainer(config, resume=args.resume, dataset=manifest)
+    if trainer.accelerator.is_main_process:
+        from depmatch.run_summary import run_summary
+
+        print(run_summary(config, manifest, trainer.accelerator.unwrap_model(trainer.student), trainer.accelerator), flush=True)
     results = trainer.train()
     if trainer.stopped_by is not None:
         # 0, not an error: under torchrun a failing worker would be restarted (--max_restarts) while
@@ -88,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="depmatch train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`accelerate launch -m depmatch.train ...`: the same command as `depmatch train ...`."""
+    from depmatch.cli import main as depmatch_main
+
+    return depmatch_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

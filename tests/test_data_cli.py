@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from depmatch.data.cli import register
+from depmatch.data.layouts import ShardInputError
 
 
 @pytest.fixture
@@ -92,8 +93,8 @@ def test_build_folder_layout_from_the_cli(parser, camvid, tmp_path, capsys):
 
 
 def test_build_errors_name_the_file_and_the_fix(parser, tmp_path):
-    with pytest.raises(SystemExit, match=r"error: .*missing\.txt: split list not found"):
+    with pytest.raises(ShardInputError, match=r"missing\.txt: split list not found"):
         _run(parser, "shards", "build", "pascal", "--source", str(tmp_path), "--out", str(tmp_path / "out"),
              "--labeled-list", str(tmp_path / "missing.txt"), "--no-depth")
-    with pytest.raises(SystemExit, match="folder layout needs --num-classes"):
+    with pytest.raises(ShardInputError, match="folder layout needs --num-classes"):
         _run(parser, "shards", "build", "folder", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--no-depth")

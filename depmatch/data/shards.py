@@ -11,14 +11,17 @@ import os
 import uuid
 from pathlib import Path
 
-import webdataset as wds
-
 from depmatch import __version__
+from depmatch.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
 SPLITS = ("labeled", "unlabeled", "val")
+
+
+class ShardsNotFoundError(UserError, FileNotFoundError):
+    """A shard folder, its manifest or one of its splits does not exist."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -54,10 +57,12 @@ def read_manifest(root: str | Path) -> dict:
     """The manifest of a shard dataset: a local folder or a URL prefix readable by webdataset."""
     location = f"{str(root).rstrip('/')}/{MANIFEST_NAME}"
     if not is_url(root) and not Path(location).is_file():
-        raise FileNotFoundError(
+        raise ShardsNotFoundError(
             f"{location} does not exist: build the shards first "
             "(`depmatch shards build ...` or `depmatch shards synth --out ...`)"
         )
+    import webdataset as wds  # here, not at the top: the CLI checks a local manifest before the slow imports
+
     with wds.gopen(location) as stream:
         return json.loads(stream.read())
 
@@ -65,7 +70,10 @@ def read_manifest(root: str | Path) -> dict:
 def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     """Paths (or URLs) of the shards of one split, in manifest order."""
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} is not in {root}/{MANIFEST_NAME} (has {sorted(manifest['splits'])})")
+        raise ShardsNotFoundError(
+            f"split {split!r} is not in {root}/{MANIFEST_NAME} (it has {', '.join(sorted(manifest['splits']))}); "
+            "pick one of those or rebuild the shards with that split"
+        )
     prefix = str(root).rstrip("/")
     return [f"{prefix}/{shard['name']}" for shard in manifest["splits"][split]["shards"]]
 

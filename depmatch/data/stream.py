@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from depmatch.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,7 @@ def assigned(urls: Sequence[str], slot: int, slots: int) -> Iterator[dict]:
 
 def check_enough_shards(urls: Sequence[str], slots: int, split: str) -> None:
     if len(urls) < slots:
-        raise ValueError(
+        raise ConfigError(
             f"the {split} split has {len(urls)} shard(s) but ranks × workers = {slots} readers need one each; "
             "rebuild it with fewer samples per shard or lower data.workers"
         )

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from depmatch.config import SynthConfig
+from depmatch.config import ConfigError, SynthConfig
 from depmatch.data.codec import encode_depth, encode_png
 from depmatch.data.shards import BUILDER_VERSION, MANIFEST_NAME, depth_manifest_entry, read_manifest
 from depmatch.data.writer import ShardPlan, plan_shards, write_dataset
@@ -225,7 +225,7 @@ def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.
     if mode == "random":  # smooth, so it looks like depth, but independent of the scene
         coarse = rng.uniform(0, MAX_DISPARITY, (4, 6)).astype(np.float32)
         return np.array(Image.fromarray(coarse).resize(depth.shape[::-1], Image.BILINEAR))
-    raise ValueError(f"synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {mode!r}")
+    raise ConfigError(f"data.synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {mode!r}")
 
 
 def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,12 +255,12 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
     Call it from one process (the main one) before the others read the shards.
     """
     if num_classes != len(SYNTH_CLASSES):
-        raise ValueError(f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}")
+        raise ConfigError(f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}")
     if synth.depth_mode not in DEPTH_MODES:
-        raise ValueError(f"synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {synth.depth_mode!r}")
+        raise ConfigError(f"data.synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {synth.depth_mode!r}")
     if synth.scene_version not in SCENE_VERSIONS:
-        raise ValueError(f"data.synth.scene_version must be one of {', '.join(map(str, SCENE_VERSIONS))}, "
-                         f"got {synth.scene_version!r}")
+        raise ConfigError(f"data.synth.scene_version must be one of {', '.join(map(str, SCENE_VERSIONS))}, "
+                          f"got {synth.scene_version!r}")
     path = Path(root)
     settings = dataclasses.asdict(synth)
     if (path / MANIFEST_NAME).is_file():

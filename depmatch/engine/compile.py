@@ -15,10 +15,10 @@ import torch
 from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel
 
+from depmatch.choices import COMPILE_MODES
 from depmatch.config import ConfigError, TrainConfig
 from depmatch.engine.distributed import shards_parameters
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_forwards(accelerator: Accelerator, student: torch.nn.Module, teacher_model, config: TrainConfig) -> None:

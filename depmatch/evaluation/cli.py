@@ -8,10 +8,12 @@ The commands import their modules when they run, so that `depmatch --help` stays
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Callable
 
-from depmatch.evaluation.inference import AUTOCAST_DTYPES, MODES
-from depmatch.evaluation.loading import WHICH_CHOICES
+from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
+from depmatch.data.shards import read_manifest, shard_urls
+from depmatch.evaluation.checkpoint_dir import checkpoint_config
 
 CHECKPOINT_HELP = "training checkpoint dir (config.yaml + student/teacher.safetensors) or `depmatch export` dir"
 WHICH_HELP = "weights to use from a training checkpoint; auto = the EMA teacher when present, else the student"
@@ -19,13 +21,13 @@ WHICH_HELP = "weights to use from a training checkpoint; auto = the EMA teacher 
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference protocol (default: the checkpoint's eval config)")
-    group.add_argument("--mode", choices=MODES, help="resize: Pascal protocol; sliding: Cityscapes sliding window")
+    group.add_argument("--mode", choices=INFERENCE_MODES, help="resize: Pascal protocol; sliding: Cityscapes sliding window")
     group.add_argument("--window", type=int, help="sliding window size in pixels (default: the training crop size)")
     group.add_argument("--scales", type=float, nargs="+", help="image scales whose predictions are averaged, e.g. 0.75 1 1.25")
     group.add_argument(
         "--flip", action="store_true", default=None, help="also predict the mirrored image and average the two"
     )
-    group.add_argument("--precision", choices=tuple(AUTOCAST_DTYPES), help="autocast dtype (default: fp32)")
+    group.add_argument("--precision", choices=INFERENCE_PRECISIONS, help="autocast dtype (default: fp32)")
 
 
 def _eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,6 +40,9 @@ def _eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    # the paths are checked before torch is imported: a mistake costs a fraction of a second
+    checkpoint_config(Path(args.checkpoint))
+    shard_urls(args.shards, read_manifest(args.shards), args.split)
     from depmatch.evaluation.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.which, args.out, **_eval_overrides(args))
@@ -45,6 +50,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    checkpoint_config(Path(args.checkpoint))
     from depmatch.evaluation.predict import predict_images
 
     predict_images(
@@ -54,6 +60,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    checkpoint_config(Path(args.checkpoint))
     from depmatch.evaluation.export import export_model
 
     export_model(args.checkpoint, args.out, args.which)
@@ -62,12 +69,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_command(
-    subparsers: argparse._SubParsersAction, name: str, func: Callable, help: str, description: str
+    subparsers: argparse._SubParsersAction, name: str, func: Callable, description: str
 ) -> argparse.ArgumentParser:
     """A subcommand that reads a checkpoint, with the flags every such command has."""
-    parser = subparsers.add_parser(name, help=help, description=description)
+    parser = subparsers.add_parser(name, description=description)
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--which", choices=WHICH_CHOICES, default="auto", help=WHICH_HELP)
+    parser.add_argument("--which", choices=WEIGHTS_CHOICES, default="auto", help=WHICH_HELP)
     parser.set_defaults(func=func)
     return parser
 
@@ -78,7 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "eval",
         _run_eval,
-        help="mIoU and per-class IoU of a checkpoint on a shard split",
         description="Evaluate a checkpoint on the validation shards: prints per-class IoU and mIoU and "
         "optionally writes them as JSON. Under `accelerate launch` the images are split across processes.",
     )
@@ -91,7 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "predict",
         _run_predict,
-        help="label maps and overlays for a folder of images",
         description="Segment every PNG/JPEG image in a folder: writes <stem>_label.png (palette PNG of class "
         "indices) and <stem>_overlay.png (image blended with the class colours).",
     )
@@ -107,7 +112,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "export",
         _run_export,
-        help="a standalone model directory from a checkpoint",
         description="Write model.safetensors + config.yaml + classes.json from a training checkpoint: the "
         "chosen weights, checked to load, usable by eval and predict without DeepSpeed.",
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from depmatch.config import load_config, save_config
+from depmatch.evaluation.checkpoint_dir import checkpoint_config
 from depmatch.evaluation.loading import (
     EXPORT_WEIGHTS,
     EXPORTED_FROM_KEY,
@@ -32,7 +33,7 @@ def export_model(checkpoint: str | Path, out: str | Path, which: str = "auto") -
     under `depmatch.exported_from`.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    config = load_config(checkpoint / "config.yaml")
+    config = load_config(checkpoint_config(checkpoint))
     weights_path, source = resolve_weights(checkpoint, which)
     weights = load_file(str(weights_path))
     # fail here, not at the first eval, when the weights do not fit the config

@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS
 from depmatch.config import EvalConfig, ExperimentConfig
 
-MODES = ("resize", "sliding")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.bfloat16, torch.float16)))
 
 
 def eval_settings(config: ExperimentConfig, **overrides: Any) -> EvalConfig:
     """`config.eval` with `overrides` applied and the sliding window defaulting to the
     training crop, as the Cityscapes protocol prescribes."""
     settings = dataclasses.replace(config.eval, **overrides)
-    if settings.mode not in MODES:
-        raise ValueError(f"unknown inference mode {settings.mode!r} (known: {', '.join(MODES)})")
+    if settings.mode not in INFERENCE_MODES:
+        raise ValueError(f"unknown inference mode {settings.mode!r} (known: {', '.join(INFERENCE_MODES)})")
     if settings.precision is not None and settings.precision not in AUTOCAST_DTYPES:
         raise ValueError(f"eval precision must be one of {', '.join(AUTOCAST_DTYPES)} or None, got {settings.precision!r}")
     return dataclasses.replace(settings, window=settings.window or config.data.crop_size)
@@ -144,8 +144,8 @@ def predict_logits(
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a 1×3×H×W image, got shape {tuple(image.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown inference mode {mode!r} (known: {', '.join(MODES)})")
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"unknown inference mode {mode!r} (known: {', '.join(INFERENCE_MODES)})")
     if mode == "sliding" and window is None:
         raise ValueError("sliding-window inference needs a window size")
     if mode == "resize":

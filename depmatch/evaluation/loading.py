@@ -19,19 +19,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from depmatch.choices import WEIGHTS_CHOICES
 from depmatch.config import ExperimentConfig, load_config
 from depmatch.data.classes import voc_palette
+from depmatch.evaluation.checkpoint_dir import CheckpointError, checkpoint_config
 from depmatch.models import build_model
 from depmatch.models.weights import logger as weights_logger
 
-WHICH_CHOICES = ("auto", "teacher", "student")
 EXPORT_WEIGHTS = "model.safetensors"
 # safetensors metadata key in an export naming the checkpoint weights it was made from
 EXPORTED_FROM_KEY = "depmatch.exported_from"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete or its weights do not fit its config."""
 
 
 @dataclass
@@ -68,8 +65,8 @@ def resolve_weights(directory: Path, which: str = "auto") -> tuple[Path, str]:
 
     The EMA teacher is the model UniMatch V2 evaluates, so it is the default.
     """
-    if which not in WHICH_CHOICES:
-        raise CheckpointError(f"--which must be one of {', '.join(WHICH_CHOICES)}, got {which!r}")
+    if which not in WEIGHTS_CHOICES:
+        raise CheckpointError(f"--which must be one of {', '.join(WEIGHTS_CHOICES)}, got {which!r}")
     export = directory / EXPORT_WEIGHTS
     if export.is_file():
         source = exported_from(export) or "unknown"
@@ -109,10 +106,7 @@ def load_for_inference(
 ) -> tuple[nn.Module, ExperimentConfig, ClassInfo]:
     """(model in eval mode on `device`, experiment config, classes) from a checkpoint or export dir."""
     directory = Path(path)
-    config_path = directory / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} does not exist: {directory} is not a checkpoint or export directory")
-    config = load_config(config_path)
+    config = load_config(checkpoint_config(directory))
     weights_path, _ = resolve_weights(directory, which)
     model = build_model_for_inference(config)
     load_weights_into(model, load_file(str(weights_path)), weights_path)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from depmatch.choices import PAIR_BACKENDS, cuda_pair_backend
 
 IGNORE_INDEX = 255
 ENTROPY_EPS = 1e-10
@@ -182,8 +183,6 @@ CDDP_TARGETS = {
 }
 # A unit feature is f / max(||f||, this): a zero feature stays zero, with a finite gradient.
 _UNIT_EPS = 1e-8
-
-PAIR_BACKENDS = ("compact", "blocked", "triton")
 _forced_backend: str | None = None
 
 
@@ -205,12 +204,6 @@ def pair_backend(name: str):
         yield
     finally:
         _forced_backend = previous
-
-
-@functools.cache
-def cuda_pair_backend() -> str:
-    """The pair-sum path CUDA tensors take by default: the kernels where triton is installed."""
-    return "triton" if importlib.util.find_spec("triton") is not None else "blocked"
 
 
 def _pair_backend(tensor: torch.Tensor, dtype: torch.dtype) -> str:

@@ -1,0 +1,22 @@
+"""Names the command line offers as choices, importable without torch.
+
+The modules that act on them import them from here, so that a command's `--help` lists
+them without loading torch or a model library (docs/cli.md, tools/bench_import.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+INFERENCE_MODES = ("resize", "sliding")  # eval.mode
+INFERENCE_PRECISIONS = ("bf16", "fp16")  # eval.precision; None runs fp32
+WEIGHTS_CHOICES = ("auto", "teacher", "student")  # which weights of a checkpoint eval/predict/export use
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode
+PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR's pair sums
+
+
+@functools.cache
+def cuda_pair_backend() -> str:
+    """The pair-sum path CUDA tensors take by default: the kernels where triton is installed."""
+    return "triton" if importlib.util.find_spec("triton") is not None else "blocked"
