@@ -14,7 +14,7 @@ On the CPU, the same code path at tiny shapes (a 24-wide ViT for every encoder, 
 
 Items, in this order, each with a time cap (`CAPS`); an item whose cap no longer fits the
 remaining budget (--budget-s) is skipped, and within an item no configuration starts past its
-cap (a running one is cut there). The optional configurations (G step, ZeRO-2 for B, the
+cap (a running one is cut there). The optional configurations (G step, ZeRO-2 compiled, the
 original DepMatch step) run last, in the time left.
 
 1. losses: CDDP + ULDR forward + backward of one view at Pascal size (B = 4): the Triton kernels,
@@ -22,8 +22,9 @@ original DepMatch step) run last, in the time left.
 2. step: DINOv2-S and -B, DepMatch off and on, eager and compiled, plain accelerate: wall time,
    kernel time and its share of the wall time (torch.profiler), launches and host syncs per step.
 3. mfu: the DINOv2-L student alone, the L step off and on, compiled (then G on): MFU.
-4. zero2: S off and on under ZeRO-2 with the shipped launch/deepspeed/zero2.json, one process
-   (a child process: DeepSpeed takes accelerate's state for the whole process).
+4. zero2: S off and on, eager (then compiled), under ZeRO-2 with the shipped
+   launch/deepspeed/zero2.json, one process (a child process: DeepSpeed takes accelerate's
+   state for the whole process).
 5. peer: UniMatch V2's own training step (.gpu-anchor/unimatch_v2_step.py), fp32 and bf16.
 
 Every configuration of an item runs in this process (inductor's caches serve the later ones).
@@ -70,7 +71,7 @@ ITEMS = ("losses", "step", "mfu", "zero2", "peer")
 # Seconds per item on an H100/H200: their sum fits the default budget, so that an uneventful
 # call runs every item; the optional configurations then share what the items left.
 CAPS = {"losses": 40, "step": 150, "mfu": 85, "zero2": 45, "peer": 55}
-OPTIONAL_CAPS = {"mfu": 90, "zero2": 40, "peer": 45}
+OPTIONAL_CAPS = {"mfu": 90, "zero2": 80, "peer": 45}
 GPU_BUDGET_S = 380  # + the wheel install and start-up of tools/gpu_checks.sh: ≤ 7 minutes
 TINY_MODEL = ("model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8", "model.head_out_channels=[8,8,8,8]")
 ENCODERS = {"S": "dinov2_s", "B": "dinov2_b", "L": "dinov2_l", "G": "dinov2_g"}
@@ -209,35 +210,38 @@ def mfu_tasks(run: "Run") -> list:
     ]
 
 
-def zero2_task(run: "Run", role: str, optional: bool = False) -> "Task":
-    """S (or B) off and on under ZeRO-2, compiled, in one child process launched as
-    `accelerate launch --config_file launch/zero2-8gpu.yaml` would be, with one process."""
+def zero2_task(run: "Run", role: str, compiled: bool, optional: bool = False) -> "Task":
+    """`role` off and on under ZeRO-2 in one child process launched as `accelerate launch
+    --config_file launch/zero2-8gpu.yaml` would be, with one process. Eager is the required pair:
+    DeepSpeed holds the weights in bf16, so the compiled graphs differ from the plain step's and
+    compile anew in the child."""
+    mode = "compiled" if compiled else "eager"
 
     def go() -> dict:
         precision = deepspeed_precision(shipped_deepspeed_config("2"))
-        specs = [{**run.plan.spec(role, depmatch, True, run.out / "trainer"), "precision": precision}
+        specs = [{**run.plan.spec(role, depmatch, compiled, run.out / "trainer"), "precision": precision}
                  for depmatch in (False, True)]  # fmt: skip
-        results = run.out / f"zero2-{role}.jsonl"
+        results = run.out / f"zero2-{role}-{mode}.jsonl"
         results.unlink(missing_ok=True)
         command = [sys.executable, __file__, "--worker-zero2", json.dumps(specs), str(results)]
         command += ["--tiny"] if run.plan.tiny else []
-        log = run.out / f"zero2-{role}.log"
+        log = run.out / f"zero2-{role}-{mode}.log"
         try:
             with log.open("w") as handle:
                 subprocess.run(command, env=launch_environment("2", precision), stdout=handle, stderr=subprocess.STDOUT, check=True)
         except subprocess.CalledProcessError as error:
             raise RuntimeError(f"the ZeRO-2 child exited with {error.returncode}: {tail(log)}") from None
         finally:  # what it measured before a cut or a failure still counts
-            run.zero2_rows(role, results)
+            run.zero2_rows(role, compiled, results)
         return {"status": "ok", "configurations": 2}
 
-    return Task("zero2", f"{role} off+on compiled", go, identity={"role": role}, kind=2, optional=optional)
+    return Task("zero2", f"{role} off+on {mode}", go, identity={"role": role, "compile": compiled}, kind=2, optional=optional)
 
 
 def zero2_worker(specs: list[dict], results: Path, tiny: bool) -> int:
     plan = Plan.for_run(tiny)
     for spec in specs:
-        with compiled_context(plan, True):
+        with compiled_context(plan, spec["compile"]):
             trainer, step = build_step(spec)
             timing = profile(step, plan.warmup, plan.steps, 0)
         with results.open("a") as handle:
@@ -323,21 +327,21 @@ class Run:
         self.rows.append({"item": task.item, "name": task.name, **task.identity, **values})
         self.write()
 
-    def zero2_rows(self, role: str, results: Path) -> None:
+    def zero2_rows(self, role: str, compiled: bool, results: Path) -> None:
         """The ZeRO-2 child's configurations as rows of their own (one JSON line each)."""
         lines = results.read_text().splitlines() if results.is_file() else []
         for line in lines:
             row = json.loads(line)
             depmatch = row.pop("depmatch")
-            task = Task("zero2", f"{role} {'on' if depmatch else 'off'} compiled", None,
-                        identity={"role": role, "depmatch": depmatch, "compile": True, "scope": "step", "zero": "2"})  # fmt: skip
+            task = Task("zero2", f"{role} {'on' if depmatch else 'off'} {'compiled' if compiled else 'eager'}", None,
+                        identity={"role": role, "depmatch": depmatch, "compile": compiled, "scope": "step", "zero": "2"})  # fmt: skip
             self.add(task, status="ok", **row)
 
     def run_tasks(self, tasks: list[Task], cap: float, item: str) -> None:
         item_end = time.monotonic() + min(cap, self.remaining())
         for task in tasks:
             left = item_end - time.monotonic()
-            if left < max(self.plan.min_start_s[task.kind], 0.5 if not self.plan.tiny else 0.0) or left <= 0:
+            if left <= max(self.plan.min_start_s[task.kind], 0.0):
                 self.add(task, status=f"skipped: {max(left, 0):.0f} s of the {item} item's {cap:.0f} s cap left")
                 continue
             began = time.monotonic()
@@ -347,7 +351,7 @@ class Run:
                     values = task.go()
             except Cut as cut:
                 values = {"status": str(cut)}
-            except Exception as error:  # noqa: BLE001: a failure is a row, and the run goes on
+            except (Exception, SystemExit) as error:  # noqa: BLE001: a failure is a row, and the run goes on
                 values = {"status": f"failed: {type(error).__name__}: {error}"[:600]}
                 traceback.print_exc()
             finally:
@@ -359,7 +363,7 @@ class Run:
 
     def execute(self) -> None:
         builders = {"losses": losses_tasks, "step": step_tasks, "mfu": mfu_tasks, "peer": peer_tasks,
-                    "zero2": lambda run: [zero2_task(run, "S"), zero2_task(run, "B", optional=True)]}  # fmt: skip
+                    "zero2": lambda run: [zero2_task(run, "S", False), zero2_task(run, "S", True, optional=True)]}  # fmt: skip
         deferred = []
         for item in ITEMS:
             tasks = builders[item](self) if item in self.items else []

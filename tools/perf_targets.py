@@ -33,7 +33,8 @@ class Rows:
             if row["item"] == item and all(row.get(key) == value for key, value in identity.items()):
                 return (row, "") if row.get("status") == "ok" else (None, row.get("status", ""))
         for row in self.rows:  # a task that runs several configurations (ZeRO-2's child) and stopped early
-            if row["item"] == item and "role" in row and row["role"] == identity.get("role") and row.get("status") != "ok":
+            if (row["item"] == item and row.get("status") != "ok" and "role" in row and row["role"] == identity.get("role")
+                    and row.get("compile") == identity.get("compile")):  # fmt: skip
                 return None, row["status"]
         return None, f"no {item} row (item not run)"
 
@@ -48,6 +49,10 @@ class Rows:
             if off and on:
                 modes.append((on["wall_ms_per_step"], compiled))
         return min(modes)[1] if modes else None
+
+    def zero2_mode(self) -> bool:
+        """Compiled when both compiled ZeRO-2 steps of S ran (the optional pair), else eager."""
+        return all(self.step("S", depmatch, True, "zero2", "2")[0] for depmatch in (False, True))
 
 
 def mode_name(compiled: bool) -> str:
@@ -101,11 +106,9 @@ def target_2(rows: Rows) -> list[dict]:
                                 rows.step(role, False, compiled), DEPMATCH_RATIO))  # fmt: skip
     parts.append(ratio_part("L plain (compiled)", rows.step("L", True, True, item="mfu"),
                             rows.step("L", False, True, item="mfu"), DEPMATCH_RATIO))  # fmt: skip
-    for role in ("S", "B"):
-        on, off = rows.step(role, True, True, "zero2", "2"), rows.step(role, False, True, "zero2", "2")
-        if role == "B" and not (on[0] or off[0]):
-            continue  # optional in the plan: reported when it ran
-        parts.append(ratio_part(f"{role} ZeRO-2 (compiled)", on, off, DEPMATCH_RATIO))
+    compiled = rows.zero2_mode()
+    parts.append(ratio_part(f"S ZeRO-2 ({mode_name(compiled)})", rows.step("S", True, compiled, "zero2", "2"),
+                            rows.step("S", False, compiled, "zero2", "2"), DEPMATCH_RATIO))  # fmt: skip
     return parts
 
 
@@ -135,8 +138,10 @@ def target_4(rows: Rows) -> list[dict]:
 
 
 def target_5(rows: Rows) -> list[dict]:
-    return [ratio_part(f"S {'on' if depmatch else 'off'} (compiled)", rows.step("S", depmatch, True, "zero2", "2"),
-                       rows.step("S", depmatch, True), ZERO2_RATIO) for depmatch in (False, True)]  # fmt: skip
+    compiled = rows.zero2_mode()
+    return [ratio_part(f"S {'on' if depmatch else 'off'} ({mode_name(compiled)})",
+                       rows.step("S", depmatch, compiled, "zero2", "2"), rows.step("S", depmatch, compiled),
+                       ZERO2_RATIO) for depmatch in (False, True)]  # fmt: skip
 
 
 def target_6(rows: Rows) -> list[dict]:
