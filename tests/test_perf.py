@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,6 @@ def test_the_tiny_run_measures_every_configuration_and_reads_every_target(tmp_pa
     assert all(target["verdict"] in VERDICTS for target in targets)
     peer = next(target for target in targets if target["target"] == 6)
     assert all(part["why"].startswith("not prepared") for part in peer["parts"]), peer
-    import tarfile
-
     with tarfile.open(tmp_path / "perf.tar.gz") as archive:
         assert {"perf/perf.json", "perf/summary.md", "perf/summary.json"} <= set(archive.getnames())
 

@@ -70,7 +70,7 @@ ON_GPU = torch.cuda.is_available()
 ITEMS = ("losses", "step", "mfu", "zero2", "peer")
 # Seconds per item on an H100/H200: their sum fits the default budget, so that an uneventful
 # call runs every item; the optional configurations then share what the items left.
-CAPS = {"losses": 40, "step": 150, "mfu": 85, "zero2": 45, "peer": 55}
+CAPS = {"losses": 30, "step": 140, "mfu": 110, "zero2": 40, "peer": 50}
 OPTIONAL_CAPS = {"mfu": 90, "zero2": 80, "peer": 45}
 GPU_BUDGET_S = 380  # + the wheel install and start-up of tools/gpu_checks.sh: ≤ 7 minutes
 TINY_MODEL = ("model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8", "model.head_out_channels=[8,8,8,8]")
@@ -257,7 +257,8 @@ def peer_task(run: "Run", name: str, arguments: list[str], optional: bool = Fals
     def go() -> dict:
         if not (script.is_file() and (snapshot / "SOURCES.json").is_file()):
             return {"status": f"not prepared: {script} or {snapshot}/SOURCES.json is missing (bash tools/prepare_gpu_call.sh)"}
-        result_file, log = run.out / f"peer-{name}.json", run.out / f"peer-{name}.log"
+        stem = f"peer-{name.replace(' ', '-')}"
+        result_file, log = run.out / f"{stem}.json", run.out / f"{stem}.log"
         shape = ["--crop", str(run.plan.crop), "--batch", str(run.plan.batch), "--steps", str(run.plan.steps),
                  "--warmup", str(run.plan.warmup), "--classes", "21"]  # fmt: skip
         command = [sys.executable, str(script), "--snapshot-dir", str(snapshot), "--device", "cuda" if ON_GPU else "cpu",
@@ -374,7 +375,8 @@ class Run:
             cap = CAPS[item] * self.plan.cap_scale
             if cap > self.remaining():
                 for task in required:
-                    self.add(task, status=f"skipped: its item's cap of {cap:.0f} s exceeds the {max(self.remaining(), 0):.0f} s left in the budget")
+                    left = max(self.remaining(), 0)
+                    self.add(task, status=f"skipped: its item's cap of {cap:.0f} s exceeds the {left:.0f} s left in the budget")
                 continue
             self.run_tasks(required, cap, item)
         for item, task in deferred:  # what the required items left, in item order
@@ -408,7 +410,8 @@ def git_commit() -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on any device (the CPU test of this script)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes on any device (the CPU test of this script; without a GPU the run is always tiny)")  # fmt: skip
     parser.add_argument("--out", default="runs/perf")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"seconds for all items (default {GPU_BUDGET_S}; tiny: 4× that, as every cap)")  # fmt: skip
