@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,12 @@ def test_targets_read_the_faster_mode_and_compare_like_with_like():
     assert parts[6]["on vs fp32"]["met"] is True and parts[6]["off vs bf16"]["why"] == "skipped: 0 s left"
     assert summary[1]["verdict"] == "not met" and summary[3]["verdict"] == "met" and summary[4]["verdict"] == "not measured"
     assert summary[6]["verdict"] == "partly measured, met so far"
+
+
+def test_a_configuration_past_its_cap_is_cut_and_its_child_process_killed():
+    perf = load_tool("perf")
+    started = time.monotonic()
+    with pytest.raises(perf.Cut, match="cut at its item's cap"):
+        with perf.deadline(0.5):
+            subprocess.run([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert time.monotonic() - started < 20
