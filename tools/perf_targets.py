@@ -121,7 +121,7 @@ def target_3(rows: Rows) -> list[dict]:
     if not original:
         return parts + [missing("vs original", why)]
     speedup = original["median_s"] / triton["median_s"]
-    return parts + [part("vs original", f"{speedup:.0f}× ({original['ms_per_view']:.1f} ms)", speedup >= LOSS_SPEEDUP)]
+    return parts + [part("vs original", f"{speedup:.1f}× ({original['ms_per_view']:.1f} ms)", speedup >= LOSS_SPEEDUP)]
 
 
 def target_4(rows: Rows) -> list[dict]:
