@@ -62,6 +62,9 @@ class SynthConfig:
     # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
     # presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
+    # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
+    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only
+    scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
 
@@ -83,13 +86,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "vit_tiny"  # vit_tiny | timm name (vit_small_patch14_dinov2, ...) | dinov2_{s,b,l,g} | resnet50 | resnet101
-    backend: str = "timm"  # timm | transformers (Dinov2Model) | torchvision-free resnet from timm
+    # vit_tiny | dinov2_{s,b,l,g} | dinov3_{s,b,l,h,7b} | timm ViT name (vit_small_patch16_224, ...) | resnet50 | ...
+    encoder: str = "vit_tiny"
+    backend: str = "timm"  # timm | transformers (its Backbone classes: Dinov2Backbone, DINOv3ViTBackbone, ...)
     pretrained: Optional[str] = None  # local file or folder, or hub id (facebook/dinov2-small, timm/...); None needs random_init
     random_init: bool = True  # explicit opt-in to untrained encoder weights
     head: str = "dpt"  # dpt | deeplabv3plus
-    head_features: int = 32  # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G)
-    head_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G); null: scaled with the encoder's width (docs/models.md)
+    head_features: Optional[int] = 32
+    head_out_channels: Optional[tuple[int, ...]] = (32, 64, 128, 128)  # null: scaled with the encoder's width
     intermediate_layers: Optional[tuple[int, ...]] = None  # None: method.md §6 defaults per size
     drop_path: float = 0.0
     output_stride: int = 16  # resnet only: 8 or 16, the last stages dilated instead of strided (as UniMatch)
@@ -98,6 +103,14 @@ class ModelConfig:
     tiny_embed_dim: int = 96
     tiny_depth: int = 4
     tiny_heads: int = 3
+    # A shape-reduced preset or timm ViT, randomly initialised (tests, memory checks): fewer blocks, narrower
+    depth: Optional[int] = None
+    embed_dim: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+# depmatch.cddp.target (the forms are depmatch.losses.depmatch.CDDP_TARGETS)
+CDDP_TARGET_NAMES = ("paper", "similarity", "distance")
 
 
 @dataclass
@@ -112,6 +125,17 @@ class CDDPConfig:
     # --set depmatch.cddp.inter_weight=1
     inter_weight: float = 0.0
     features: str = "clean"  # clean: extra head pass without dropout; dropped: reuse the perturbed pass
+    # What the intra-class pairs compare. paper: method.md §3 exactly, δ against w = exp(-Δd²/2σ²)
+    # (pixels at one depth pushed to distance 1, at different depths pulled together). The other
+    # two DEVIATE FROM THE PAPER, so that same depth means similar features: similarity, the
+    # cosine similarity of the features against w; distance, δ against 1 - w (docs/results.md,
+    # issue 19). The inter-class term is the paper's in all three.
+    target: str = "paper"
+
+    def __post_init__(self):
+        if self.target not in CDDP_TARGET_NAMES:
+            names = ", ".join(CDDP_TARGET_NAMES)
+            raise ConfigError(f"depmatch.cddp.target must be one of {names}, got {self.target!r}")
 
 
 @dataclass

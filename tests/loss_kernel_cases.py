@@ -150,6 +150,15 @@ def test_uneven_counts_across_the_batch():
     run_uldr(logits, depth, pseudo_label, ignore, (6, 8), conf_threshold=0.9)
 
 
+@pytest.mark.parametrize("target", ["similarity", "distance"])
+@pytest.mark.parametrize("inter_weight", [0.0, 0.5])
+def test_cddp_targets_other_than_the_paper(target, inter_weight):
+    """depmatch.cddp.target: the kernel's similarity measure and flipped target, against the loop
+    (the torch backends are checked against the same loop in test_losses.py), β on and off."""
+    features, _, probs, pseudo_label, depth, _, cddp_ignore = uneven_inputs()
+    run_cddp(features, depth, probs, pseudo_label, cddp_ignore, (6, 8), inter_weight=inter_weight, target=target)
+
+
 def test_duplicated_features_give_distance_zero_and_a_finite_gradient():
     """Blocks of identical feature vectors (δ = 0 off the diagonal). The loop's sqrt has no gradient
     at 0, so the judge is reference.py's float64 class loop, whose distance has gradient 0 there."""

@@ -255,3 +255,111 @@ def test_machine_description_takes_the_launchers_commit_before_the_trees_git(mon
     monkeypatch.delenv("DEPMATCH_COMMIT")
     monkeypatch.setattr(ablate.subprocess, "run", no_git)
     assert ablate.machine_description()["commit"] is None
+
+
+def test_encoder_option_swaps_the_encoder_and_keeps_its_records_apart():
+    args = ablate.parse_args(["--encoder", "dinov3_s"])
+    config = ablate.load_config_of(args, ("unimatch_v2", "true", "both", 0))
+    assert (config.model.encoder, config.model.head_features, config.model.head_out_channels) == (
+        "dinov3_s", 64, (48, 96, 192, 384))
+    assert config.data.crop_size == 98  # the cpu preset's; the trainer rounds it to 96 for patch 16
+    assert args.out == "docs/results/ablation-cpu-dinov3_s" and args.work_dir == "runs/ablate-cpu-dinov3_s"
+    hub = ablate.parse_args(["--encoder", "facebook/dinov3-vits16-pretrain-lvd1689m"])
+    assert hub.work_dir == "runs/ablate-cpu-facebook--dinov3-vits16-pretrain-lvd1689m"
+    assert ablate.load_config_of(hub, ("fixmatch", "true", "base", 0)).model.backend == "transformers"
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--encoder", "dinov9_s"])
+
+
+@pytest.mark.slow
+def test_an_ablation_runs_on_a_shape_reduced_dinov3(tmp_path):
+    out = tmp_path / "dinov3"
+    command = [sys.executable, str(TOOL), "--encoder", "dinov3_s", "--out", str(out), "--frameworks", "fixmatch",
+               "--seeds", "0", "--steps", "2", "--labeled", "2", "--unlabeled", "4", "--variants", "both",
+               "--controls"]
+    for setting in ("data.synth.height=32", "data.synth.width=32", "data.synth.val=2", "data.crop_size=28",
+                    "train.batch_size=1", "train.unlabeled_batch_size=1", "model.depth=4", "model.embed_dim=32",
+                    "model.num_heads=2"):
+        command += ["--set", setting]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads((out / "runs" / "fixmatch-true-both-s0.json").read_text())
+    assert 'model.encoder="dinov3_s"' in record["overrides"] and 0 <= record["reported_miou"] <= 100
+    saved = (tmp_path / "runs" / "ablate-cpu-dinov3_s" / "fixmatch-true-both-s0" / "config.yaml").read_text()
+    assert "crop_size: 32" in saved  # 28 rounded to DINOv3's patch 16
+
+
+def test_v3_presets_are_issue_19s_plan_on_scene_version_3():
+    args = ablate.parse_args(["--preset", "cpu_v3"])
+    plan = ablate.planned_runs(args)
+    # FixMatch; labeled_only, base, all_labels and six depth variants with true depth, the six with random; 3 seeds
+    assert len(plan) == (3 + 6 + 6) * 3 and {framework for framework, *_ in plan} == {"fixmatch"}
+    depth_variants = {"both", "cddp", "cddp_b03", "cddp_similarity", "cddp_distance", "uldr_l05"}
+    assert {v for _, mode, v, _ in plan if mode == "random"} == depth_variants
+    assert {v for _, mode, v, _ in plan if mode == "true"} == depth_variants | {"labeled_only", "base", "all_labels"}
+    configs = {variant: ablate.load_config_of(args, ("fixmatch", "true", variant, 0)) for variant in depth_variants}
+    assert configs["cddp_b03"].depmatch.cddp.inter_weight == 0.3 and configs["cddp"].depmatch.cddp.inter_weight == 0.0
+    assert [configs[v].depmatch.cddp.target for v in ("cddp", "cddp_similarity", "cddp_distance")] == [
+        "paper", "similarity", "distance"]
+    assert (configs["uldr_l05"].depmatch.lambda_cddp, configs["uldr_l05"].depmatch.lambda_uldr) == (0.0, 0.5)
+    assert all(c.depmatch.lambda_uldr == 0 for v, c in configs.items() if v.startswith("cddp"))
+    v2 = ablate.load_config_of(ablate.parse_args([]), ("fixmatch", "true", "cddp", 0))
+    assert configs["cddp"].data.synth.scene_version == 3 and v2.data.synth.scene_version == 2
+    assert configs["cddp"].data.root != v2.data.root  # scenes of both versions never share shards
+    configs["cddp"].data.synth.scene_version, configs["cddp"].data.root = 2, v2.data.root
+    configs["cddp"].train.output_dir, configs["cddp"].train.steps = v2.train.output_dir, v2.train.steps
+    configs["cddp"].train.eval_every = configs["cddp"].train.checkpoint_every = v2.train.steps
+    configs["cddp"].train.log_every = v2.train.log_every
+    assert configs["cddp"] == v2  # the size is the cpu preset's
+    gpu = ablate.parse_args(["--preset", "gpu_v3"])
+    assert len(ablate.planned_runs(gpu)) == 45 and gpu.jobs == 8
+    assert ablate.load_config_of(gpu, ("fixmatch", "true", "both", 0)).data.synth.scene_version == 3
+
+
+def box_record(variant, seed, boxes, depth_mode="true", rank=0.5, probe=60.0):
+    return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "per_class": [90.0, *boxes],
+            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0}
+                       for when in ("start", "end")}}
+
+
+def test_decision_rule_by_hand():
+    classes = ["sky", "box_near", "box_far"]
+    records = [box_record("base", s, (20.0, 20.0), rank=0.2, probe=55.0) for s in range(3)]
+    # helps: box IoU sum true - random = +4, +6, +8 (mean 6 > 2·std 4), probes above base's and random's
+    records += [box_record("cddp", s, (22.0 + s, 22.0)) for s in range(3)]
+    records += [box_record("cddp", s, (20.0, 20.0 - s), "random", rank=0.3, probe=58.0) for s in range(3)]
+    # noisy: +1, -1, +6 -> not every seed; and one with the right IoU but its probes below random's
+    records += [box_record("uldr", s, (21.0 + [0, -2, 5][s], 20.0)) for s in range(3)]
+    records += [box_record("uldr", s, (20.0, 20.0), "random") for s in range(3)]
+    records += [box_record("both", s, (25.0 + s, 20.0), rank=0.25) for s in range(3)]
+    records += [box_record("both", s, (20.0, 20.0), "random", rank=0.4) for s in range(3)]
+    rows = {row["variant"]: row for row in ablate.decisions(records, classes)}
+    assert rows["cddp"]["per_seed"] == [4.0, 6.0, 8.0] and rows["cddp"]["helps"]
+    assert rows["cddp"]["box_diff"] == pytest.approx((6.0, 2.0))
+    assert rows["uldr"]["per_seed"] == [1.0, -1.0, 6.0] and not rows["uldr"]["seeds_ok"] and not rows["uldr"]["helps"]
+    assert rows["both"]["seeds_ok"] and not rows["both"]["probes_ok"] and not rows["both"]["helps"]
+    table = ablate.probe_and_decision_tables(records, classes)
+    assert "| cddp | +4.00, +6.00, +8.00 | 6.00 ± 2.00 | yes | yes | **yes** |" in table
+    assert "| both | +5.00, +6.00, +7.00 | 6.00 ± 1.00 | yes | no | **no** |" in table
+
+
+@pytest.mark.slow
+def test_the_probes_leave_training_unchanged(tmp_path, monkeypatch):
+    """A run of the v3 plan at 28 px records both probes, and the same run without them trains to the same numbers."""
+    tiny = ["data.synth.height=28", "data.synth.width=28", "data.synth.val=4", "data.crop_size=28",
+            f"data.root={tmp_path / 'shards'}"]
+    args = ablate.parse_args(["--preset", "cpu_v3", "--steps", "3", "--unlabeled", "4", "--work-dir", str(tmp_path),
+                              *[word for setting in tiny for word in ("--set", setting)]])
+    overrides = ablate.run_overrides(args, "fixmatch", "true", "cddp_similarity", 0)
+    probed = ablate.train_one(overrides)
+    assert set(probed["probes"]) == {"start", "end"}
+    assert set(probed["probes"]["end"]) == {"depth_rank", "linear_probe", "confusion"}
+    monkeypatch.setattr(ablate, "probe_reported", lambda trainer, config: {})
+    plain = ablate.train_one(overrides)
+    assert plain["reported_miou"] == probed["reported_miou"] and plain["per_class"] == probed["per_class"]
+    assert untimed(plain["last_log"]) == untimed(probed["last_log"])  # the losses of the last logged window
+
+
+def untimed(log: dict) -> dict:
+    """A logged window without its throughput, which differs from run to run."""
+    return {key: value for key, value in log.items() if not key.endswith("_per_s")}

@@ -145,3 +145,14 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert load_config(None, ["train.steps=300"]).train.steps == 300  # ints stay ints
     with pytest.raises(ConfigError, match="optim.lr: expected float, got '1e'"):
         load_config(None, ["optim.lr=1e"])
+
+
+def test_cddp_target_is_checked_when_the_config_loads():
+    from depmatch.config import CDDP_TARGET_NAMES, ConfigError, load_config
+    from depmatch.losses.depmatch import CDDP_TARGETS
+
+    assert CDDP_TARGET_NAMES == tuple(CDDP_TARGETS)
+    assert load_config().depmatch.cddp.target == "paper"  # method.md §3, the default
+    assert load_config(overrides=["depmatch.cddp.target=distance"]).depmatch.cddp.target == "distance"
+    with pytest.raises(ConfigError, match="depmatch.cddp.target must be one of paper, similarity, distance, got 'cos'"):
+        load_config(overrides=["depmatch.cddp.target=cos"])

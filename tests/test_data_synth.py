@@ -91,13 +91,12 @@ def test_ensure_builds_once_and_rebuilds_on_config_change(tmp_path):
     assert json.loads((root / "manifest.json").read_text())["synth"]["depth_mode"] == "constant"
 
 
-def test_shards_of_an_older_scene_version_are_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "SCENE_VERSION", 1)
+def test_shards_of_another_scene_version_are_rebuilt(tmp_path):
     root = ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    assert json.loads((root / "manifest.json").read_text())["scene_version"] == 2  # the default
     stamp = (root / "labeled-000000.tar").stat().st_mtime_ns
-    monkeypatch.setattr(synth, "SCENE_VERSION", 2)  # same settings, scenes drawn differently
-    ensure_synthetic_shards(str(tmp_path), SMALL, 6)
-    assert json.loads((root / "manifest.json").read_text())["scene_version"] == 2
+    ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, scene_version=3), 6)
+    assert json.loads((root / "manifest.json").read_text())["scene_version"] == 3
     assert (root / "labeled-000000.tar").stat().st_mtime_ns != stamp
 
 
@@ -106,3 +105,73 @@ def test_ensure_rejects_a_class_count_it_cannot_make(tmp_path):
         ensure_synthetic_shards(str(tmp_path), SMALL, 21)
     with pytest.raises(ValueError, match="depth_mode"):
         ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, depth_mode="flat"), 6)
+    with pytest.raises(ValueError, match="data.synth.scene_version must be one of 2, 3, got 1"):
+        ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, scene_version=1), 6)
+
+
+def test_scene_version_2_is_drawn_as_before_version_3():
+    """The scenes of the earlier presets stay reproducible: a digest of three default scenes, taken
+    from the code before scene version 3 existed (commit a6663eb)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in range(3):
+        for array in synthetic_sample(SynthConfig(), "labeled", index):
+            digest.update(array.tobytes())
+    assert digest.hexdigest()[:16] == "e92f723709c2ebbf"
+
+
+# ---------------------------------------------------------------- the scene checker (issue 19)
+
+
+def test_components_and_best_threshold_by_hand():
+    from depmatch.data.scene_stats import best_threshold_accuracy, components
+
+    mask = np.array([[1, 1, 0, 1], [0, 1, 0, 1], [1, 0, 0, 0]], bool)
+    pieces = components(mask)
+    assert len(np.unique(pieces[mask])) == 3 and (pieces[~mask] == -1).all()
+    assert pieces[0, 0] == pieces[1, 1] and pieces[0, 3] == pieces[1, 3] and pieces[2, 0] != pieces[0, 0]
+    # 0 0 1 | 0 1 1 sorted by value: the best cut leaves one point wrong of six
+    assert best_threshold_accuracy([1, 2, 3, 4, 5, 6], [0, 0, 1, 0, 1, 1]) == pytest.approx(100 * 5 / 6)
+    assert best_threshold_accuracy([1, 2, 3, 4], [1, 1, 0, 0]) == 100.0  # either direction
+    # equal values cannot be split: each value holds one point of each class
+    assert best_threshold_accuracy([1, 1, 2, 2], [0, 1, 0, 1]) == 50.0
+
+
+def test_both_boxes_on_grid_samples_like_the_loss():
+    from depmatch.data.scene_stats import both_boxes_on_grid
+
+    label = np.zeros((28, 28), np.uint8)  # 2×2 grid: nearest picks rows and columns 0 and 14
+    label[14, 0] = BOX_NEAR
+    label[0, 13] = BOX_FAR  # column 13 is not sampled
+    assert not both_boxes_on_grid(label, 28)
+    label[0, 14] = BOX_FAR
+    assert both_boxes_on_grid(label, 28)
+
+
+def test_scene_version_3_removes_the_position_cue_and_puts_both_boxes_in_most_crops():
+    """On the ablation's scenes (seed 4, 96×128, easy walls): version 2's bottom row tells the boxes
+    apart (the issue measured 96.5 %), version 3's does not, and most of its crops hold both boxes."""
+    from depmatch.data.scene_stats import scene_statistics
+
+    settings = SynthConfig(height=96, width=128, easy_walls=True, seed=4, unlabeled=80)
+    old = scene_statistics(settings, "unlabeled", 80, 98, (0.5, 2.0))
+    new = scene_statistics(dataclasses.replace(settings, scene_version=3), "unlabeled", 80, 98, (0.5, 2.0))
+    assert old["position_accuracy"] > 90 and old["both_on_grid"] < 40
+    assert new["position_accuracy"] <= 60 and new["ground_accuracy"] <= 60 and new["both_on_grid"] >= 60
+    assert 40 < new["near_fraction"] < 60
+
+
+def test_scene_version_3_stripes_are_finer_on_near_boxes():
+    """Depth's one RGB correlate: the stripe period is STRIPE_PERIOD / disparity, so a near box's
+    pixels change more from one column to the next than a far box's."""
+    near, far = [], []
+    config = SynthConfig(scene_version=3, height=96, width=128)
+    for index in range(30):
+        image, label, _ = synthetic_sample(config, "labeled", index)
+        grey = image.astype(float).mean(2)
+        step = np.abs(np.diff(grey, axis=1))
+        inside = label[:, 1:] == label[:, :-1]
+        near += step[inside & (label[:, 1:] == BOX_NEAR)].tolist()
+        far += step[inside & (label[:, 1:] == BOX_FAR)].tolist()
+    assert np.mean(near) > np.mean(far)

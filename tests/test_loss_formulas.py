@@ -234,3 +234,54 @@ def test_cddp_gradient_by_hand():
     expected_f0 = [scale * (0.0 - 3.0), scale * (0.0 - 4.0)]
     torch.testing.assert_close(features.grad[0, :, 0, 0], torch.tensor(expected_f0, dtype=torch.float64), rtol=1e-10, atol=0)
     torch.testing.assert_close(features.grad[0, :, 0, 1], -features.grad[0, :, 0, 0], rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- CDDP forms other than §3's (depmatch.cddp.target)
+
+
+def inter_by_hand(inter_threshold: float) -> float:
+    """J of the four pixels above: the inter-class term is the paper's in every form."""
+    return cddp_by_hand(1.0, inter_threshold, 1.0) - cddp_by_hand(1.0, inter_threshold, 0.0)
+
+
+@pytest.mark.parametrize("sigma, inter_threshold, inter_weight", [(1.0, 1.0, 1.0), (2.0, 0.4, 0.5), (1.0, 1.0, 0.0)])
+def test_cddp_distance_target_by_hand(sigma, inter_threshold, inter_weight):
+    """`distance`: δ against 1 - w, so that pixels at one depth are pulled to distance 0."""
+    # Class 0: (p0,p1) twice, δ = 5, 1 - w = 1 - exp(0) = 0. Class 1: (p2,p3) twice, δ = 2, 1 - exp(-3.5²/2σ²).
+    intra_0 = 2 * (5.0 - 0.0) ** 2 * abs(E[0] - E[1]) / 4
+    intra_1 = 2 * (2.0 - (1 - math.exp(-(3.5**2) / (2 * sigma**2)))) ** 2 * abs(E[2] - E[3]) / 4
+    expected = (intra_0 + intra_1) / 2 + inter_weight * inter_by_hand(inter_threshold)
+    features, depth, probs, label, ignore = stack(cddp_image(FEATURES, DEPTHS, PROBS, LABELS))
+    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 2), sigma=sigma,
+                     inter_threshold=inter_threshold, inter_weight=inter_weight, target="distance")
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma, inter_threshold, inter_weight", [(1.0, 1.0, 1.0), (2.0, 0.4, 0.5), (1.0, 1.0, 0.0)])
+def test_cddp_similarity_target_by_hand(sigma, inter_threshold, inter_weight):
+    """`similarity`: cos(f_i, f_j) of the features as given against w, so that pixels at one depth
+    are pulled to similar features. p0's feature is 0: its cosine with anything is 0 (unit feature 0)."""
+    # Class 0: (p0,p1) twice, cos = 0, w = 1. Class 1: (p2,p3) twice, cos((1,0), (1,2)) = 1/√5,
+    # w = exp(-3.5²/2σ²). The diagonal pairs have |e_i - e_i| = 0.
+    intra_0 = 2 * (0.0 - 1.0) ** 2 * abs(E[0] - E[1]) / 4
+    intra_1 = 2 * (1 / math.sqrt(5.0) - math.exp(-(3.5**2) / (2 * sigma**2))) ** 2 * abs(E[2] - E[3]) / 4
+    expected = (intra_0 + intra_1) / 2 + inter_weight * inter_by_hand(inter_threshold)
+    features, depth, probs, label, ignore = stack(cddp_image(FEATURES, DEPTHS, PROBS, LABELS))
+    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 2), sigma=sigma,
+                     inter_threshold=inter_threshold, inter_weight=inter_weight, target="similarity")
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cddp_similarity_gradient_by_hand():
+    """One class, f0 = (1, 0), f1 = (0, 2) at depths 3 and 4: L = 2(cos - w)²·Δe / 4 with cos = 0,
+    w = exp(-1/2). d cos/d f0 = (u1 - cos·u0)/|f0| = (0, 1), d cos/d f1 = (u0 - cos·u1)/|f1| = (1/2, 0),
+    so dL/df0 = (cos - w)·Δe·(0, 1) and dL/df1 = (cos - w)·Δe·(1/2, 0)."""
+    features, depth, probs, label, ignore = stack(cddp_image(
+        [(1.0, 0.0), (0.0, 2.0)] + [(0.0, 0.0)] * 4, [3.0, 4.0] + [0.0] * 4,
+        [(0.3, 0.7), (0.6, 0.4)] + [(0.5, 0.5)] * 4, [1, 1, 0, 0, 0, 0], ignored=(2, 3, 4, 5),
+    ))
+    features.requires_grad_(True)
+    cddp_loss(features, depth, probs, label, ignore, size=(2, 3), target="similarity").backward()
+    scale = (0.0 - math.exp(-0.5)) * abs(entropy(0.3, 0.7) - entropy(0.6, 0.4))
+    expected = torch.tensor([[0.0, scale], [scale / 2, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(features.grad[0, :, 0, :2].T, expected, rtol=1e-10, atol=1e-15)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 CASES = Path(__file__).with_name("loss_kernel_cases.py")
-NUM_CASES = 16
+NUM_CASES = 20
 
 
 def test_kernels_match_the_float64_loops_in_the_interpreter():
@@ -34,8 +34,8 @@ def test_kernels_match_the_float64_loops_in_the_interpreter():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["cddp", "uldr"])
-def test_kernels_compile_for_the_h200_without_register_spills(kernel, tmp_path):
+@pytest.mark.parametrize("kernel, similarity", [("cddp", False), ("cddp", True), ("uldr", False)])
+def test_kernels_compile_for_the_h200_without_register_spills(kernel, similarity, tmp_path):
     """What the interpreter cannot check: the kernels compile for sm_90 (ptxas, no GPU needed) with
     the tiles the GPU uses at Pascal size, and keep everything in registers."""
     triton = pytest.importorskip("triton")
@@ -47,8 +47,8 @@ def test_kernels_compile_for_the_h200_without_register_spills(kernel, tmp_path):
     if kernel == "cddp":
         function = kernels._cddp_kernel
         block_m, block_n, block_c = kernels.cddp_tiles(64)
-        constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=True)
-        types = ["*fp32"] * 3 + ["*i32"] + ["*fp32"] * 3 + ["i32"] * 2 + ["fp32"] * 4
+        constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=True, SIMILARITY=similarity)
+        types = ["*fp32"] * 3 + ["*i32"] + ["*fp32"] * 3 + ["i32"] * 2 + ["fp32"] * 6
         num_warps = kernels.CDDP_NUM_WARPS
     else:
         function = kernels._uldr_kernel

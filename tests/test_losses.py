@@ -25,7 +25,10 @@ def _resize_grid(features, depth, probs, pseudo_label, ignore, size):
     return resized
 
 
-def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, inter_threshold=1.0, inter_weight=1.0):
+def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, inter_threshold=1.0, inter_weight=1.0,
+              target="paper"):
+    """§3 as a loop; `target` swaps what the intra pairs compare (the forms other than the paper's:
+    `similarity`, cos(f_i, f_j) against w; `distance`, δ against 1 - w)."""
     grid = _resize_grid(features, depth, probs, pseudo_label, ignore, size)
     batch = features.shape[0]
     total = features.new_zeros(())
@@ -46,6 +49,13 @@ def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, int
                 return f.new_zeros(())
             return torch.sqrt(((f[i] - f[j]) ** 2).sum())
 
+        def intra_residual(i, j):
+            w = torch.exp(-((d[i] - d[j]) ** 2) / (2 * sigma**2))
+            if target == "similarity":
+                norms = torch.sqrt((f[i] ** 2).sum()).clamp_min(1e-8) * torch.sqrt((f[j] ** 2).sum()).clamp_min(1e-8)
+                return (f[i] * f[j]).sum() / norms - w
+            return dist(i, j) - (1 - w if target == "distance" else w)
+
         classes = sorted({int(y[i]) for i in valid})
         intra_values = []
         for c in classes:
@@ -53,8 +63,7 @@ def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, int
             s = f.new_zeros(())
             for i in members:
                 for j in members:
-                    w = torch.exp(-((d[i] - d[j]) ** 2) / (2 * sigma**2))
-                    s = s + (dist(i, j) - w) ** 2 * torch.abs(entropy[i] - entropy[j])
+                    s = s + intra_residual(i, j) ** 2 * torch.abs(entropy[i] - entropy[j])
             intra_values.append(s / len(members) ** 2)
         intra = torch.stack(intra_values).mean()
         inter_pairs = [(i, j) for i in valid for j in valid if int(y[i]) != int(y[j])]
@@ -413,3 +422,32 @@ def test_all_pixel_path_matches_loop(monkeypatch, seed):
         got.backward()
         expected.backward()
         torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["similarity", "distance"])
+@pytest.mark.parametrize("backend", ["compact", "blocked"])
+@pytest.mark.parametrize("inter_weight", [0.0, 0.5])
+def test_cddp_targets_match_loop_on_each_torch_backend(monkeypatch, target, backend, inter_weight):
+    """The forms other than the paper's (depmatch.cddp.target), value and gradient, on uneven counts
+    (an image with no valid pixel, one with a few) and small blocks."""
+    monkeypatch.setattr(depmatch_losses, "_BLOCK", 7)
+    features, _, probs, pseudo_label, depth, _, cddp_ignore = uneven_inputs()
+    kwargs = dict(sigma=0.8, inter_threshold=0.7, inter_weight=inter_weight, target=target)
+    got_input = features.clone().requires_grad_(True)
+    expected_input = features.clone().requires_grad_(True)
+    with depmatch_losses.pair_backend(backend):
+        got = cddp_loss(got_input, depth, probs, pseudo_label, cddp_ignore, size=(6, 8), **kwargs)
+    expected = cddp_loop(expected_input, depth, probs, pseudo_label, cddp_ignore, (6, 8), **kwargs)
+    assert expected > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got_input.grad, expected_input.grad, rtol=1e-5, atol=1e-12)
+    paper = cddp_loss(features, depth, probs, pseudo_label, cddp_ignore, size=(6, 8), **{**kwargs, "target": "paper"})
+    assert abs(paper.item() - got.item()) > 1e-3 * paper.item()  # the form changes the loss
+
+
+def test_cddp_rejects_an_unknown_target():
+    features, _, probs, pseudo_label, depth, ignore = make_inputs(0)
+    with pytest.raises(ValueError, match="depmatch.cddp.target must be one of paper, similarity, distance"):
+        cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5), target="cosine")

@@ -19,7 +19,15 @@ depth, so a control row is compared with the true-depth base of the same seed un
 the control's own base was run too (--control-variants base both).
 
 Two presets fix the size (PRESETS): `cpu` (the default: two runs at a time on a 2-core CPU)
-and `gpu` (a DINOv2-S-shaped model at a larger crop, several runs at once on one GPU).
+and `gpu` (a DINOv2-S-shaped model at a larger crop, several runs at once on one GPU), both on
+scene version 2. `cpu_v3` and `gpu_v3` are issue 19's plan at those sizes on scene version 3
+(no position cue): FixMatch, labeled_only, base, all_labels and every variant that reads depth
+(both, cddp at β 0 and 0.3, cddp_similarity, cddp_distance, uldr_l05) with true and with random
+depth. Every run records tools/probe_features.py's probes of the pseudo-labelling model at its
+start and its end, and the report applies docs/results.md's decision rule to them.
+
+    python tools/bench_ablation.py --preset cpu_v3                    # the estimate, first
+    nohup python tools/ablate.py --preset cpu_v3 > /tmp/ablate-v3.log 2>&1 &
 
     python tools/ablate.py --steps 5 --seeds 0                        # plumbing check
     nohup python tools/ablate.py > /tmp/ablate-cpu.log 2>&1 &         # the CPU ablation
@@ -60,8 +68,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # probe_features, beside this file (also in spawned workers)
 
-from depmatch.bench.presets import encoder_overrides  # noqa: E402  (needs ROOT on the path)
+from depmatch.bench.presets import encoder_overrides, unknown_encoder  # noqa: E402  (needs ROOT on the path)
 
 # The supervised baseline through the same trainer: same model, labeled data order and
 # augmentation, and the framework's EMA teacher (train.labeled_only in depmatch/config.py).
@@ -75,10 +84,18 @@ VARIANTS = {
     "all_labels": LABELED_ONLY,  # and every training image labeled: see run_overrides
     # CDDP as the paper writes it (the default, inter_weight 0, is the reference code's)
     "cddp_paper": ["depmatch.lambda_uldr=0", "depmatch.cddp.inter_weight=1"],
+    # issue 19's plan (the v3 presets): β 0.3, the two CDDP forms other than the paper's, ULDR at λ 0.5
+    "cddp_b03": ["depmatch.lambda_uldr=0", "depmatch.cddp.inter_weight=0.3"],
+    "cddp_similarity": ["depmatch.lambda_uldr=0", "depmatch.cddp.target=similarity"],
+    "cddp_distance": ["depmatch.lambda_uldr=0", "depmatch.cddp.target=distance"],
+    "uldr_l05": ["depmatch.lambda_cddp=0", "depmatch.lambda_uldr=0.5"],
 }
 # What the issue asks of every ablation; cddp_paper, the evidence for the CDDP default, is extra
 # (six runs more would take the CPU plan past its hour).
-DEFAULT_VARIANTS = [variant for variant in VARIANTS if variant != "cddp_paper"]
+DEFAULT_VARIANTS = ["labeled_only", "base", "cddp", "uldr", "both", "all_labels"]
+# Issue 19 (scene version 3): every variant that reads depth, with true and with random depth.
+DEPTH_VARIANTS_V3 = ["both", "cddp", "cddp_b03", "cddp_similarity", "cddp_distance", "uldr_l05"]
+V3_VARIANTS = ["labeled_only", "base", *DEPTH_VARIANTS_V3, "all_labels"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,10 @@ class Preset:
     steps: int
     jobs: int  # runs trained at once, each in a process of its own (1: in this process)
     out: str
+    frameworks: tuple[str, ...] = ("unimatch_v2", "fixmatch")
+    variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS)  # trained with true depth
+    control_variants: tuple[str, ...] = ("both",)  # trained with each control's depth too
+    shards: str = ""  # shard folders shards/ablate-<this>-...; empty: the preset's name
 
 
 PRESETS = {
@@ -147,6 +168,30 @@ PRESETS = {
         out="runs/ablate-gpu/results",  # beside each run's folder (runs/ablate-gpu/<run>): one folder holds all
     ),
 }
+# Issue 19: scene version 3 (no position, shade or drawing-order cue; a near and a far box in most
+# crops; depth's one RGB correlate a faint stripe period), FixMatch only, each depth variant with
+# true and random depth, and a feature probe at the start and the end of every run.
+V3_PLAN = dict(frameworks=("fixmatch",), variants=tuple(V3_VARIANTS), control_variants=tuple(DEPTH_VARIANTS_V3))
+PRESETS["cpu_v3"] = Preset(
+    size=(*PRESETS["cpu"].size, "data.synth.scene_version=3"),
+    labeled=2,
+    unlabeled=160,
+    steps=1000,  # 45 runs in the hour by tools/bench_ablation.py (docs/results.md)
+    jobs=2,
+    out="docs/results/ablation-cpu-v3",
+    **V3_PLAN,
+)
+PRESETS["gpu_v3"] = Preset(
+    size=(*PRESETS["gpu"].size, "data.synth.scene_version=3"),
+    labeled=2,
+    unlabeled=160,
+    # 45 FixMatch runs in tools/gpu_checks.sh's 5 minutes: the gpu preset's 42 runs (half of them
+    # UniMatch V2, the dearer step) took 5.8 min at 300 steps; not yet timed on a GPU
+    steps=240,
+    jobs=8,
+    out="runs/ablate-gpu_v3/results",
+    **V3_PLAN,
+)
 
 
 def run_key(framework: str, depth_mode: str, variant: str, seed: int) -> str:
@@ -160,11 +205,12 @@ def run_overrides(args: argparse.Namespace, framework: str, depth_mode: str, var
     return [
         f"train.framework={framework}",
         *preset.size,
+        *(encoder_overrides(args.encoder) if args.encoder else ()),
         f"data.synth.labeled={labeled}",
         f"data.synth.unlabeled={args.unlabeled}",
         f"data.synth.depth_mode='{depth_mode}'",  # quoted: YAML would read a bare true as a boolean
         # one shard folder per preset, budget and depth mode, so that datasets never clash
-        f"data.root=shards/ablate-{args.preset}-l{labeled}-u{args.unlabeled}-{depth_mode}",
+        f"data.root=shards/ablate-{preset.shards or args.preset}-l{labeled}-u{args.unlabeled}-{depth_mode}",
         f"train.steps={args.steps}",
         # evaluate and checkpoint only at the end: the reported number is the final model's
         f"train.eval_every={args.steps}",
@@ -201,6 +247,14 @@ def evaluate_reported(trainer, config) -> tuple[str, dict]:
     return name, evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
 
 
+def probe_reported(trainer, config) -> dict:
+    """tools/probe_features.py's probes of the model that makes the pseudo-labels (the reported one)."""
+    from probe_features import probe
+
+    model = trainer.teacher.model if trainer.teacher is not None else trainer.accelerator.unwrap_model(trainer.student)
+    return probe(model, config, trainer.accelerator.device)
+
+
 def train_one(overrides: list[str]) -> dict:
     """Train in this process (the CLI's exact path) and evaluate the reported model per class."""
     from depmatch.config import load_config
@@ -212,9 +266,11 @@ def train_one(overrides: list[str]) -> dict:
     manifest = prepare_dataset(config)
     started = time.perf_counter()
     trainer = Trainer(config, dataset=manifest)
+    probes = {"start": probe_reported(trainer, config)}  # reads no random state: training is unchanged
     miou = trainer.train()
     train_seconds = time.perf_counter() - started
     reported, result = evaluate_reported(trainer, config)
+    probes["end"] = probe_reported(trainer, config)
     # the last logged window (loss parts, mask_ratio) shows whether the unlabeled losses acted at all
     log_lines = (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
     last_log = next(json.loads(line) for line in reversed(log_lines) if "loss" in json.loads(line))
@@ -226,6 +282,7 @@ def train_one(overrides: list[str]) -> dict:
         "classes": manifest["classes"],
         "train_seconds": train_seconds,
         "last_log": last_log,
+        "probes": probes,
     }
 
 
@@ -440,6 +497,81 @@ def markdown_tables(rows: list[dict], class_names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROBES = ("depth_rank", "linear_probe", "confusion")  # tools/probe_features.py's (a), (b), (c)
+BOXES = ("box_near", "box_far")
+
+
+def probe_rows(records: list[dict]) -> list[dict]:
+    """Per (depth_mode, variant) with probe records: mean ± std over seeds of each probe at the start and end."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if "probes" in record:  # records made before the probes existed have none
+            cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
+    return [
+        {"depth_mode": mode, "variant": variant,
+         **{f"{name}_{when}": mean_std(r["probes"][when][name] for r in group)
+            for name in PROBES for when in ("start", "end")}}
+        for (mode, variant), group in cells.items()
+    ]
+
+
+def decisions(records: list[dict], class_names: list[str], control: str = "random") -> list[dict]:
+    """docs/results.md's decision rule for each variant run with true and `control` depth.
+
+    A variant helps through depth when its true - control difference of box_near + box_far IoU,
+    paired by seed, is > 0 on every seed (at least 3), its mean is above twice its std, and the
+    end-of-run probes (a) depth_rank and (b) linear_probe (means over seeds) of its true-depth runs
+    are above both base's and its control runs'.
+    """
+    if not set(BOXES) <= set(class_names):
+        return []
+    boxes = [class_names.index(name) for name in BOXES]
+    runs = {(r["depth_mode"], r["variant"], r["seed"]): r for r in records}
+    probes = {(row["depth_mode"], row["variant"]): row for row in probe_rows(records)}
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in records if r["depth_mode"] == control):
+        seeds = sorted(seed for mode, v, seed in runs if mode == "true" and v == variant and (control, v, seed) in runs)
+        diffs = [sum(runs[("true", variant, seed)]["per_class"][i] - runs[(control, variant, seed)]["per_class"][i]
+                     for i in boxes) for seed in seeds]  # fmt: skip
+        mean, std = mean_std(diffs)
+        seeds_ok = len(diffs) >= 3 and all(d > 0 for d in diffs) and mean > 2 * std
+        probe_ok = True
+        for name in ("depth_rank", "linear_probe"):
+            own = probes.get(("true", variant), {}).get(f"{name}_end", (math.nan, 0))[0]
+            others = [probes.get(key, {}).get(f"{name}_end", (math.nan, 0))[0]
+                      for key in (("true", "base"), (control, variant))]
+            probe_ok &= not math.isnan(own) and all(not math.isnan(o) and own > o for o in others)
+        rows.append({"variant": variant, "seeds": seeds, "box_diff": (mean, std), "per_seed": diffs,
+                     "seeds_ok": seeds_ok, "probes_ok": probe_ok, "helps": seeds_ok and probe_ok})
+    return rows
+
+
+def probe_and_decision_tables(records: list[dict], class_names: list[str]) -> str:
+    """Markdown: the probes at the start → end of the runs, and the decision rule per depth variant."""
+    rows = probe_rows(records)
+    if not rows:
+        return ""
+    lines = ["", "Probes (tools/probe_features.py; mean ± std over seeds, start → end of the runs): "
+             "(a) depth_rank ρ, (b) linear_probe near/far %, (c) near↔far confusion %", "",
+             "| depth | variant | (a) start | (a) end | (b) start | (b) end | (c) start | (c) end |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = " | ".join(format_mean_std(row[f"{name}_{when}"]) for name in PROBES for when in ("start", "end"))
+        lines.append(f"| {row['depth_mode']} | {row['variant']} | {cells} |")
+    verdicts = decisions(records, class_names)
+    if verdicts:
+        lines += ["", "Decision rule (docs/results.md): true − random box_near + box_far IoU, paired by seed", "",
+                  "| variant | per seed | mean ± std | > 0 on every seed, mean > 2 std "
+                  "| probes (a), (b) above base and random | helps through depth |",
+                  "|---|---|---|---|---|---|"]
+        for row in verdicts:
+            per_seed = ", ".join(f"{d:+.2f}" for d in row["per_seed"])
+            lines.append(f"| {row['variant']} | {per_seed} | {format_mean_std(row['box_diff'])} | "
+                         f"{'yes' if row['seeds_ok'] else 'no'} | {'yes' if row['probes_ok'] else 'no'} | "
+                         f"**{'yes' if row['helps'] else 'no'}** |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(rows: list[dict], class_names: list[str], title: str, path: Path) -> None:
     """mIoU per variant with std error bars (left) and per-class IoU per variant (right)."""
     import matplotlib
@@ -477,11 +609,13 @@ def write_report(records: list[dict], args: argparse.Namespace, framework: str) 
     reported = records[0]["reported"]
     stem = out / f"ablation-{framework}"
     summary = {"preset": args.preset, "framework": framework, "labeled": args.labeled, "unlabeled": args.unlabeled,
-               "steps": args.steps, "reported_model": reported, "classes": class_names, "rows": rows, "runs": records}
+               "steps": args.steps, "reported_model": reported, "classes": class_names, "rows": rows,
+               "probes": probe_rows(records), "decisions": decisions(records, class_names), "runs": records}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     stem.with_suffix(".md").write_text(
         f"{framework}, preset {args.preset}, {args.labeled} labeled + {args.unlabeled} unlabeled images, "
         f"{args.steps} steps, {reported} mIoU (%), mean ± std over seeds\n\n" + markdown_tables(rows, class_names)
+        + probe_and_decision_tables(records, class_names)
     )
     title = f"{framework}: {args.labeled} labels, {args.steps} steps, {reported} mIoU, synthetic RGB-D ({args.preset} preset)"
     chart(rows, class_names, title, stem.with_suffix(".png"))
@@ -492,16 +626,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="size of every run (model, images, crop, batch) and the defaults below")
-    parser.add_argument("--frameworks", nargs="+", default=["unimatch_v2", "fixmatch"],
-                        choices=["fixmatch", "unimatch", "unimatch_v2"])
+    parser.add_argument("--frameworks", nargs="+", choices=["fixmatch", "unimatch", "unimatch_v2"],
+                        help="default: the preset's")
     parser.add_argument("--labeled", type=int, help="label budget: data.synth.labeled (default: the preset's)")
     parser.add_argument("--unlabeled", type=int, help="data.synth.unlabeled (default: the preset's)")
     parser.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                        help="variants trained with true depth")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="variants trained with true depth (default: the preset's)")
     parser.add_argument("--controls", nargs="*", default=["random"], help="depth modes without class information")
-    parser.add_argument("--control-variants", nargs="+", default=["both"], choices=list(VARIANTS))
+    parser.add_argument("--control-variants", nargs="+", choices=list(VARIANTS),
+                        help="variants trained with each control's depth (default: the preset's)")
+    parser.add_argument("--encoder", metavar="NAME",
+                        help="the encoder of every run instead of the preset's, with its head: any name `depmatch "
+                             "bench --encoders` takes (dinov3_s, vit_small_patch16_224.augreg_in21k, "
+                             "transformers:dinov3_s, ...); random init unless --set model.pretrained=... "
+                             "model.random_init=false; results go beside the preset's, in folders named after it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (repeatable)")
     parser.add_argument("--out", help="summaries, charts, machine.json (default: the preset's)")
@@ -514,11 +654,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train nothing: summarise the planned runs that have a record (an unfinished ablation)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    for name in ("labeled", "unlabeled", "steps", "jobs", "out"):
+    if args.encoder and unknown_encoder(args.encoder):
+        parser.error(unknown_encoder(args.encoder).replace("--encoders", "--encoder"))
+    # another encoder's runs and records never mix with the preset's own
+    suffix = "-" + args.encoder.replace("/", "--").replace(":", "-") if args.encoder else ""
+    for name in ("labeled", "unlabeled", "steps", "jobs", "frameworks", "variants", "control_variants"):
         if getattr(args, name) is None:
-            setattr(args, name, getattr(preset, name))
+            value = getattr(preset, name)
+            setattr(args, name, list(value) if isinstance(value, tuple) else value)
+    args.out = args.out or preset.out + suffix
     args.runs_dir = args.runs_dir or f"{args.out}/runs"
-    args.work_dir = args.work_dir or f"runs/ablate-{args.preset}"
+    args.work_dir = args.work_dir or f"runs/ablate-{args.preset}{suffix}"
     return args
 
 

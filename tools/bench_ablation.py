@@ -7,8 +7,8 @@ It takes tools/ablate.py's options and plan. Seeds cost the same, so each distin
 (framework, depth mode, variant) cell is measured once, in this process and with --threads
 torch threads, like one ablation worker: building the trainer (model, optimizer, loaders),
 --warmup steps, then --timed steps, then the evaluations at the end of a run (the trainer's,
-and the ablation's per-class one of the reported model). A run is estimated as build +
-steps × step time + evaluation. The plan takes at least the sum over its runs divided by
+and the ablation's per-class one of the reported model) and a run's two feature probes. A
+run is estimated as build + steps × step time + evaluation. The plan takes at least the sum over its runs divided by
 --jobs, and at most one run longer (the last run may train alone). The estimate assumes
 that runs at once do not slow each other: one thread each, a core each, nothing else running.
 """
@@ -48,6 +48,8 @@ def time_cell(overrides: list[str], warmup: int, timed: int) -> dict:
         started = time.perf_counter()
         trainer.validate()
         ablate.evaluate_reported(trainer, config)
+        for _ in range(2):  # the feature probes at the start and the end of the run
+            ablate.probe_reported(trainer, config)
         eval_seconds = time.perf_counter() - started
     return {"build_seconds": build_seconds, "step_ms": step_ms, "eval_seconds": eval_seconds}
 

@@ -20,6 +20,8 @@
 #   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
 #   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
 #   mem798    the same at crop 798                                                   (#6.5)
+#   memdinov3 DINOv3-L/H+ peak memory at crop 518 (512), ZeRO-2, beside the memory model's figures;
+#             the check of `depmatch bench --memory-model` on DINOv3 (docs/benchmarks.md)   (#20)
 #   losses    loss kernels: their CUDA tests, then triton (also compiled) vs blocked vs the loop reference,
 #             one view at Pascal size, and the original code's functions where
 #             ORIGINAL_DEPMATCH=path/to/DepMatch.py (the original repository's file) is set  (#10.3)
@@ -30,8 +32,9 @@
 #             shipped launch/deepspeed/zero2.json                                     (#10.2, #10.5)
 #   mfu       DINOv2-L student alone eager/compiled; L DepMatch off/on and G on, compiled,
 #             plain accelerate                                                        (#10.2, #10.4)
-#   ablate    the CDDP/ULDR ablation, `tools/ablate.py --preset gpu`: 42 DINOv2-S runs,
-#             8 at a time, into runs/gpu/ablate/; stopped at 9 minutes and summarised (a rerun resumes) (#11)
+#   ablate    the CDDP/ULDR ablation on scene version 3, `tools/ablate.py --preset gpu_v3`: 45 DINOv2-S
+#             FixMatch runs, 8 at a time, into runs/gpu/ablate/; stopped at 5 minutes and summarised
+#             (a rerun resumes) (#11, #19)
 #
 # Order of value if the budget is short: perf, core, mem518, zero3, mem798, online.
 # The older split of #10's targets (each a call of its own, at most 8 min; perf replaces them):
@@ -87,6 +90,12 @@ for part in "$@"; do
       bench "$part" --encoders dinov2_l dinov2_g --depmatch on --precision bf16 --zero 2 3 3-offload \
         --crop "${part#mem}" --batch "$batch" --steps 3 --warmup 1
       ;;
+    memdinov3)
+      bench memdinov3 --encoders dinov3_l dinov3_h --depmatch on --precision bf16 --zero 2 --crop 518 --batch 4 \
+        --steps 3 --warmup 1
+      python3 -m depmatch bench --memory-model --encoders dinov3_l dinov3_h --gpus 1 --out "$RESULTS/memdinov3-model" \
+        2>&1 | grep -E "^\| dinov3_. \| zero2" | tee "$RESULTS/memdinov3-model.txt"; pack
+      ;;
     losses)  # the target: CDDP + ULDR fwd+bwd of one view (B=4) ≤ 1.5 ms and ≥ 100× the original functions
       timeout 180 python3 -m pytest -q -m gpu tests/test_gpu.py -k "losses or kernels" 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests-losses.log"; pack
       original=()
@@ -120,9 +129,10 @@ for part in "$@"; do
         --crop 518 --steps 5 --warmup 3
       ;;
     ablate)
-      # 9 minutes is the preset's target; the records of a plan cut off there are still summarised
-      ablate=(python3 tools/ablate.py --preset gpu --out "$RESULTS/ablate/results" --work-dir "$RESULTS/ablate")
-      timeout 540 "${ablate[@]}" > "$RESULTS/ablate.log" 2>&1 ||
+      # issue 19's plan on scene version 3; 5 minutes, so that it fits after `perf` in a lent GPU's 15;
+      # the records of a plan cut off there are still summarised (a rerun resumes)
+      ablate=(python3 tools/ablate.py --preset gpu_v3 --out "$RESULTS/ablate/results" --work-dir "$RESULTS/ablate")
+      timeout 300 "${ablate[@]}" > "$RESULTS/ablate.log" 2>&1 ||
         { echo "ablation stopped (exit $?): summarising the runs with a record"; "${ablate[@]}" --report-only >> "$RESULTS/ablate.log" 2>&1; }
       grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack
       ;;
@@ -138,6 +148,6 @@ for part in "$@"; do
         > "$RESULTS/perf.log" 2>&1 || echo "perf exited with $? (runs/gpu/perf.log)"
       grep -E "^\[|^    " "$RESULTS/perf.log" | tail -n 40; cat "$RESULTS/perf/summary.md"; pack
       ;;
-    *) echo "unknown part $part (perf, core, zero3, online, mem518, mem798, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
+    *) echo "unknown part $part (perf, core, zero3, online, mem518, mem798, memdinov3, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
   esac
 done

@@ -9,6 +9,16 @@ and the ground span a large depth range. Depth is disparity-like, in about [0, 2
 carries no class information (`constant`, `random`) while images and labels stay the same;
 `easy_walls` paints the walls purple, a colour no other class has, instead of a brown close
 to the ground's.
+
+`scene_version` picks how objects are drawn. Version 2 places each box on the ground row of
+its own disparity and draws far objects first, which gives the class away without depth
+(the bottom row alone separates the boxes). Version 3 (issue 19) removes those cues: every
+object's bottom row, size and drawing order are drawn independently of its class, no wall
+hides an object, and each scene holds a near and a far box side by side, so that most
+training crops hold both on the CDDP grid. Its RGB correlates of depth are weak: the boxes'
+low-contrast stripes have a period proportional to 1/disparity (`STRIPE_PERIOD`), and far boxes
+are a little paler (aerial perspective, `HAZE`).
+`scene_statistics` measures those properties.
 """
 
 from __future__ import annotations
@@ -37,8 +47,18 @@ BOX_COLOURS = ((60, 150, 90), (70, 120, 170), (150, 140, 60))
 # Purple, not the light grey of scene version 1: a 4-label model took grey walls for the sky
 # near the horizon, and pseudo-labels spread that confusion (docs/results.md, the benchmark).
 EASY_WALL_COLOUR = (140.0, 70.0, 150.0)
-# Bumped whenever a scene drawn from the same settings changes, so that cached shards are rebuilt.
-SCENE_VERSION = 2
+# data.synth.scene_version: how objects are drawn (the module docstring). A new version, not an
+# edit of an old one, whenever the scenes drawn from the same settings would change: the version
+# is a setting, so it is in the manifest and every shard's digest, and cached shards are rebuilt.
+SCENE_VERSIONS = (2, 3)
+# Scene version 3: box stripes of period STRIPE_PERIOD / disparity pixels (near boxes 4-6.5,
+# far ones 10-24) and relative amplitude STRIPE_CONTRAST, about the image noise (σ 3 of ~100).
+STRIPE_PERIOD = 72.0
+STRIPE_CONTRAST = 0.05
+# ... and aerial perspective: a box's colour blends towards the horizon's sky colour by
+# HAZE · (1 - disparity / 20), near boxes 3-18 %, far ones 26-34 %, so that far boxes are paler.
+HAZE = 0.4
+HAZE_COLOUR = (180.0, 205.0, 235.0)
 OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
 
 
@@ -125,8 +145,7 @@ def _objects(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
         across = (canvas.columns - left) / object_width  # 0..1 over the object's width
         mask = (across >= 0) & (across < 1) & (canvas.rows >= bottom - object_height) & (canvas.rows < bottom)
         if class_index == PILLAR:
-            rgb = np.array([200, 70, 40], np.float32) * (0.55 + 0.45 * np.sin(np.pi * np.clip(across, 0, 1)))[..., None]
-            object_disparity = np.full_like(across, disparity)
+            rgb, object_disparity = _pillar_colour(across), np.full_like(across, disparity)
         else:
             stripes = ((canvas.rows + canvas.columns) // 6) % 2
             vertical_shade = 1.0 - 0.25 * np.clip((canvas.rows - bottom + object_height) / object_height, 0, 1)
@@ -137,14 +156,61 @@ def _objects(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
         canvas.paint(mask & ~nearer_wall, int(class_index), rgb, object_disparity)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int,
-                 easy_walls: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pillar_colour(across: np.ndarray) -> np.ndarray:
+    return np.array([200, 70, 40], np.float32) * (0.55 + 0.45 * np.sin(np.pi * np.clip(across, 0, 1)))[..., None]
+
+
+def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+    """Scene version 3: nothing but depth and the faint stripe period tells the box classes apart."""
+    height, width = canvas.label.shape
+    extra = rng.choice([BOX_NEAR, BOX_FAR, PILLAR], size=rng.integers(0, 3))
+    classes = [BOX_NEAR, BOX_FAR, *extra.tolist()]
+    # The near and the far box of every scene stand side by side about one column, either on the left.
+    centre = rng.uniform(0.35, 0.65) * width
+    near_on_left = rng.random() < 0.5
+    for index in rng.permutation(len(classes)):  # drawing order independent of class
+        class_index = classes[index]
+        disparity = rng.uniform(*OBJECT_DISPARITY[class_index])
+        if class_index == PILLAR:
+            object_width, object_height = rng.uniform(0.03, 0.07) * width, rng.uniform(0.3, 0.7) * height
+        else:
+            object_width, object_height = rng.uniform(0.18, 0.32) * width, rng.uniform(0.22, 0.4) * height
+        if index < 2:  # the pair: touching at `centre`, overlapping or apart by up to 8 % of the width
+            gap = rng.uniform(-0.08, 0.08) * width
+            on_left = (class_index == BOX_NEAR) == near_on_left
+            left = centre - gap / 2 - object_width if on_left else centre + gap / 2
+        else:
+            left = rng.uniform(-0.1, 0.9) * width
+        # the same range of bottom rows for every class: position says nothing about depth
+        bottom = rng.uniform(horizon + 0.3 * (height - horizon), 1.05 * height)
+        across = (canvas.columns - left) / object_width
+        mask = (across >= 0) & (across < 1) & (canvas.rows >= bottom - object_height) & (canvas.rows < bottom)
+        if class_index == PILLAR:
+            rgb, object_disparity = _pillar_colour(across), np.full_like(across, disparity)
+        else:
+            period = STRIPE_PERIOD / disparity
+            phase = rng.uniform(0, 2 * np.pi)
+            stripes = np.sin(2 * np.pi * (canvas.rows + canvas.columns) / (np.sqrt(2) * period) + phase)
+            vertical_shade = 1.0 - 0.25 * np.clip((canvas.rows - bottom + object_height) / object_height, 0, 1)
+            colour = np.array(BOX_COLOURS[rng.integers(len(BOX_COLOURS))], np.float32)
+            haze = HAZE * (1 - disparity / MAX_DISPARITY)
+            colour = colour * (1 - haze) + np.array(HAZE_COLOUR, np.float32) * haze
+            rgb = colour * ((1.0 + STRIPE_CONTRAST * stripes) * vertical_shade)[..., None]
+            object_disparity = disparity + rng.uniform(-0.6, 0.6) * (across - 0.5)
+        canvas.paint(mask, int(class_index), rgb, object_disparity)
+
+
+def render_scene(rng: np.random.Generator, height: int, width: int, easy_walls: bool = False,
+                 scene_version: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: uint8 H×W×3 image, uint8 H×W label, float32 H×W disparity."""
     canvas = _Canvas(height, width)
     horizon = rng.uniform(0.3, 0.5) * height
     _sky_and_ground(canvas, rng, horizon)
     _walls(canvas, rng, horizon, easy_walls)
-    _objects(canvas, rng, horizon)
+    if scene_version == 3:
+        _objects_v3(canvas, rng, horizon)
+    else:
+        _objects(canvas, rng, horizon)
     image = canvas.image * rng.uniform(0.75, 1.15) + rng.normal(0, 3.0, canvas.image.shape)
     depth = canvas.depth + rng.normal(0, 0.05, canvas.depth.shape)
     return np.clip(image, 0, 255).astype(np.uint8), canvas.label, np.clip(depth, 0, MAX_DISPARITY).astype(np.float32)
@@ -166,7 +232,7 @@ def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.nda
     """Scene `index` of `split`: (image, label, stored depth), deterministic from synth.seed."""
     stream = SPLIT_STREAMS[split]
     image, label, depth = render_scene(np.random.default_rng([synth.seed, stream, index]), synth.height, synth.width,
-                                       synth.easy_walls)
+                                       synth.easy_walls, synth.scene_version)
     # The control draws from its own generator so images and labels are the same in every mode.
     control_rng = np.random.default_rng([synth.seed, stream, index, 1])
     return image, label, control_depth(depth, synth.depth_mode, control_rng)
@@ -192,16 +258,18 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
         raise ValueError(f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}")
     if synth.depth_mode not in DEPTH_MODES:
         raise ValueError(f"synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {synth.depth_mode!r}")
+    if synth.scene_version not in SCENE_VERSIONS:
+        raise ValueError(f"data.synth.scene_version must be one of {', '.join(map(str, SCENE_VERSIONS))}, "
+                         f"got {synth.scene_version!r}")
     path = Path(root)
     settings = dataclasses.asdict(synth)
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
-        if (manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION
-                and manifest.get("scene_version") == SCENE_VERSION):
+        if manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION:
             return path
     counts = {"labeled": synth.labeled, "unlabeled": synth.unlabeled, "val": synth.val}
-    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard,
-                        {**settings, "scene_version": SCENE_VERSION})  # in each shard's digest: no stale shard is kept
+    # the settings, scene version included, are in each shard's digest: no stale shard is kept
+    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard, settings)
     manifest_fields = {
         "dataset": "synthetic",
         "num_classes": len(SYNTH_CLASSES),
@@ -210,7 +278,7 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
         "ignore_index": 255,
         "depth": depth_manifest_entry({"source": "synthetic", "mode": synth.depth_mode}),
         "synth": settings,
-        "scene_version": SCENE_VERSION,
+        "scene_version": synth.scene_version,
     }
     write_dataset(path, plans, lambda plan: _samples(plan, synth), manifest_fields)
     return path

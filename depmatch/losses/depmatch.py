@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +161,28 @@ def _compact(keep: torch.Tensor, *per_pixel: torch.Tensor):
     )
 
 
+class IntraForm(NamedTuple):
+    """What CDDP's intra-class pairs compare: the measure (distance, or similarity of unit features)
+    against the target offset + scale · w."""
+
+    similarity: bool
+    offset: float
+    scale: float
+
+
+PAPER_INTRA = IntraForm(similarity=False, offset=0.0, scale=1.0)
+# depmatch.cddp.target. `paper` is method.md §3 (δ against w: same depth pushed to distance 1,
+# different depths pulled together); the other two are deviations from the paper, so that
+# same depth means similar features: `similarity` compares the cosine similarity with w,
+# `distance` compares δ with 1 - w. The inter-class term is the paper's in every form.
+CDDP_TARGETS = {
+    "paper": PAPER_INTRA,
+    "similarity": IntraForm(similarity=True, offset=0.0, scale=1.0),
+    "distance": IntraForm(similarity=False, offset=1.0, scale=-1.0),
+}
+# A unit feature is f / max(||f||, this): a zero feature stays zero, with a finite gradient.
+_UNIT_EPS = 1e-8
+
 PAIR_BACKENDS = ("compact", "blocked", "triton")
 _forced_backend: str | None = None
 
@@ -220,14 +243,18 @@ def _accumulate_symmetric(grad, pair_grad, values, rows, cols, diagonal, alpha=1
     grad[:, cols][:, diagonal:].baddbmm_(pair_grad[:, :, diagonal:].transpose(1, 2), values[:, rows], alpha=alpha)
 
 
-def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, with_grad):
-    """Σ_b Σ_(i,j) ω_ij (δ_ij - t_ij)² over the counted pairs of CDDP, and its gradient wrt the B×N×C features.
+def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, with_grad,
+                intra=PAPER_INTRA):
+    """Σ_b Σ_(i,j) ω_ij (m_ij - t_ij)² over the counted pairs of CDDP, and its gradient wrt the B×N×C features.
 
-    A pair of valid pixels of the same class has target t = exp(-Δd²/2σ²) and weight
-    ω = |Δe'| with e' = e · (the per-class normaliser, equal for i and j); a pair of valid
-    pixels of different classes with |Δd| > τ has target |Δd| and weight inter_weight_b.
-    Everything is symmetric in (i, j), so dL/df_k = Σ_j H_kj (f_k - f_j), H = 4ω(δ - t)/δ
-    (0 where δ = 0). Masks enter as 0/1 factors and selections as blends, which on CPU
+    A pair of valid pixels of the same class has target t = offset + scale · exp(-Δd²/2σ²)
+    (`intra`) and weight ω = |Δe'| with e' = e · (the per-class normaliser, equal for i and j);
+    a pair of valid pixels of different classes with |Δd| > τ has target |Δd| and weight
+    inter_weight_b. The measure m is the distance δ_ij, or with `intra.similarity` the dot
+    product f_i·f_j (cosine similarity on unit features; then the intra term is all there is,
+    inter_weight must be 0). Everything is symmetric in (i, j), so dL/df_k = Σ_j H_kj (f_k - f_j)
+    with H = 4ω(δ - t)/δ (0 where δ = 0) for distances, and dL/df_k = Σ_j 4ω(f_k·f_j - t) f_j
+    for similarities. Masks enter as 0/1 factors and selections as blends, which on CPU
     run several times faster than `where` over B×n×N tables. `valid` is None when the
     pixels are compacted (`lengths`): then every pixel the blocks reach is valid.
     """
@@ -241,11 +268,14 @@ def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sig
         g = grad[images] if with_grad else None
         pair_weight = inter_weight[images].view(-1, 1, 1)
         for rows, cols, diagonal in _row_blocks(num_pixels):
-            # Exact distances from the Gram identity; squares within rounding error of 0 count as 0.
-            norm_sum = n[:, rows].unsqueeze(2) + n[:, cols].unsqueeze(1)
-            squared = torch.baddbmm(norm_sum, f[:, rows], f[:, cols].transpose(1, 2), alpha=-2.0)
-            nonzero = _as_float(squared > norm_sum.mul_(num_channels * torch.finfo(dtype).eps), dtype)
-            distance = squared.mul_(nonzero).sqrt_()
+            if intra.similarity:
+                measure = torch.bmm(f[:, rows], f[:, cols].transpose(1, 2))
+            else:
+                # Exact distances from the Gram identity; squares within rounding error of 0 count as 0.
+                norm_sum = n[:, rows].unsqueeze(2) + n[:, cols].unsqueeze(1)
+                squared = torch.baddbmm(norm_sum, f[:, rows], f[:, cols].transpose(1, 2), alpha=-2.0)
+                nonzero = _as_float(squared > norm_sum.mul_(num_channels * torch.finfo(dtype).eps), dtype)
+                measure = squared.mul_(nonzero).sqrt_()
 
             depth_gap = (d[:, rows].unsqueeze(2) - d[:, cols].unsqueeze(1)).abs_()
             same_class = y[:, rows].unsqueeze(2) == y[:, cols].unsqueeze(1)
@@ -257,18 +287,23 @@ def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sig
             inter = _as_float(far > same_class, dtype)  # a > b is a & ~b for booleans
             same_class = _as_float(same_class, dtype)
 
-            # Same class: target w = exp(-Δd²/2σ²), weight |Δe'|; counted inter-class: target |Δd|, weight inter_b.
+            # Same class: target offset + scale·w, w = exp(-Δd²/2σ²), weight |Δe'|; counted inter-class:
+            # target |Δd|, weight inter_b.
             depth_affinity = depth_gap.square().mul_(-0.5 / sigma**2).exp_()
-            target = torch.addcmul(depth_gap, same_class, depth_affinity.sub_(depth_gap))
+            intra_target = depth_affinity.mul_(intra.scale).add_(intra.offset)
+            target = torch.addcmul(depth_gap, same_class, intra_target.sub_(depth_gap))
             entropy_gap = (e[:, rows].unsqueeze(2) - e[:, cols].unsqueeze(1)).abs_()
             weight = torch.addcmul(inter.mul_(pair_weight), same_class, entropy_gap)
 
-            residual = distance.sub(target)
-            weighted = weight.mul_(residual)  # ω(δ - t) on counted pairs, 0 elsewhere
+            residual = measure.sub(target)
+            weighted = weight.mul_(residual)  # ω(m - t) on counted pairs, 0 elsewhere
             total = total + _symmetric_sum(weighted * residual, diagonal)
-            if with_grad:
+            if with_grad and intra.similarity:
+                # -ω(m - t) against f_j, with the -1 of _accumulate_symmetric: Σ_j ω(m - t) f_j (× 4 at the end).
+                _accumulate_symmetric(g, weighted.neg_(), f, rows, cols, diagonal, alpha=-1.0)
+            elif with_grad:
                 # H/4 (the 4 is applied once at the end).
-                pair_grad = weighted.mul_(nonzero).div_(distance.clamp_min_(torch.finfo(dtype).tiny))
+                pair_grad = weighted.mul_(nonzero).div_(measure.clamp_min_(torch.finfo(dtype).tiny))
                 g[:, rows].addcmul_(f[:, rows], pair_grad.sum(2, keepdim=True))
                 g[:, cols][:, diagonal:].addcmul_(f[:, cols][:, diagonal:], pair_grad[:, :, diagonal:].sum(1).unsqueeze(2))
                 _accumulate_symmetric(g, pair_grad, f, rows, cols, diagonal, alpha=-1.0)
@@ -311,7 +346,8 @@ class _CDDPPairs(torch.autograd.Function):
     """The CDDP pair sum with its gradient computed in the forward pass, tile by tile."""
 
     @staticmethod
-    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, backend):
+    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
+                backend, intra):
         # The pair sums stay in the compute dtype under an ambient autocast (no bf16 Gram matrix).
         with torch.autocast(features.device.type, enabled=False):
             if backend == "triton":
@@ -319,12 +355,12 @@ class _CDDPPairs(torch.autograd.Function):
 
                 total, grad = kernels.cddp_pairs(
                     features.detach(), depth, scaled_entropy, _kernel_label(label, valid), inter_weight, sigma,
-                    inter_threshold, ctx.needs_input_grad[0],
+                    inter_threshold, ctx.needs_input_grad[0], *intra,
                 )  # fmt: skip
             else:
                 total, grad = _cddp_pairs(
                     features.detach(), depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
-                    with_grad=ctx.needs_input_grad[0],
+                    with_grad=ctx.needs_input_grad[0], intra=intra,
                 )
         ctx.save_for_backward(grad)
         return total
@@ -333,7 +369,7 @@ class _CDDPPairs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None, None, None, None, None, None, None
+        return grad_output * grad, None, None, None, None, None, None, None, None, None, None
 
 
 class _ULDRPairs(torch.autograd.Function):
@@ -380,6 +416,7 @@ def cddp_loss(
     sigma: float = 1.0,
     inter_threshold: float = 1.0,
     inter_weight: float = 1.0,
+    target: str = "paper",
 ) -> torch.Tensor:
     """Class-wise Depth Disparity Perception loss of one strong view (method.md §3).
 
@@ -389,8 +426,13 @@ def cddp_loss(
     pseudo_label: B×H×W long, argmax of probs at full resolution.
     ignore: B×H×W, 255 where the pixel is padding or ignored.
     size: (h, w) of the grid both the features and the maps are resampled to.
+    target: what the intra-class pairs compare (`CDDP_TARGETS`): `paper` is §3 exactly;
+    `similarity` (cosine similarity against w) and `distance` (δ against 1 - w) deviate from it.
     Returns a 0-dim tensor.
     """
+    if target not in CDDP_TARGETS:
+        raise ValueError(f"depmatch.cddp.target must be one of {', '.join(CDDP_TARGETS)}, got {target!r}")
+    intra = CDDP_TARGETS[target]
     dtype = _compute_dtype(features)
     num_classes = probs.shape[1]
     batch = features.shape[0]
@@ -407,12 +449,14 @@ def cddp_loss(
     own_count = class_counts.gather(1, label)  # |S_ŷi|, B×N
     intra_weight = torch.where(valid, 1.0 / (own_count.clamp_min(1).square() * classes_present.unsqueeze(1) * batch), 0.0)
     inter_pairs = valid.to(dtype).sum(1).square() - class_counts.square().sum(1)  # |Q_b|
-    inter_weight = torch.where(inter_pairs > 0, inter_weight / (inter_pairs.clamp_min(1) * batch), 0.0)
+    inter_pair_weight = torch.where(inter_pairs > 0, inter_weight / (inter_pairs.clamp_min(1) * batch), 0.0)
 
     # Translating all features leaves the distances unchanged and shrinks the Gram cancellation error.
     centred = grid_features - grid_features.mean(dim=1, keepdim=True)
     # Same-class pairs share the normaliser, so it can scale the entropy: |e_i a - e_j a| = a |e_i - e_j|.
     scaled_entropy = entropy * intra_weight
+    # Cosine similarities are those of the features as they are (not centred): from unit features.
+    unit = (grid_features / grid_features.norm(dim=2, keepdim=True).clamp_min(_UNIT_EPS),) if intra.similarity else ()
     lengths = None
     backend = _pair_backend(valid, dtype)
     if backend == "compact":
@@ -420,11 +464,23 @@ def cddp_loss(
         # only, moved to the front (the counts are one host read, free on the synchronous CPU), and
         # need no validity mask. On CUDA there is no host sync anywhere in the step: the kernels (or
         # the blocks) go over all pixels and the validity mask does the selection.
-        lengths, (centred, grid_depth, scaled_entropy, label) = _compact(valid, centred, grid_depth, scaled_entropy, label)
+        lengths, (centred, grid_depth, scaled_entropy, label, *unit) = _compact(
+            valid, centred, grid_depth, scaled_entropy, label, *unit
+        )
         valid = None
-    return _CDDPPairs.apply(
-        centred, grid_depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, backend
-    )
+
+    def pairs(pair_features, pair_entropy, pair_inter_weight, form):
+        return _CDDPPairs.apply(pair_features, grid_depth, pair_entropy, label, valid, pair_inter_weight, sigma,
+                                inter_threshold, lengths, backend, form)  # fmt: skip
+
+    if not intra.similarity:
+        return pairs(centred, scaled_entropy, inter_pair_weight, intra)
+    # Similarity form: the intra pairs on unit features, and the paper's inter pairs (distances) in
+    # a second pair sum with no intra weight, run only when β counts.
+    total = pairs(unit[0], scaled_entropy, torch.zeros_like(inter_pair_weight), intra)
+    if inter_weight > 0:
+        total = total + pairs(centred, torch.zeros_like(scaled_entropy), inter_pair_weight, PAPER_INTRA)
+    return total
 
 
 def uldr_loss(

@@ -79,8 +79,9 @@ def _cddp_pixels(features_ptr, depth_ptr, entropy_ptr, label_ptr, pixels, pixel_
 @triton.jit
 def _cddp_kernel(
     features_ptr, depth_ptr, entropy_ptr, label_ptr, inter_weight_ptr, partial_ptr, grad_ptr,
-    num_pixels, num_channels, neg_half_inv_sigma_sq, inter_threshold, zero_scale, tiny,
+    num_pixels, num_channels, neg_half_inv_sigma_sq, inter_threshold, zero_scale, tiny, target_offset, target_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WITH_GRAD: tl.constexpr,
+    SIMILARITY: tl.constexpr,
 ):  # fmt: skip
     row_block = tl.program_id(0)
     image = tl.program_id(1)
@@ -105,33 +106,41 @@ def _cddp_kernel(
             num_channels,
         )  # fmt: skip
 
-        # Exact distances from the Gram identity (full float32, no TF32); squares within
-        # rounding error of 0 count as 0, as on the torch path.
-        norm_sum = row_norms[:, None] + col_norms[None, :]
         gram = tl.dot(row_features, tl.trans(col_features), input_precision="ieee")
-        squared = norm_sum - 2.0 * gram
-        nonzero = squared > norm_sum * zero_scale
-        distance = tl.sqrt(tl.where(nonzero, squared, 0.0))
+        if SIMILARITY:  # unit features: the Gram entries are the cosine similarities
+            measure = gram
+        else:
+            # Exact distances from the Gram identity (full float32, no TF32); squares within
+            # rounding error of 0 count as 0, as on the torch path.
+            norm_sum = row_norms[:, None] + col_norms[None, :]
+            squared = norm_sum - 2.0 * gram
+            nonzero = squared > norm_sum * zero_scale
+            measure = tl.sqrt(tl.where(nonzero, squared, 0.0))
 
         depth_gap = tl.abs(row_depth[:, None] - col_depth[None, :])
         both_valid = (row_label[:, None] >= 0) & (col_label[None, :] >= 0)
         same_class = both_valid & (row_label[:, None] == col_label[None, :])
         inter = both_valid & (row_label[:, None] != col_label[None, :]) & (depth_gap > inter_threshold)
-        # Same class: target exp(-Δd²/2σ²), weight |Δe'|; counted inter-class: target |Δd|, weight inter_b.
-        target = tl.where(same_class, tl.exp(depth_gap * depth_gap * neg_half_inv_sigma_sq), depth_gap)
+        # Same class: target offset + scale · exp(-Δd²/2σ²), weight |Δe'|; counted inter-class:
+        # target |Δd|, weight inter_b.
+        affinity = tl.exp(depth_gap * depth_gap * neg_half_inv_sigma_sq)
+        target = tl.where(same_class, target_offset + target_scale * affinity, depth_gap)
         entropy_gap = tl.abs(row_entropy[:, None] - col_entropy[None, :])
         weight = tl.where(same_class, entropy_gap, tl.where(inter, inter_weight, 0.0))
-        residual = distance - target
+        residual = measure - target
         weighted = weight * residual
         row_values += tl.sum(weighted * residual, 1)
         if WITH_GRAD:
-            pair_grad = tl.where(nonzero, weighted / tl.maximum(distance, tiny), 0.0)
-            row_pair_sums += tl.sum(pair_grad, 1)
+            if SIMILARITY:  # dL/df_k = 4 Σ_j ω (m - t) f_j: no (f_k - f_j) part
+                pair_grad = -weighted
+            else:
+                pair_grad = tl.where(nonzero, weighted / tl.maximum(measure, tiny), 0.0)
+                row_pair_sums += tl.sum(pair_grad, 1)
             pair_products += tl.dot(pair_grad, col_features, input_precision="ieee")
 
     tl.store(partial_ptr + image * tl.num_programs(0) + row_block, tl.sum(row_values, 0))
     if WITH_GRAD:
-        # dL/df_k = 4 Σ_j H_kj (f_k - f_j), H symmetric.
+        # dL/df_k = 4 Σ_j H_kj (f_k - f_j), H symmetric (similarities: row_pair_sums stays 0).
         grad = 4.0 * (row_pair_sums[:, None] * row_features - pair_products)
         tl.store(
             grad_ptr + (image_start + rows)[:, None] * num_channels + channels[None, :], grad,
@@ -212,8 +221,15 @@ def cddp_pairs(
     sigma: float,
     inter_threshold: float,
     with_grad: bool,
+    similarity: bool = False,
+    target_offset: float = 0.0,
+    target_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CDDP pair sum Σ_b Σ_(i,j) ω_ij (δ_ij - t_ij)² and its gradient wrt the B×N×C features.
+    """The CDDP pair sum Σ_b Σ_(i,j) ω_ij (m_ij - t_ij)² and its gradient wrt the B×N×C features.
+
+    m is the distance δ_ij, or with `similarity` the dot product (cosine similarity of the unit
+    features given); the intra-class target is target_offset + target_scale · exp(-Δd²/2σ²)
+    (`depmatch.losses.depmatch.CDDP_TARGETS`).
 
     features: B×N×C float32; depth, scaled_entropy: B×N float32 (the entropy carries the intra
     normaliser, see `cddp_loss`); label: B×N int32, -1 for pixels in no pair; inter_weight: B
@@ -232,14 +248,16 @@ def cddp_pairs(
         _cddp_kernel[(rows, batch)](
             features, depth, scaled_entropy, label, inter_weight, partials, grad,
             num_pixels, num_channels, -0.5 / sigma**2, inter_threshold,
-            num_channels * torch.finfo(torch.float32).eps, _FLOAT32_TINY,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=with_grad, num_warps=CDDP_NUM_WARPS,
+            num_channels * torch.finfo(torch.float32).eps, _FLOAT32_TINY, target_offset, target_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WITH_GRAD=with_grad, SIMILARITY=similarity,
+            num_warps=CDDP_NUM_WARPS,
         )  # fmt: skip
     return partials.sum(), grad
 
 
 @cddp_pairs.register_fake
-def _(features, depth, scaled_entropy, label, inter_weight, sigma, inter_threshold, with_grad):
+def _(features, depth, scaled_entropy, label, inter_weight, sigma, inter_threshold, with_grad, similarity=False,
+      target_offset=0.0, target_scale=1.0):
     return features.new_empty(()), (features.new_empty(features.shape) if with_grad else features.new_empty(0))
 
 
