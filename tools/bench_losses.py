@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,18 +53,40 @@ from depmatch.losses.reference import cddp_loss_reference, synthetic_view, uldr_
 # Vectorised losses under each pair-sum backend, the kernels with the rest of both losses
 # compiled, the loop reference, the original code.
 IMPLEMENTATIONS = (*PAIR_BACKENDS, "compiled", "reference", "original")
+VIEWS = 2
+
+
+class LossShape(NamedTuple):
+    """One view's loss inputs: classes, decoder feature channels, crop; the grids follow method.md §2."""
+
+    classes: int
+    channels: int
+    crop: int
+
+    @property
+    def feature_size(self) -> int:  # DPT finest fusion: 8× the patch grid
+        return 8 * (self.crop // 14)
+
+    @property
+    def cddp_grid(self) -> tuple[int, int]:
+        return (self.crop // 14,) * 2
+
+    @property
+    def uldr_grid(self) -> tuple[int, int]:
+        return (self.crop // 10,) * 2
+
+
 # Pascal VOC with a DINOv2-S DPT head at crop 518 (method.md §1, §2).
-VIEWS, CLASSES, CHANNELS, CROP = 2, 21, 64, 518
-FEATURE_SIZE = 8 * (CROP // 14)
-CDDP_GRID, ULDR_GRID = (CROP // 14,) * 2, (CROP // 10,) * 2
+PASCAL = LossShape(classes=21, channels=64, crop=518)
 TARGET_SPEEDUP = 20.0  # vectorised vs the loop reference (#6.1)
 KERNEL_TARGET_MS, ORIGINAL_TARGET_SPEEDUP = 1.5, 100.0  # one view, CUDA; vs the original functions (#10.3)
 
 
-def make_views(batch: int, device: torch.device, num_views: int) -> list:
+def make_views(batch: int, device: torch.device, num_views: int, shape: LossShape = PASCAL) -> list:
     views = []
     for seed in range(num_views):
-        view = synthetic_view(batch, classes=CLASSES, channels=CHANNELS, crop=CROP, feature_size=FEATURE_SIZE, seed=seed)
+        view = synthetic_view(batch, classes=shape.classes, channels=shape.channels, crop=shape.crop,
+                              feature_size=shape.feature_size, seed=seed)  # fmt: skip
         view = view._replace(**{name: tensor.to(device) for name, tensor in view._asdict().items()})
         view.features.requires_grad_(True)
         view.logits.requires_grad_(True)
@@ -71,15 +94,15 @@ def make_views(batch: int, device: torch.device, num_views: int) -> list:
     return views
 
 
-def describe(views: list) -> dict:
+def describe(views: list, shape: LossShape = PASCAL) -> dict:
     """What the inputs make the losses work on: classes per image, ignored and uncertain pixels."""
     classes, ignored, uncertain = [], [], []
     for view in views:
-        label, valid = _grid_labels(view.pseudo_label, view.ignore, CDDP_GRID, CLASSES)
+        label, valid = _grid_labels(view.pseudo_label, view.ignore, shape.cddp_grid, shape.classes)
         classes += [int(image_label[image_valid].unique().numel()) for image_label, image_valid in zip(label, valid)]
         ignored.append(1 - valid.float().mean().item())
-        label, valid = _grid_labels(view.pseudo_label, view.ignore, ULDR_GRID, CLASSES)
-        probs = _resize_continuous(view.logits.detach(), ULDR_GRID, torch.float32).flatten(2).softmax(1)
+        label, valid = _grid_labels(view.pseudo_label, view.ignore, shape.uldr_grid, shape.classes)
+        probs = _resize_continuous(view.logits.detach(), shape.uldr_grid, torch.float32).flatten(2).softmax(1)
         own_prob = probs.gather(1, label.unsqueeze(1)).squeeze(1)
         uncertain.append((valid & (own_prob < 0.95)).float().mean().item())
     return {
@@ -126,18 +149,18 @@ def losses(implementation: str, original: Path | None):
 
 
 def measure(implementation: str, device: torch.device, batch: int, num_views: int, repeats: int, warmup: int,
-            original: Path | None) -> dict:  # fmt: skip
+            original: Path | None, shape: LossShape = PASCAL) -> dict:  # fmt: skip
     """Median seconds of one forward + backward over all views, and peak memory, in this process."""
     cddp, uldr, backend = losses(implementation, original)
-    views = make_views(batch, device, num_views)
+    views = make_views(batch, device, num_views, shape)
 
     def step() -> float:
         for view in views:
             view.features.grad = view.logits.grad = None
         with pair_backend(backend) if backend else contextlib.nullcontext():
             total = sum(
-                cddp(view.features, view.depth, view.probs, view.pseudo_label, view.ignore, size=CDDP_GRID)
-                + uldr(view.logits, view.depth, view.pseudo_label, view.ignore, size=ULDR_GRID)
+                cddp(view.features, view.depth, view.probs, view.pseudo_label, view.ignore, size=shape.cddp_grid)
+                + uldr(view.logits, view.depth, view.pseudo_label, view.ignore, size=shape.uldr_grid)
                 for view in views
             )
             total.backward()
@@ -168,7 +191,7 @@ def measure(implementation: str, device: torch.device, batch: int, num_views: in
         "peak_memory_gib": peak,
         "over_inputs_gib": peak - baseline,
         "loss": loss,
-        "inputs": describe(views),
+        "inputs": describe(views, shape),
     }
 
 

@@ -9,6 +9,11 @@
 # Results go to runs/gpu/ and, packed as one file after every command (a device call
 # returns at most 8 files), to $OUT/gpu-PARTS.tar.gz; the tables are also printed.
 #
+#   perf      FIRST on a lent GPU: every speed target of #18 in ONE call of ≤ 7 minutes (tools/perf.py:
+#             losses vs the original, S/B step profile, L/G MFU, ZeRO-2, UniMatch V2's own step) and a
+#             table of the six targets. Prepare here with `bash tools/prepare_gpu_call.sh` (wheels and
+#             the git-ignored .gpu-anchor/), which prints the call: carry .whl and .gpu-anchor,
+#             timeout_s 480. `PERF_TINY=1 bash tools/gpu_checks.sh perf`: the same at tiny shapes on a CPU.
 #   core      GPU tests, CUDA loss benchmark, loader + device augmentation, encoder swap
 #             S/B/L x DepMatch off/on under ZeRO-2, DINOv2-L student MFU            (#3, #4, #6.1-6.4)
 #   zero3     the same encoder swap under ZeRO-3, and S/B without DeepSpeed          (#3, #6.2, #6.3)
@@ -31,8 +36,9 @@
 #             FixMatch runs, 8 at a time, into runs/gpu/ablate/; stopped at 5 minutes and summarised
 #             (a rerun resumes) (#11, #19)
 #
-# Order of value if the budget is short: core, mem518, zero3, mem798, online.
-# For issue #10: losses, profile, compile, zero2c, mfu (each a call of its own, at most 8 min).
+# Order of value if the budget is short: perf, core, mem518, zero3, mem798, online.
+# The older split of #10's targets (each a call of its own, at most 8 min; perf replaces them):
+# losses, profile, compile, zero2c, mfu.
 set -uo pipefail
 RESULTS=runs/gpu
 mkdir -p "$RESULTS"
@@ -44,7 +50,8 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 # Compiled configurations reuse inductor's kernels across the bench's processes (not packed).
 export TORCHINDUCTOR_CACHE_DIR=$PWD/runs/inductor-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
-python3 -c "import torch, timm, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
+# (perf records the versions itself: importing deepspeed here would cost seconds of its 7 minutes)
+[ "$*" = perf ] || python3 -c "import torch, timm, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
 cat "$RESULTS/gpu.txt"
 
 pack() {  # after every command, so that a call stopped at its time limit still returns what finished
@@ -129,6 +136,18 @@ for part in "$@"; do
         { echo "ablation stopped (exit $?): summarising the runs with a record"; "${ablate[@]}" --report-only >> "$RESULTS/ablate.log" 2>&1; }
       grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798, memdinov3, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
+    perf)  # every target of #18 in one call (tools/perf.py); it packs after each configuration itself
+      tiny=() limit=400  # its 380 s budget, then the summary; with the install and start-up ≤ 7 minutes
+      if [ -n "${PERF_TINY:-}" ]; then
+        tiny=(--tiny) limit=0  # the CPU check at tiny shapes: no limit (its caps still apply)
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny ops on several threads only wait for each other
+        python3 -c "import sys, torch; sys.exit(torch.cuda.is_available())" && export TRITON_INTERPRET=1
+      fi
+      pack_args=(); [ -n "${OUT:-}" ] && pack_args=(--pack "$OUT/gpu-$PARTS.tar.gz" --pack-dir "$RESULTS")
+      timeout "$limit" python3 tools/perf.py ${tiny[@]+"${tiny[@]}"} --out "$RESULTS/perf" ${pack_args[@]+"${pack_args[@]}"} \
+        > "$RESULTS/perf.log" 2>&1 || echo "perf exited with $? (runs/gpu/perf.log)"
+      grep -E "^\[|^    " "$RESULTS/perf.log" | tail -n 40; cat "$RESULTS/perf/summary.md"; pack
+      ;;
+    *) echo "unknown part $part (perf, core, zero3, online, mem518, mem798, memdinov3, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
   esac
 done

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
 
-from depmatch.bench.step import overrides_for, synthetic_batches  # noqa: E402
+from depmatch.bench.step import overrides_for, student_step, synthetic_batches  # noqa: E402
 from depmatch.config import load_config  # noqa: E402
 from depmatch.engine.trainer import Trainer  # noqa: E402
 
@@ -38,13 +38,23 @@ GRAPH_LAUNCHES = ("cudaGraphLaunch",)
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
 
 
-def build_step(encoder: str, depmatch: bool, compiled: bool, args):
-    spec = {"encoder": encoder, "framework": "unimatch_v2", "depmatch": depmatch, "crop": args.crop, "batch": args.batch,
-            "output_dir": "/tmp/profile-step-run", "num_classes": 21, "compile": compiled, "compile_mode": args.compile_mode,
-            "precision": "bf16" if torch.cuda.is_available() else "no", "extra": []}  # fmt: skip
+def step_spec(encoder: str, depmatch: bool, compiled: bool, crop: int, batch: int, compile_mode: str = "default",
+              extra: tuple[str, ...] = (), output_dir: str = "/tmp/profile-step-run") -> dict:
+    """A bench spec (`depmatch.bench.step.overrides_for`) of the UniMatch V2 step, bf16 on CUDA; `extra`: more
+    `--set` overrides (a model shape, a tiny encoder)."""
+    return {"encoder": encoder, "framework": "unimatch_v2", "depmatch": depmatch, "crop": crop, "batch": batch,
+            "output_dir": output_dir, "num_classes": 21, "compile": compiled, "compile_mode": compile_mode,
+            "precision": "bf16" if torch.cuda.is_available() else "no", "extra": list(extra)}  # fmt: skip
+
+
+def build_step(spec: dict, scope: str = "step"):
+    """A Trainer for `spec` and one step of it on fixed batches already on the device: the training step
+    (scope "step") or the student's forward, backward and update alone ("student")."""
     trainer = Trainer(load_config(None, overrides_for(spec)))
     device = trainer.accelerator.device
     raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(trainer.config)]
+    if scope == "student":
+        return trainer, lambda: student_step(trainer, raw_batches)
 
     def step():
         labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
@@ -59,22 +69,26 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, args) -> dict:
-    for _ in range(args.warmup):
+def measure(step, warmup: int, steps: int, profiled: int, top: int = 25) -> dict:
+    """Wall ms per step over `steps` steps after `warmup` (synchronised at both ends), then, with
+    `profiled` > 0, the profile of that many more steps."""
+    for _ in range(warmup):
         step()
     synchronize()
     started = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     synchronize()
-    wall_ms = (time.perf_counter() - started) / args.steps * 1e3
+    wall_ms = (time.perf_counter() - started) / steps * 1e3
+    if profiled == 0:
+        return {"wall_ms_per_step": wall_ms}
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        for _ in range(args.profiled):
+        for _ in range(profiled):
             step()
         synchronize()
-    per_step = 1 / args.profiled
+    per_step = 1 / profiled
     rows = [
         {"name": event.key, "count": event.count * per_step, "self_cpu_ms": event.self_cpu_time_total / 1e3 * per_step,
          "self_device_ms": getattr(event, "self_device_time_total", 0) / 1e3 * per_step}
@@ -90,8 +104,8 @@ def measure(step, args) -> dict:
         "launches_per_step": counted(LAUNCHES),
         "graph_launches_per_step": counted(GRAPH_LAUNCHES),
         "syncs_per_step": {row["name"]: row["count"] for row in rows if row["name"] in SYNCS or "Memcpy" in row["name"]},
-        "top_device": sorted(rows, key=lambda row: -row["self_device_ms"])[: args.top],
-        "top_host": sorted(rows, key=lambda row: -row["self_cpu_ms"])[: args.top],
+        "top_device": sorted(rows, key=lambda row: -row["self_device_ms"])[:top],
+        "top_host": sorted(rows, key=lambda row: -row["self_cpu_ms"])[:top],
     }
 
 
@@ -130,9 +144,10 @@ def main() -> int:
         if time.perf_counter() - started > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: skipping {encoder} depmatch={depmatch} compile={compiled}")
             continue
-        trainer, step = build_step(encoder, depmatch == "on", compiled == "on", args)
+        trainer, step = build_step(step_spec(encoder, depmatch == "on", compiled == "on", args.crop, args.batch, args.compile_mode))
         result = {"encoder": encoder, "depmatch": depmatch == "on", "compile": compiled == "on", "crop": args.crop,
-                  "batch": args.batch, "compile_mode": args.compile_mode, **measure(step, args)}  # fmt: skip
+                  "batch": args.batch, "compile_mode": args.compile_mode,
+                  **measure(step, args.warmup, args.steps, args.profiled, args.top)}  # fmt: skip
         print(summary(result), flush=True)
         results.append(result)
         (out / "profile.json").write_text(json.dumps(results, indent=1))

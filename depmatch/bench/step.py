@@ -80,6 +80,25 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process high-water mark
 
 
+def student_step(trainer, raw_batches) -> None:
+    """The student alone: one forward and backward over as many images as a step has, and the update."""
+    labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
+    images = torch.cat([labeled["image"], unlabeled["image_weak"]])
+    labels = torch.cat([labeled["label"], labeled["label"]])
+    with trainer.accelerator.autocast():
+        loss = F.cross_entropy(trainer.student(images)["logits"].float(), labels, ignore_index=255)
+    trainer.accelerator.backward(loss)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def count_flops(step) -> int:
+    """The FLOPs one call of `step` does (matrix products and convolutions, FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def measure(spec: dict) -> dict:
     from depmatch.engine.trainer import Trainer
 
@@ -95,20 +114,9 @@ def measure(spec: dict) -> dict:
         with trainer.accelerator.accumulate(trainer.student):
             trainer.forward_backward_step(labeled, unlabeled)
 
-    def student_step():
-        """The student alone: one forward and backward over as many images as a step has, and the update."""
-        labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
-        images = torch.cat([labeled["image"], unlabeled["image_weak"]])
-        labels = torch.cat([labeled["label"], labeled["label"]])
-        with trainer.accelerator.autocast():
-            loss = F.cross_entropy(trainer.student(images)["logits"].float(), labels, ignore_index=255)
-        trainer.accelerator.backward(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
     def step():
         if spec.get("scope") == "student":
-            student_step()
+            student_step(trainer, raw_batches)
         else:
             training_step()
         if device.type == "cuda":
@@ -128,9 +136,7 @@ def measure(spec: dict) -> dict:
         with OpCounter() as ops:
             step()
         return {**identity, "ops_per_step": ops.total, "computing_ops_per_step": ops.computing}
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
+    flops = count_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
