@@ -73,6 +73,7 @@ class Trainer:
             self.teacher.model.to(self.accelerator.device)
         compile_forwards(self.accelerator, self.student, self.teacher.model if self.teacher else None, config.train)
         self.strong_view = compile_function(strong_view, config.train)
+        self.semi_supervised_loss = compile_function(semi_supervised_loss, config.train)
         self.input_dtype = input_dtype(self.student)
         model_path = None if config.train.labeled_only else config.train.online_depth_model
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
@@ -145,7 +146,7 @@ class Trainer:
             predictions = self.framework.predict(
                 self.student, self.teacher, labeled["image"], unlabeled["image_weak"], strong, self.depmatch.wants_clean_features
             )
-            return semi_supervised_loss(
+            return self.semi_supervised_loss(
                 predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
             )
 
