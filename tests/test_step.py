@@ -8,23 +8,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import depmatch.engine.trainer as trainer_module
 from depmatch.bench.ops import SyncCounter
 from depmatch.bench.step import synthetic_batches
-from depmatch.config import load_config
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.nonfinite import NonFiniteLossError
-import depmatch.engine.trainer as trainer_module
 from depmatch.engine.trainer import Trainer
 from depmatch.losses import pair_backend
+from test_compile import small_config
 
-SMALL_MODEL = ["model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8",
-               "model.head_out_channels=[8,8,8,8]", "data.crop_size=28", "train.batch_size=2",
-               "train.unlabeled_batch_size=2"]  # fmt: skip
 FUSED = "optim.fused=true"  # the CUDA optimizer: it skips a step on the device
 
 
 def small_trainer(tmp_path, *overrides):
-    return Trainer(load_config(None, [*SMALL_MODEL, f"train.output_dir={tmp_path}", *overrides]))
+    return Trainer(small_config(tmp_path, *overrides))
 
 
 def step(trainer, raw_batches, seed):
