@@ -83,13 +83,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "vit_tiny"  # vit_tiny | timm name (vit_small_patch14_dinov2, ...) | dinov2_{s,b,l,g} | resnet50 | resnet101
-    backend: str = "timm"  # timm | transformers (Dinov2Model) | torchvision-free resnet from timm
+    # vit_tiny | dinov2_{s,b,l,g} | dinov3_{s,b,l,h,7b} | timm ViT name (vit_small_patch16_224, ...) | resnet50 | ...
+    encoder: str = "vit_tiny"
+    backend: str = "timm"  # timm | transformers (its Backbone classes: Dinov2Backbone, DINOv3ViTBackbone, ...)
     pretrained: Optional[str] = None  # local file or folder, or hub id (facebook/dinov2-small, timm/...); None needs random_init
     random_init: bool = True  # explicit opt-in to untrained encoder weights
     head: str = "dpt"  # dpt | deeplabv3plus
-    head_features: int = 32  # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G)
-    head_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G); null: scaled with the encoder's width (docs/models.md)
+    head_features: Optional[int] = 32
+    head_out_channels: Optional[tuple[int, ...]] = (32, 64, 128, 128)  # null: scaled with the encoder's width
     intermediate_layers: Optional[tuple[int, ...]] = None  # None: method.md §6 defaults per size
     drop_path: float = 0.0
     output_stride: int = 16  # resnet only: 8 or 16, the last stages dilated instead of strided (as UniMatch)
@@ -98,6 +100,10 @@ class ModelConfig:
     tiny_embed_dim: int = 96
     tiny_depth: int = 4
     tiny_heads: int = 3
+    # A shape-reduced preset or timm ViT, randomly initialised (tests, memory checks): fewer blocks, narrower
+    depth: Optional[int] = None
+    embed_dim: Optional[int] = None
+    num_heads: Optional[int] = None
 
 
 @dataclass

@@ -255,3 +255,35 @@ def test_machine_description_takes_the_launchers_commit_before_the_trees_git(mon
     monkeypatch.delenv("DEPMATCH_COMMIT")
     monkeypatch.setattr(ablate.subprocess, "run", no_git)
     assert ablate.machine_description()["commit"] is None
+
+
+def test_encoder_option_swaps_the_encoder_and_keeps_its_records_apart():
+    args = ablate.parse_args(["--encoder", "dinov3_s"])
+    config = ablate.load_config_of(args, ("unimatch_v2", "true", "both", 0))
+    assert (config.model.encoder, config.model.head_features, config.model.head_out_channels) == (
+        "dinov3_s", 64, (48, 96, 192, 384))
+    assert config.data.crop_size == 98  # the cpu preset's; the trainer rounds it to 96 for patch 16
+    assert args.out == "docs/results/ablation-cpu-dinov3_s" and args.work_dir == "runs/ablate-cpu-dinov3_s"
+    hub = ablate.parse_args(["--encoder", "facebook/dinov3-vits16-pretrain-lvd1689m"])
+    assert hub.work_dir == "runs/ablate-cpu-facebook--dinov3-vits16-pretrain-lvd1689m"
+    assert ablate.load_config_of(hub, ("fixmatch", "true", "base", 0)).model.backend == "transformers"
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--encoder", "dinov9_s"])
+
+
+@pytest.mark.slow
+def test_an_ablation_runs_on_a_shape_reduced_dinov3(tmp_path):
+    out = tmp_path / "dinov3"
+    command = [sys.executable, str(TOOL), "--encoder", "dinov3_s", "--out", str(out), "--frameworks", "fixmatch",
+               "--seeds", "0", "--steps", "2", "--labeled", "2", "--unlabeled", "4", "--variants", "both",
+               "--controls"]
+    for setting in ("data.synth.height=32", "data.synth.width=32", "data.synth.val=2", "data.crop_size=28",
+                    "train.batch_size=1", "train.unlabeled_batch_size=1", "model.depth=4", "model.embed_dim=32",
+                    "model.num_heads=2"):
+        command += ["--set", setting]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads((out / "runs" / "fixmatch-true-both-s0.json").read_text())
+    assert 'model.encoder="dinov3_s"' in record["overrides"] and 0 <= record["reported_miou"] <= 100
+    saved = (tmp_path / "runs" / "ablate-cpu-dinov3_s" / "fixmatch-true-both-s0" / "config.yaml").read_text()
+    assert "crop_size: 32" in saved  # 28 rounded to DINOv3's patch 16

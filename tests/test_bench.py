@@ -114,3 +114,42 @@ def test_bench_counts_the_ops_of_a_step(tmp_path):
     assert 0 < off["computing_ops_per_step"] < off["ops_per_step"] < on["ops_per_step"]
     assert "step_time_s" not in on
     assert f"| {on['ops_per_step']:,} | {on['computing_ops_per_step']:,} |" in (tmp_path / "bench.md").read_text()
+
+
+def test_encoder_names_beyond_the_presets_make_configs():
+    from depmatch.bench.presets import encoder_settings, unknown_encoder
+
+    assert encoder_settings("dinov3_7b") == {"encoder": "dinov3_7b", "head": "dpt", "head_features": 384,
+                                             "head_out_channels": [1536, 1536, 1536, 1536]}
+    assert encoder_settings("dinov3_h")["head_out_channels"] == [320, 640, 1280, 1280]
+    assert encoder_settings("transformers:dinov3_s") == {**ENCODER_PRESETS["dinov3_s"], "backend": "transformers"}
+    assert encoder_settings("vit_small_patch16_224.augreg_in21k") == {
+        "encoder": "vit_small_patch16_224.augreg_in21k", "head": "dpt", "head_features": None, "head_out_channels": None}
+    assert encoder_settings("facebook/dinov3-vits16-pretrain-lvd1689m")["backend"] == "transformers"
+    assert encoder_settings("resnet34") == {"encoder": "resnet34", "head": "deeplabv3plus"}
+    assert [unknown_encoder(name) for name in ("dinov3_s", "transformers:dinov2_b", "eva02_small_patch14_224")] == [None] * 3
+    assert "--encoders: dinov9_s is neither a preset" in unknown_encoder("dinov9_s")
+
+
+@pytest.mark.slow
+def test_bench_times_a_mix_of_families_at_their_patch_sizes(tmp_path):
+    """Presets, a timm name and a transformers backbone in one run, shape-reduced (random init): each row
+    runs the real model at a crop rounded to its patch size, and more blocks cost more FLOPs."""
+    encoders = ["vit_tiny", "dinov3_s", "vit_small_patch16_224.augreg_in21k", "transformers:dinov3_s"]
+    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", *encoders, "--depmatch", "on", "--crop", "28",
+               "--batch", "1", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
+               "--set", "model.depth=4", "--set", "model.embed_dim=32", "--set", "model.num_heads=2"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = {r["encoder"]: r for r in json.loads((tmp_path / "bench.json").read_text())}
+    assert sorted(results) == sorted(encoders)
+    assert {name: r["crop"] for name, r in results.items()} == {
+        "vit_tiny": 28, "dinov3_s": 32, "vit_small_patch16_224.augreg_in21k": 32, "transformers:dinov3_s": 32}
+    assert all(r["tflop_per_step"] > 0 and r["step_time_s"] > 0 for r in results.values())
+    # the same DINOv3 architecture through timm and transformers: the same FLOPs to within the attention's
+    # implementation details (RoPE, fused attention count alike; a few percent at most)
+    timm_flops, transformers_flops = results["dinov3_s"]["tflop_per_step"], results["transformers:dinov3_s"]["tflop_per_step"]
+    assert transformers_flops == pytest.approx(timm_flops, rel=0.05)
+    bad = subprocess.run([sys.executable, "-m", "depmatch", "bench", "--encoders", "dinov9_s", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("--encoders: dinov9_s is neither a preset")

@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from depmatch.bench.presets import encoder_overrides  # noqa: E402  (needs ROOT on the path)
+from depmatch.bench.presets import encoder_overrides, unknown_encoder  # noqa: E402  (needs ROOT on the path)
 
 # The supervised baseline through the same trainer: same model, labeled data order and
 # augmentation, and the framework's EMA teacher (train.labeled_only in depmatch/config.py).
@@ -160,6 +160,7 @@ def run_overrides(args: argparse.Namespace, framework: str, depth_mode: str, var
     return [
         f"train.framework={framework}",
         *preset.size,
+        *(encoder_overrides(args.encoder) if args.encoder else ()),
         f"data.synth.labeled={labeled}",
         f"data.synth.unlabeled={args.unlabeled}",
         f"data.synth.depth_mode='{depth_mode}'",  # quoted: YAML would read a bare true as a boolean
@@ -502,6 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="variants trained with true depth")
     parser.add_argument("--controls", nargs="*", default=["random"], help="depth modes without class information")
     parser.add_argument("--control-variants", nargs="+", default=["both"], choices=list(VARIANTS))
+    parser.add_argument("--encoder", metavar="NAME",
+                        help="the encoder of every run instead of the preset's, with its head: any name `depmatch "
+                             "bench --encoders` takes (dinov3_s, vit_small_patch16_224.augreg_in21k, "
+                             "transformers:dinov3_s, ...); random init unless --set model.pretrained=... "
+                             "model.random_init=false; results go beside the preset's, in folders named after it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run (repeatable)")
     parser.add_argument("--out", help="summaries, charts, machine.json (default: the preset's)")
@@ -514,11 +520,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train nothing: summarise the planned runs that have a record (an unfinished ablation)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    for name in ("labeled", "unlabeled", "steps", "jobs", "out"):
+    if args.encoder and unknown_encoder(args.encoder):
+        parser.error(unknown_encoder(args.encoder).replace("--encoders", "--encoder"))
+    # another encoder's runs and records never mix with the preset's own
+    suffix = "-" + args.encoder.replace("/", "--").replace(":", "-") if args.encoder else ""
+    for name in ("labeled", "unlabeled", "steps", "jobs"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
+    args.out = args.out or preset.out + suffix
     args.runs_dir = args.runs_dir or f"{args.out}/runs"
-    args.work_dir = args.work_dir or f"runs/ablate-{args.preset}"
+    args.work_dir = args.work_dir or f"runs/ablate-{args.preset}{suffix}"
     return args
 
 

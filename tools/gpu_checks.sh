@@ -15,6 +15,8 @@
 #   online    DepMatch step with Depth Anything (V2-Small shape) run on every step   (#6.2)
 #   mem518    DINOv2-L/G peak memory at crop 518, ZeRO-2 / 3 / 3 + CPU offload       (#6.5)
 #   mem798    the same at crop 798                                                   (#6.5)
+#   memdinov3 DINOv3-L/H+ peak memory at crop 518 (512), ZeRO-2, beside the memory model's figures;
+#             the check of `depmatch bench --memory-model` on DINOv3 (docs/benchmarks.md)   (#20)
 #   losses    loss kernels: their CUDA tests, then triton (also compiled) vs blocked vs the loop reference,
 #             one view at Pascal size, and the original code's functions where
 #             ORIGINAL_DEPMATCH=path/to/DepMatch.py (the original repository's file) is set  (#10.3)
@@ -80,6 +82,12 @@ for part in "$@"; do
       bench "$part" --encoders dinov2_l dinov2_g --depmatch on --precision bf16 --zero 2 3 3-offload \
         --crop "${part#mem}" --batch "$batch" --steps 3 --warmup 1
       ;;
+    memdinov3)
+      bench memdinov3 --encoders dinov3_l dinov3_h --depmatch on --precision bf16 --zero 2 --crop 518 --batch 4 \
+        --steps 3 --warmup 1
+      python3 -m depmatch bench --memory-model --encoders dinov3_l dinov3_h --gpus 1 --out "$RESULTS/memdinov3-model" \
+        2>&1 | grep -E "^\| dinov3_. \| zero2" | tee "$RESULTS/memdinov3-model.txt"; pack
+      ;;
     losses)  # the target: CDDP + ULDR fwd+bwd of one view (B=4) ≤ 1.5 ms and ≥ 100× the original functions
       timeout 180 python3 -m pytest -q -m gpu tests/test_gpu.py -k "losses or kernels" 2>&1 | tail -n 15 | tee "$RESULTS/gpu-tests-losses.log"; pack
       original=()
@@ -119,6 +127,6 @@ for part in "$@"; do
         { echo "ablation stopped (exit $?): summarising the runs with a record"; "${ablate[@]}" --report-only >> "$RESULTS/ablate.log" 2>&1; }
       grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack
       ;;
-    *) echo "unknown part $part (core, zero3, online, mem518, mem798, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
+    *) echo "unknown part $part (core, zero3, online, mem518, mem798, memdinov3, losses, profile, compile, zero2c, mfu, ablate)"; exit 2 ;;
   esac
 done

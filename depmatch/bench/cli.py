@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from depmatch.bench.presets import ENCODER_PRESETS
+from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.engine.compile import COMPILE_MODES
 from depmatch.losses.depmatch import PAIR_BACKENDS, cuda_pair_backend
@@ -34,8 +34,11 @@ def register(subparsers) -> None:
             "Defaults: tiny encoders on CPU, DINOv2-S/B/L at crop 518 in bf16 on a GPU."
         ),
     )
-    parser.add_argument("--encoders", nargs="+", choices=sorted(ENCODER_PRESETS), default=None,
-                        help="default: dinov2_s dinov2_b dinov2_l on GPU, vit_tiny resnet18 on CPU")
+    parser.add_argument("--encoders", nargs="+", default=None, metavar="NAME",
+                        help=f"presets ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, any timm ViT or ResNet "
+                             "name (vit_small_patch16_224.augreg_in21k), or a transformers folder or hub id; random "
+                             "init, shrink with --set model.depth=N. Default: dinov2_s dinov2_b dinov2_l on GPU, "
+                             "vit_tiny resnet18 on CPU")
     parser.add_argument("--frameworks", nargs="+", default=["unimatch_v2"], choices=["fixmatch", "unimatch", "unimatch_v2"])
     parser.add_argument("--depmatch", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--precision", nargs="+", default=None, choices=["no", "bf16", "fp16"],
@@ -58,8 +61,16 @@ def register(subparsers) -> None:
     parser.add_argument("--scope", nargs="+", default=["step"], choices=["step", "student"],
                         help="step: the whole training step (teacher, student views, losses, update); "
                              "student: the student's forward and backward over the step's images, and the update")
-    parser.add_argument("--crop", type=int, default=518 if ON_GPU else 98)
-    parser.add_argument("--batch", type=int, default=4 if ON_GPU else 2, help="images per view per step")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="default: 518 on GPU and for --memory-model, 98 on CPU (rounded to each ViT's patch size)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per view per step; default: 4 on GPU and for --memory-model, 2 on CPU")
+    parser.add_argument("--memory-model", action="store_true",
+                        help="instead of timing: per-GPU memory of the step from the model's shapes (parameters, "
+                             "gradients, optimizer, EMA teacher, activations with and without model.grad_checkpointing) "
+                             "for every --encoders (default: dinov3_s ... dinov3_7b) × backend × --gpus; writes "
+                             "memory.md and memory.json (docs/benchmarks.md)")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 64], help="GPU counts for --memory-model")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--steps", type=int, default=10 if ON_GPU else 3, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3 if ON_GPU else 1)
@@ -109,6 +120,17 @@ def launch_environment(zero: str, precision: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    for encoder in args.encoders or []:
+        if unknown_encoder(encoder):
+            print(unknown_encoder(encoder), file=sys.stderr)
+            return 2
+    if args.memory_model:
+        from depmatch.bench import memory
+
+        args.crop, args.batch = args.crop or 518, args.batch or 4
+        return memory.run(args)
+    args.crop = args.crop or (518 if ON_GPU else 98)
+    args.batch = args.batch or (4 if ON_GPU else 2)
     encoders = args.encoders or (["dinov2_s", "dinov2_b", "dinov2_l"] if ON_GPU else ["vit_tiny", "resnet18"])
     precisions = args.precision or (["bf16"] if ON_GPU else ["no"])
     out_dir = Path(args.out)

@@ -4,22 +4,56 @@ from __future__ import annotations
 
 import json
 
-# encoder -> ModelConfig overrides; the DPT widths follow UniMatch V2 / Depth Anything per size.
+from depmatch.models.families import PRESETS, dpt_widths
+
+
+def _dpt_preset(encoder: str) -> dict:
+    features, out_channels = dpt_widths(PRESETS[encoder].embed_dim)
+    return {"encoder": encoder, "head": "dpt", "head_features": features, "head_out_channels": list(out_channels)}
+
+
+# encoder -> ModelConfig overrides; the DPT widths follow UniMatch V2 / Depth Anything per width (dpt_widths).
 ENCODER_PRESETS: dict[str, dict] = {
     "vit_tiny": {"encoder": "vit_tiny", "head": "dpt"},
-    "dinov2_s": {"encoder": "dinov2_s", "head": "dpt", "head_features": 64, "head_out_channels": [48, 96, 192, 384]},
-    "dinov2_b": {"encoder": "dinov2_b", "head": "dpt", "head_features": 128, "head_out_channels": [96, 192, 384, 768]},
-    "dinov2_l": {"encoder": "dinov2_l", "head": "dpt", "head_features": 256, "head_out_channels": [256, 512, 1024, 1024]},
-    "dinov2_g": {"encoder": "dinov2_g", "head": "dpt", "head_features": 384, "head_out_channels": [1536, 1536, 1536, 1536]},
+    **{encoder: _dpt_preset(encoder) for encoder in PRESETS},
     "resnet18": {"encoder": "resnet18", "head": "deeplabv3plus"},
     "resnet50": {"encoder": "resnet50", "head": "deeplabv3plus"},
     "resnet101": {"encoder": "resnet101", "head": "deeplabv3plus"},
 }
+TRANSFORMERS_PREFIX = "transformers:"  # `transformers:dinov3_s`: a preset through its transformers Backbone
+
+
+def encoder_settings(encoder: str) -> dict:
+    """ModelConfig values that make `model` the encoder `encoder` names, with its head.
+
+    A preset (ENCODER_PRESETS); `transformers:<preset>`; a transformers folder or hub id (`org/name`,
+    random init in the shape of its config.json); or any timm name, a ViT with a DPT head whose widths scale
+    with its width, a ResNet with DeepLabV3+.
+    """
+    if encoder in ENCODER_PRESETS:
+        return ENCODER_PRESETS[encoder]
+    if encoder.startswith(TRANSFORMERS_PREFIX):
+        return {**encoder_settings(encoder[len(TRANSFORMERS_PREFIX):]), "backend": "transformers"}
+    if encoder.startswith("resnet"):
+        return {"encoder": encoder, "head": "deeplabv3plus"}
+    settings = {"encoder": encoder, "head": "dpt", "head_features": None, "head_out_channels": None}
+    return {**settings, "backend": "transformers"} if "/" in encoder else settings
+
+
+def unknown_encoder(encoder: str) -> str | None:
+    """Why `encoder` names nothing `encoder_settings` can build, or None (checked before any process starts)."""
+    import timm
+
+    name = encoder[len(TRANSFORMERS_PREFIX):] if encoder.startswith(TRANSFORMERS_PREFIX) else encoder
+    if name in ENCODER_PRESETS or "/" in name or (name == encoder and timm.is_model(name)):
+        return None
+    return (f"--encoders: {encoder} is neither a preset ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, "
+            "a timm model name nor a transformers folder or hub id (org/name)")
 
 
 def encoder_overrides(encoder: str) -> list[str]:
-    """`--set` overrides that give `model` the shape of `encoder` (ENCODER_PRESETS)."""
-    return [f"model.{key}={json.dumps(value)}" for key, value in ENCODER_PRESETS[encoder].items()]
+    """`--set` overrides that give `model` the shape of `encoder` (encoder_settings)."""
+    return [f"model.{key}={json.dumps(value)}" for key, value in encoder_settings(encoder).items()]
 
 
 # Dense bf16/fp16 tensor-core peak per device, TFLOP/s, from the vendors' data sheets.

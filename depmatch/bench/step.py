@@ -83,8 +83,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def measure(spec: dict) -> dict:
     from depmatch.engine.trainer import Trainer
 
-    config = load_config(None, overrides_for(spec))
-    trainer = Trainer(config)
+    trainer = Trainer(load_config(None, overrides_for(spec)))
+    config = trainer.config  # the crop rounded to the encoder's patch size
     device = trainer.accelerator.device
     # On the device already, as the loader's next batch would be once copied; the step makes the
     # strong views and normalises, as training does.
@@ -118,7 +118,8 @@ def measure(spec: dict) -> dict:
     for _ in range(spec["warmup"]):
         step()
     identity = {
-        **{k: spec[k] for k in ("scope", "encoder", "framework", "depmatch", "precision", "zero", "crop", "batch")},
+        **{k: spec[k] for k in ("scope", "encoder", "framework", "depmatch", "precision", "zero", "batch")},
+        "crop": config.data.crop_size,  # as run: rounded to the encoder's patch size
         "compile": spec.get("compile", False),
         "overrides": " ".join(spec.get("extra", [])) or None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

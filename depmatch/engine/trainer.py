@@ -44,9 +44,10 @@ from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
 from depmatch.frameworks.cutmix import mix_with_partner
-from depmatch.frameworks.depmatch import DepMatch
+from depmatch.frameworks.depmatch import CDDP_STRIDE, DepMatch
 from depmatch.frameworks.objective import labeled_loss, semi_supervised_loss
 from depmatch.models import build_model
+from depmatch.models.layers import crop_for_patch
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class Trainer:
         self.classes = {"names": dataset["classes"], "palette": dataset["palette"]} if dataset else {}
 
         self.framework = build_framework(config.train.framework)
-        self.depmatch = DepMatch(config.depmatch)
         student = build_model(config.model, config.num_classes)
+        # Crops are multiples of the ViT's patch size, and CDDP works on its patch grid.
+        self.config = config = crop_for_patch(config, student.grid_patch_size)
+        self.depmatch = DepMatch(config.depmatch, student.grid_patch_size or CDDP_STRIDE)
         set_seed(config.train.seed, device_specific=True)
         # The EMA teacher copies the plain student before DeepSpeed or FSDP can shard it.
         self.teacher = EMATeacher(student, config.train.ema_decay) if self.framework.ema_teacher else None

@@ -15,6 +15,7 @@ from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.deeplab import DeepLabV3PlusHead
 from depmatch.models.dpt import DPTHead
 from depmatch.models.encoders import build_encoder
+from depmatch.models.families import dpt_widths
 from depmatch.models.perturbations import complementary_dropout, with_dropped_copy
 
 PERTURBATIONS = ("none", "dropout", "complementary")
@@ -26,6 +27,8 @@ class SegmentationModel(nn.Module):
         self.encoder = encoder
         self.head = head
         self.patch_size = encoder.patch_size
+        # A ViT's patch grid: crops round to it and CDDP works on it; None for a CNN (method.md §2's 14 then).
+        self.grid_patch_size = encoder.patch_size if encoder.on_patch_grid else None
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(encoder parameters, head parameters): the trainer gives the head lr × lr_multi."""
@@ -70,8 +73,13 @@ class SegmentationModel(nn.Module):
 
 def build_head(config: ModelConfig, encoder: nn.Module, num_classes: int) -> nn.Module:
     if config.head == "dpt":
+        features, out_channels = dpt_widths(encoder.channels[-1])
         return DPTHead(
-            encoder.channels, encoder.reductions, num_classes, config.head_features, config.head_out_channels
+            encoder.channels,
+            encoder.reductions,
+            num_classes,
+            features if config.head_features is None else config.head_features,
+            out_channels if config.head_out_channels is None else config.head_out_channels,
         )
     if config.head == "deeplabv3plus":
         return DeepLabV3PlusHead(encoder.channels, encoder.reductions, num_classes)

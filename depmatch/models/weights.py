@@ -2,8 +2,8 @@
 
 Three formats: a timm-style state dict (`.safetensors`, or `.pth`/`.pt`/`.bin` read with
 `torch.load(weights_only=True)` so an untrusted file cannot run code), Meta's original
-DINOv2 `.pth` (converted to timm names by timm's own filter), and a transformers
-directory for `backend: transformers`. A file that does not fit the model is an error
+DINOv2 / DINOv3 `.pth` (converted to timm names by the timm family's own filter), and a
+transformers directory for `backend: transformers`. A file that does not fit the model is an error
 that lists the keys, never a silent partial load.
 """
 
@@ -106,7 +106,7 @@ def load_timm_weights(
         state_dict = read_state_dict(source)
     if any(key.startswith("embeddings.") for key in state_dict):
         raise WeightsError(
-            f"pretrained weights {source} are a transformers Dinov2Model (embeddings.*, encoder.layer.*), "
+            f"pretrained weights {source} are a transformers Dinov2Model or DINOv3ViTModel (embeddings.*), "
             "not a timm model: set model.backend: transformers to load them"
         )
     fit_state_dict(module, state_dict, source, convert=convert, unused_prefixes=unused_prefixes)
@@ -143,19 +143,28 @@ def fit_state_dict(
     logger.info("loaded encoder weights from %s", path)
 
 
-def load_transformers_dinov2(name: str, **config_overrides) -> nn.Module:
-    """`Dinov2Model` from a `save_pretrained` directory or a hub repo id, every weight accounted for."""
-    from transformers import Dinov2Model
+def load_transformers_backbone(
+    name: str, prepare: Callable[[object], tuple[type, tuple[int, ...]]], **config_overrides
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """A transformers Backbone (Dinov2Backbone, DINOv3ViTBackbone, ...) from a `save_pretrained` folder or a
+    hub repo id, every weight accounted for. `prepare(config)` gives the backbone class and sets the blocks
+    to read (out_indices) once the folder's config is known; it returns them with the class."""
+    from transformers import AutoConfig
 
     path = transformers_folder(name, "model.pretrained", "facebook/dinov2-small")
     try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, **config_overrides)
+    except Exception as error:  # transformers raises OSError or ValueError
+        raise WeightsError(f"cannot read the transformers config.json in {path}: {error}") from error
+    backbone_class, layers = prepare(config)
+    try:
         # ignore_mismatched_sizes only makes transformers report mismatches instead of raising
         # a bare RuntimeError; any mismatch is still refused below, with its keys.
-        model, info = Dinov2Model.from_pretrained(
-            str(path), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **config_overrides
+        model, info = backbone_class.from_pretrained(
+            str(path), config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as error:  # transformers raises OSError, ValueError or RuntimeError
-        raise WeightsError(f"cannot load a Dinov2Model from {path}: {error}") from error
+        raise WeightsError(f"cannot load a {backbone_class.__name__} from {path}: {error}") from error
     # The encoder drops the masked-image-modelling token, so a file may or may not hold it; a
     # classification checkpoint may carry its classifier. Neither is a misfit.
     missing = sorted(k for k in info["missing_keys"] if "mask_token" not in k)
@@ -165,5 +174,5 @@ def load_transformers_dinov2(name: str, **config_overrides) -> nn.Module:
         for k, file_shape, model_shape in info["mismatched_keys"]
     )
     _check_fit(path, missing, unexpected, mismatched)
-    logger.info("loaded Dinov2Model weights from %s", path)
-    return model
+    logger.info("loaded %s weights from %s", backbone_class.__name__, path)
+    return model, layers
