@@ -27,12 +27,14 @@ def small_config(tmp_path, *overrides):
 
 
 def test_the_student_forward_has_no_graph_break():
-    """Both calls of a step (labeled images; two strong views with complementary dropout and the
-    clean features) trace as one graph each."""
+    """Each call a step makes traces as one graph: labeled images alone and two strong views with
+    complementary dropout and the clean features (BatchNorm students), or labeled + strong images
+    in one pass (ViTs with DPT, the default); no boolean-mask write breaks it."""
     config = load_config(None, [])
     student = build_model(config.model, config.num_classes)
-    images = torch.randn(4, 3, 98, 98)
-    for kwargs in ({}, {"perturbation": "complementary", "clean_features": True}):
+    images = torch.randn(6, 3, 98, 98)
+    for kwargs in ({}, {"perturbation": "complementary", "clean_features": True},
+                   {"perturbation": "complementary", "clean_features": True, "unperturbed": 2}):  # fmt: skip
         explanation = torch._dynamo.explain(student)(images, **kwargs)
         assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
@@ -50,11 +52,20 @@ def run_steps(trainer, raw_batches, steps, after_first=None):
     return history
 
 
+@pytest.fixture
+def cuda_pair_path():
+    """The losses' pair sums on the blocked path, CUDA's without the Triton kernels: on the CPU the
+    kernels run only in Triton's interpreter, chosen before triton is first imported
+    (tests/test_loss_kernels.py), and the CPU's compact path reads counts on the host (a graph break)."""
+    with pair_backend("blocked"):
+        yield
+
+
 @pytest.mark.slow
-def test_compiled_steps_equal_eager_steps_and_never_recompile(tmp_path, monkeypatch):
+def test_compiled_steps_equal_eager_steps_and_never_recompile(tmp_path, monkeypatch, cuda_pair_path):
     """UniMatch V2 + DepMatch with inductor: two steps give the same losses (relative 1e-5) and
     student and teacher weights (1e-5) as eager, under the plain names; a step dispatches at
-    least 1.6× fewer aten ops; ten more steps compile no new graph."""
+    least 5× fewer aten ops; ten more steps compile no new graph."""
     # Inductor's own random streams differ from eager's; complementary dropout must draw alike.
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     # No pool of compile workers (each imports torch): on 2 cores it costs more than it saves.
@@ -74,20 +85,19 @@ def test_compiled_steps_equal_eager_steps_and_never_recompile(tmp_path, monkeypa
         for (key, value), other in zip(want.state_dict().items(), have.state_dict().values()):
             torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
     assert list(compiled.student.state_dict()) == list(eager.student.state_dict())
-    # student: the labeled batch and the two strong views; teacher: the weak view; the strong views' chain
+    # the student's one pass (labeled + strong views), the teacher's (weak view), the strong views'
+    # chain and the objective
     assert graphs_after_first_step["unique_graphs"] == 4
 
     ops = {}
     for name, trainer in (("eager", eager), ("compiled", compiled)):
-        # The blocked pair path, CUDA's without the Triton kernels: on the CPU the kernels run only in
-        # Triton's interpreter, chosen before triton is first imported (tests/test_loss_kernels.py).
-        with pair_backend("blocked"), OpCounter() as counter:
+        with OpCounter() as counter:
             run_steps(trainer, raw_batches, 1)
         ops[name] = counter.total
-    # Measured 2,555 eager vs 1,346 compiled (1.9×): this one-block model has few model ops, and
-    # the DepMatch pair sums (about 1,000 ops on the blocked path) stay eager. S/B/L, where the
-    # model's ops dominate: docs/benchmarks.md.
-    assert ops["eager"] >= 1.6 * ops["compiled"], ops
+    # Measured 2,860 eager vs 463 compiled (6.2×; 2.5× before the step ran the student once and
+    # compiled the objective): docs/benchmarks.md. Op counts are deterministic.
+    print("aten ops per step:", ops)
+    assert ops["eager"] >= 5 * ops["compiled"], ops
 
     run_steps(compiled, raw_batches, 9)
     assert dict(counters["stats"]) == graphs_after_first_step

@@ -133,3 +133,25 @@ def test_heads_keep_bf16_channels_last_maps_under_cuda_autocast(head):
         features = model(images)["features"]
     assert features.dtype == torch.bfloat16
     assert features.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_training_step_on_cuda_never_waits_for_the_device(tmp_path):
+    """UniMatch V2 + DepMatch with fused AdamW (fp32: accelerate keeps one precision per process): the second step (the first reads nothing
+    late and allocates the optimizer state) runs under CUDA's sync check, which raises on any
+    host sync; the CPU counterpart is tests/test_step.py's SyncCounter."""
+    from depmatch.bench.step import synthetic_batches
+    from depmatch.config import load_config
+    from depmatch.engine.trainer import Trainer
+
+    config = load_config(None, [f"train.output_dir={tmp_path}"])
+    trainer = Trainer(config)
+    assert trainer.skip_on_device
+    raw_batches = [{name: value.to(CUDA) for name, value in batch.items()} for batch in synthetic_batches(config)]
+    for check in ("default", "error"):
+        batches = tuple(trainer.to_device(batch) for batch in raw_batches)
+        torch.cuda.set_sync_debug_mode(check)
+        try:
+            parts = trainer.train_step(iter([batches]))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert parts["nonfinite"].item() == 0.0

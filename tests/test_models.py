@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import timm
 import torch
 
 from depmatch.config import ConfigError, ModelConfig
+from depmatch.frameworks.unimatch_v2 import UniMatchV2, batch_independent
 from depmatch.models import HubError, SegmentationModel, WeightsError, build_model
 from depmatch.models.encoders import intermediate_layers
 from depmatch.models.hub import HubId, weights_location
@@ -139,6 +141,41 @@ def test_complementary_dropout_masks_encoder_features_of_perturbed_pairs(head):
     unchanged = torch.cat([(masks[0][:num_pairs] == 1).all(1)] * 2)
     assert torch.allclose(dropped["logits"][unchanged], clean["logits"][unchanged], atol=1e-6)
     assert not torch.allclose(dropped["logits"][~unchanged], clean["logits"][~unchanged], atol=1e-3)
+
+
+@pytest.mark.parametrize("encoder", ["timm_vit", "transformers_vit"])
+@pytest.mark.parametrize("clean_features", [True, False])
+def test_one_student_pass_over_labeled_and_strong_images_equals_two(encoder, clean_features):
+    """UniMatch V2's fused pass (labeled rows unmasked, the strong views' masks drawn alike) gives each
+    image the outputs and every weight the gradient of the two passes, to float tolerance."""
+    model = build(ENCODERS[encoder]).train()
+    assert batch_independent(model)
+    labeled, strong = images(2, 28, 28, seed=4), [images(3, 28, 28, seed=seed) for seed in (5, 6)]
+    framework, teacher = UniMatchV2(), build(ENCODERS[encoder]).eval()
+    runs = []
+    for fused in (True, False):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with mock.patch("depmatch.frameworks.unimatch_v2.batch_independent", return_value=fused):
+            predictions = framework.predict(model, teacher, labeled, strong[0], strong, clean_features)
+        outputs = [predictions.labeled_logits, *predictions.strong_logits, *predictions.strong_features]
+        weights = torch.Generator().manual_seed(8)
+        sum((output * torch.randn(output.shape, generator=weights)).sum() for output in outputs).backward()
+        runs.append((outputs, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (fused_outputs, fused_grads), (two_outputs, two_grads) = runs
+    for got, want in zip(fused_outputs, two_outputs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fused_outputs[1], fused_outputs[2])  # the views differ (masks drawn)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, two_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("encoder, head, independent", [("timm_vit", "dpt", True), ("timm_vit", "deeplabv3plus", False),
+                                                        ("resnet18_os16", "dpt", False)])  # fmt: skip
+def test_batchnorm_keeps_the_student_passes_apart(encoder, head, independent):
+    model = build(ENCODERS[encoder], head=head).train()
+    assert batch_independent(model) == independent
+    assert batch_independent(model.eval())  # BatchNorm in eval mode uses its running statistics
 
 
 def test_complementary_dropout_needs_two_views():

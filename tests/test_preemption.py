@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from depmatch.bench.ops import SyncCounter
 from depmatch.engine.distributed import explain_collective_failure
 from depmatch.engine.preemption import StopSignals
 
@@ -23,6 +24,8 @@ def test_a_signal_is_noted_not_acted_on_and_the_old_handler_comes_back(number):
         assert not stop.agreed(ranks_summing(0.0))
         os.kill(os.getpid(), number)  # would end the test process without the handler
         assert stop.received == signal.Signals(number).name
+        # The answer comes one step late: this call reads the previous step's sum.
+        assert not stop.agreed(ranks_summing(0.0))
         assert stop.agreed(ranks_summing(0.0))
     assert signal.getsignal(number) is before
 
@@ -30,7 +33,16 @@ def test_a_signal_is_noted_not_acted_on_and_the_old_handler_comes_back(number):
 def test_a_signal_to_another_rank_stops_this_one_too():
     with StopSignals() as stop:
         assert stop.received is None
-        assert stop.agreed(ranks_summing(1.0))
+        assert not stop.agreed(ranks_summing(1.0))
+        assert stop.agreed(ranks_summing(0.0))
+
+
+def test_the_agreement_reads_nothing_the_step_has_just_queued():
+    """Each call's all-reduce is read by the next call, with no host sync of its own."""
+    with StopSignals() as stop, SyncCounter() as syncs:
+        answers = [stop.agreed(ranks_summing(other)) for other in (0.0, 1.0, 0.0, 0.0)]
+    assert answers == [False, False, True, False]
+    assert syncs.total == 0, syncs.where
 
 
 GLOO_TIMEOUT = "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"

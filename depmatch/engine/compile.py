@@ -2,11 +2,13 @@
 
 `nn.Module.compile` compiles a module's call in place, so the module stays the same object:
 its state dict keeps the plain names (no `_orig_mod.`), accelerate's wrappers stay as they
-are, and the EMA teacher still updates its parameters in place. The losses stay eager (their
-pair sums are custom autograd functions). Shapes are static in training (fixed crop and
-batch), so each call site compiles once, with `dynamic=False` so that the student's two
-calls per step (labeled batch, two strong views) get a static graph each instead of one
-graph with symbolic sizes; `reduce-overhead` then replays them as CUDA graphs.
+are, and the EMA teacher still updates its parameters in place. The §5 objective is compiled
+too (`compile_function`): the CutMix mixing, the cross-entropies and CDDP/ULDR's resizes,
+entropies and normalisers around their pair sums, which trace as one graph (the Triton pair
+sums are custom ops; the blocked path's autograd functions trace). Shapes are static in
+training (fixed crop and batch), so each call site compiles once, with `dynamic=False` (a
+static graph per call site rather than one with symbolic sizes); `reduce-overhead` then
+replays them as CUDA graphs, which the step allows since it has no host sync (trainer.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def compile_forwards(accelerator: Accelerator, student: torch.nn.Module, teacher
 
 def compile_function(function, config: TrainConfig):
     """`function` compiled like the forwards when `train.compile` is on: step-side tensor code
-    of static shapes (the strong views' photometric chain: hundreds of small ops per step)."""
+    of static shapes (the strong views' photometric chain and the objective: hundreds of small
+    ops per step each)."""
     return torch.compile(function, mode=config.compile_mode, dynamic=False) if config.compile else function
 
 

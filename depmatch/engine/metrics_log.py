@@ -22,6 +22,7 @@ class MetricLog:
         self.images_per_step = images_per_step
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.kept = 0  # steps not skipped (a device tensor once a step is added)
         self.started = time.perf_counter()
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = tqdm(
@@ -29,8 +30,13 @@ class MetricLog:
         )
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
+        """A step's parts; one whose "nonfinite" flag is 1 was skipped and counts for nothing
+        (masked on the device: the flag is not read here)."""
+        kept = 1 - parts["nonfinite"]
         for name, value in parts.items():
-            self.sums[name] = self.sums.get(name, 0) + value
+            if name != "nonfinite":
+                self.sums[name] = self.sums.get(name, 0) + torch.where(kept > 0, value, 0)
+        self.kept = self.kept + kept
         self.count += 1
 
     def step(self, step: int, lr: float) -> None:
@@ -39,13 +45,16 @@ class MetricLog:
             return
         if not self.count:
             return
+        kept = float(self.kept)  # the same on every rank: skipping is agreed
+        if not kept:
+            return  # every step since the last record was skipped: nothing to average (the warnings say so)
         elapsed = time.perf_counter() - self.started
-        means = {name: self.accelerator.reduce(total / self.count, "mean").item() for name, total in self.sums.items()}
+        means = {name: self.accelerator.reduce(total / kept, "mean").item() for name, total in self.sums.items()}
         images_per_second = self.count * self.images_per_step * self.accelerator.num_processes / elapsed
         record = {"step": step, **means, "lr": lr, "images_per_s": images_per_second}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
         self.write(record)
-        self.sums, self.count, self.started = {}, 0, time.perf_counter()
+        self.sums, self.count, self.kept, self.started = {}, 0, 0, time.perf_counter()
 
     def write(self, record: dict) -> None:
         """One JSON line (main process) and the same numbers to the trackers."""

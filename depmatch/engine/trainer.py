@@ -35,6 +35,7 @@ from depmatch.engine.distributed import (
 )
 from depmatch.engine.ema import EMATeacher
 from depmatch.engine.metrics_log import MetricLog
+from depmatch.engine.nonfinite import NonFiniteCount, skipped_on_device, skips_on_device
 from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
 from depmatch.engine.preemption import StopSignals
@@ -49,10 +50,6 @@ from depmatch.models import build_model
 from depmatch.models.layers import crop_for_patch
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -79,6 +76,7 @@ class Trainer:
             self.teacher.model.to(self.accelerator.device)
         compile_forwards(self.accelerator, self.student, self.teacher.model if self.teacher else None, config.train)
         self.strong_view = compile_function(strong_view, config.train)
+        self.semi_supervised_loss = compile_function(semi_supervised_loss, config.train)
         self.input_dtype = input_dtype(self.student)
         model_path = None if config.train.labeled_only else config.train.online_depth_model
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
@@ -88,7 +86,9 @@ class Trainer:
         if checkpoint is not None:
             self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
-        self.nonfinite_in_a_row = 0
+        self.skip_on_device = skips_on_device(self.accelerator, self.optimizer)
+        self.accumulated_nonfinite: Optional[torch.Tensor] = None  # this step's micro-steps so far (device skip)
+        self.nonfinite = NonFiniteCount(config.train.max_nonfinite_steps)
         self.stopped_by: Optional[str] = None  # the signal that ended `train()` early, if one did
 
     def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
@@ -149,49 +149,51 @@ class Trainer:
             predictions = self.framework.predict(
                 self.student, self.teacher, labeled["image"], unlabeled["image_weak"], strong, self.depmatch.wants_clean_features
             )
-            return semi_supervised_loss(
+            return self.semi_supervised_loss(
                 predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
             )
 
     def forward_backward_step(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        """One micro-step: the loss's detached parts, and "nonfinite", 1 where some rank's loss was
+        not finite (agreed across ranks): then no rank's weights change (depmatch/engine/nonfinite.py)."""
         loss, parts = self.compute_loss(labeled, unlabeled)
-        # Agree across ranks before skipping, or one rank would wait forever in backward.
-        nonfinite_ranks = self.accelerator.reduce((~torch.isfinite(loss)).float(), "sum").item()
-        if nonfinite_ranks:
-            return {}
+        nonfinite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), "max")
+        parts["nonfinite"] = nonfinite
+        if not self.skip_on_device:
+            if nonfinite.item():
+                return parts
+            nonfinite = None  # the host skips; a step that gets here is finite everywhere
+        elif self.accumulated_nonfinite is not None:
+            nonfinite = torch.maximum(self.accumulated_nonfinite, nonfinite)
         self.accelerator.backward(loss)
-        if self.config.optim.grad_clip > 0 and self.accelerator.sync_gradients:
-            self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
+        if self.accelerator.sync_gradients:
+            self.accumulated_nonfinite = None
+            if self.config.optim.grad_clip > 0:
+                # No error on a non-finite norm: that step's update is skipped on the device.
+                self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
+        else:
+            self.accumulated_nonfinite = nonfinite
+        with skipped_on_device(self.optimizer, nonfinite):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return parts
 
     def train_step(self, batches: Iterator[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+        """One optimizer step: the parts of its last micro-step (with "nonfinite"). Nothing in it
+        waits for the device, except the host skip (see forward_backward_step)."""
         lr = poly_lr(self.config.optim, self.state.step, self.config.train.steps)
         set_lr(self.optimizer, lr, self.config.optim.lr_multi)
-        step_parts: dict[str, torch.Tensor] = {}
+        flags = []
         for _ in range(self.config.train.grad_accum):
             labeled, unlabeled = next(batches)
             with self.accelerator.accumulate(self.student):
                 parts = self.forward_backward_step(labeled, unlabeled)
-            if not parts:
-                self._count_nonfinite()
-                continue
-            self.nonfinite_in_a_row = 0
-            step_parts = parts
+            flags.append(parts["nonfinite"])
         if self.teacher is not None:
             self.teacher.update(self.accelerator.unwrap_model(self.student), self.state.step)
+        self.nonfinite.add(self.state.step, flags)
         self.state.step += 1
-        return step_parts
-
-    def _count_nonfinite(self) -> None:
-        self.nonfinite_in_a_row += 1
-        logger.warning("non-finite loss at step %d: skipped (%d in a row)", self.state.step, self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: lower optim.lr, "
-                "use mixed_precision bf16 rather than fp16, or set optim.grad_clip"
-            )
+        return parts
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
@@ -254,12 +256,12 @@ class Trainer:
         try:
             with StopSignals() as stop:
                 while self.state.step < config.steps:
-                    parts = self.train_step(batches)
-                    if parts:
-                        log.add(parts)
+                    log.add(self.train_step(batches))
                     log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                     done = self.state.step == config.steps
                     stopping = not done and stop.agreed(self.accelerator)
+                    if done or stopping:
+                        self.nonfinite.flush()
                     new_best = False
                     if done or self.state.step % config.eval_every == 0:
                         results, new_best = self._evaluate(log)

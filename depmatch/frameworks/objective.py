@@ -34,14 +34,17 @@ def semi_supervised_loss(
     λ-weighted CDDP and ULDR added to its branch; loss = (loss_x + loss_u) / 2.
     """
     loss_x = labeled_loss(predictions.labeled_logits, label, config)
+    # The max over classes once, then mixed per view: CutMix picks whole pixels, so the max of the
+    # mixed probabilities is the mixed max (ties included). Only CDDP needs the mixed map itself.
     confidence, pseudo_label = predictions.teacher_probs.max(1)
     ignore, depth = unlabeled["ignore"], unlabeled["depth"]
+    needs_probs = depmatch.active and depmatch.config.lambda_cddp > 0
 
     strong_ce, cddp_total, uldr_total = [], [], []
     for view, (logits, features) in enumerate(zip(predictions.strong_logits, predictions.strong_features), start=1):
         box = unlabeled[f"cutmix_box{view}"]
-        view_probs = mix_with_partner(predictions.teacher_probs, box)
-        view_confidence, view_pseudo_label = view_probs.max(1)
+        view_probs = mix_with_partner(predictions.teacher_probs, box) if needs_probs else None
+        view_confidence, view_pseudo_label = mix_with_partner(confidence, box), mix_with_partner(pseudo_label, box)
         view_ignore = mix_with_partner(ignore, box)
         strong_ce.append(masked_unlabeled_ce(logits, view_pseudo_label, view_confidence, view_ignore, config.conf_threshold))
         if depmatch.active:

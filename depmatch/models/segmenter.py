@@ -39,14 +39,15 @@ class SegmentationModel(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
     def forward(
-        self, images: torch.Tensor, perturbation: str = "none", clean_features: bool = False
+        self, images: torch.Tensor, perturbation: str = "none", clean_features: bool = False, unperturbed: int = 0
     ) -> dict[str, torch.Tensor]:
         """images N×3×H×W -> {"logits": N×K×H×W, "features": N×C×Hf×Wf, ...}.
 
         perturbation="dropout" adds "logits_fp" (Dropout2d on the encoder maps; the other
         outputs are unperturbed). perturbation="complementary" expects two views concatenated
-        along the batch and returns the dropped pass. clean_features=True adds "clean_features",
-        the head's features without any perturbation (an extra head pass only when complementary).
+        along the batch, after `unperturbed` leading images that no mask touches, and returns
+        the dropped pass. clean_features=True adds "clean_features", the head's features without
+        any perturbation (an extra head pass only when complementary, over the two views alone).
         """
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
@@ -57,8 +58,10 @@ class SegmentationModel(nn.Module):
             features, dropped_features = self.head.decode(with_dropped_copy(feature_maps)).chunk(2)
             output = {"logits_fp": self._logits(dropped_features, size)}
         elif perturbation == "complementary":
-            features = self.head.decode(complementary_dropout(feature_maps))
-            output = {"clean_features": self.head.decode(feature_maps)} if clean_features else {}
+            features = self.head.decode(complementary_dropout(feature_maps, unperturbed))
+            output = {}
+            if clean_features:
+                output["clean_features"] = self.head.decode([f[unperturbed:] for f in feature_maps])
         else:
             features = self.head.decode(feature_maps)
             output = {}
