@@ -354,7 +354,7 @@ def test_the_probes_leave_training_unchanged(tmp_path, monkeypatch):
     probed = ablate.train_one(overrides)
     assert set(probed["probes"]) == {"start", "end"}
     assert set(probed["probes"]["end"]) == {"depth_rank", "linear_probe", "confusion"}
-    monkeypatch.setattr(ablate, "probe_reported", lambda trainer, config: {})
+    monkeypatch.setattr(ablate, "probe_reported", lambda trainer: {})
     plain = ablate.train_one(overrides)
     assert plain["reported_miou"] == probed["reported_miou"] and plain["per_class"] == probed["per_class"]
     assert untimed(plain["last_log"]) == untimed(probed["last_log"])  # the losses of the last logged window

@@ -152,4 +152,4 @@ def test_bench_times_a_mix_of_families_at_their_patch_sizes(tmp_path):
     assert transformers_flops == pytest.approx(timm_flops, rel=0.05)
     bad = subprocess.run([sys.executable, "-m", "depmatch", "bench", "--encoders", "dinov9_s", "--out", str(tmp_path)],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("--encoders: dinov9_s is neither a preset")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --encoders: dinov9_s is neither a preset")

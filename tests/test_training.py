@@ -135,7 +135,10 @@ def launch_two_processes(shards, output_dir, backend, *overrides, steps=4, check
         "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={checkpoint_every or steps}",
         "--set", "train.log_every=1", *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    # The checkout under test first: fsdp_on_cpu.py runs as a script, with tests/ (not the checkout) on its path.
+    checkout = str(Path(__file__).resolve().parents[1])
+    python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -235,24 +235,29 @@ def shell_word(text: str) -> str:
     return f'"{text}"' if "'" in text and not set('"$`\\') & set(text) else shlex.quote(text)
 
 
-def evaluate_reported(trainer, config) -> tuple[str, dict]:
-    """("teacher" or "student", its evaluation per class): the EMA teacher where the framework keeps one."""
+def reported_model(trainer) -> tuple[str, torch.nn.Module]:
+    """("teacher", its model) where the framework keeps an EMA teacher, else ("student", the student)."""
+    if trainer.teacher is not None:
+        return "teacher", trainer.teacher.model
+    return "student", trainer.accelerator.unwrap_model(trainer.student)
+
+
+def evaluate_reported(trainer) -> tuple[str, dict]:
+    """The reported model's name and its evaluation per class, at the trainer's config (its crop and
+    window rounded to the encoder's patch size)."""
     from depmatch.data.loader import build_val_loader
     from depmatch.evaluation.evaluate import evaluate
 
-    if trainer.teacher is not None:
-        name, model = "teacher", trainer.teacher.model
-    else:
-        name, model = "student", trainer.accelerator.unwrap_model(trainer.student)
+    name, model = reported_model(trainer)
+    config = trainer.config
     return name, evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval)
 
 
-def probe_reported(trainer, config) -> dict:
-    """tools/probe_features.py's probes of the model that makes the pseudo-labels (the reported one)."""
+def probe_reported(trainer) -> dict:
+    """tools/probe_features.py's probes of the reported model (the one that makes the pseudo-labels)."""
     from probe_features import probe
 
-    model = trainer.teacher.model if trainer.teacher is not None else trainer.accelerator.unwrap_model(trainer.student)
-    return probe(model, config, trainer.accelerator.device)
+    return probe(reported_model(trainer)[1], trainer.config, trainer.accelerator.device)
 
 
 def train_one(overrides: list[str]) -> dict:
@@ -266,11 +271,11 @@ def train_one(overrides: list[str]) -> dict:
     manifest = prepare_dataset(config)
     started = time.perf_counter()
     trainer = Trainer(config, dataset=manifest)
-    probes = {"start": probe_reported(trainer, config)}  # reads no random state: training is unchanged
+    probes = {"start": probe_reported(trainer)}  # reads no random state: training is unchanged
     miou = trainer.train()
     train_seconds = time.perf_counter() - started
-    reported, result = evaluate_reported(trainer, config)
-    probes["end"] = probe_reported(trainer, config)
+    reported, result = evaluate_reported(trainer)
+    probes["end"] = probe_reported(trainer)
     # the last logged window (loss parts, mask_ratio) shows whether the unlabeled losses acted at all
     log_lines = (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()
     last_log = next(json.loads(line) for line in reversed(log_lines) if "loss" in json.loads(line))

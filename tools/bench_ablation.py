@@ -47,9 +47,9 @@ def time_cell(overrides: list[str], warmup: int, timed: int) -> dict:
         step_ms = (time.perf_counter() - started) / timed * 1000
         started = time.perf_counter()
         trainer.validate()
-        ablate.evaluate_reported(trainer, config)
+        ablate.evaluate_reported(trainer)
         for _ in range(2):  # the feature probes at the start and the end of the run
-            ablate.probe_reported(trainer, config)
+            ablate.probe_reported(trainer)
         eval_seconds = time.perf_counter() - started
     return {"build_seconds": build_seconds, "step_ms": step_ms, "eval_seconds": eval_seconds}
 
