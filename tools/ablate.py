@@ -659,8 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train nothing: summarise the planned runs that have a record (an unfinished ablation)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    if args.encoder and unknown_encoder(args.encoder):
-        parser.error(unknown_encoder(args.encoder).replace("--encoders", "--encoder"))
+    if args.encoder and (problem := unknown_encoder(args.encoder)):
+        parser.error(problem.replace("--encoders", "--encoder"))
     # another encoder's runs and records never mix with the preset's own
     suffix = "-" + args.encoder.replace("/", "--").replace(":", "-") if args.encoder else ""
     for name in ("labeled", "unlabeled", "steps", "jobs", "frameworks", "variants", "control_variants"):

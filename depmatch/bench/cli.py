@@ -125,8 +125,8 @@ def launch_environment(zero: str, precision: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     for encoder in args.encoders or []:
-        if unknown_encoder(encoder):
-            raise ConfigError(unknown_encoder(encoder))
+        if problem := unknown_encoder(encoder):
+            raise ConfigError(problem)
     if args.memory_model:
         from depmatch.bench import memory
 
