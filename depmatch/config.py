@@ -66,7 +66,8 @@ class SynthConfig:
     # presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
     # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
-    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only
+    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only;
+    # 4 (the v4 presets) is 3 with boxes that two labels can tell from ground and sky
     scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 

@@ -316,6 +316,19 @@ def test_v3_presets_are_issue_19s_plan_on_scene_version_3():
     assert ablate.load_config_of(gpu, ("fixmatch", "true", "both", 0)).data.synth.scene_version == 3
 
 
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_v4_presets_are_the_v3_plan_on_scene_version_4(size):
+    """The same runs and settings as the v3 preset's, on scene version 4, in shard folders of their own."""
+    v3, v4 = (ablate.parse_args(["--preset", f"{size}_v{version}"]) for version in (3, 4))
+    assert ablate.planned_runs(v4) == ablate.planned_runs(v3) and v4.jobs == v3.jobs and v4.steps == v3.steps
+    for run in ablate.planned_runs(v3)[:15]:
+        old, new = ablate.load_config_of(v3, run), ablate.load_config_of(v4, run)
+        assert (old.data.synth.scene_version, new.data.synth.scene_version) == (3, 4)
+        assert old.data.root != new.data.root and old.train.output_dir != new.train.output_dir
+        new.data.synth.scene_version, new.data.root, new.train.output_dir = 3, old.data.root, old.train.output_dir
+        assert new == old
+
+
 def box_record(variant, seed, boxes, depth_mode="true", rank=0.5, probe=60.0):
     return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "per_class": [90.0, *boxes],
             "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0}

@@ -105,7 +105,7 @@ def test_ensure_rejects_a_class_count_it_cannot_make(tmp_path):
         ensure_synthetic_shards(str(tmp_path), SMALL, 21)
     with pytest.raises(ValueError, match="depth_mode"):
         ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, depth_mode="flat"), 6)
-    with pytest.raises(ValueError, match="data.synth.scene_version must be one of 2, 3, got 1"):
+    with pytest.raises(ValueError, match="data.synth.scene_version must be one of 2, 3, 4, got 1"):
         ensure_synthetic_shards(str(tmp_path), dataclasses.replace(SMALL, scene_version=1), 6)
 
 
@@ -119,6 +119,53 @@ def test_scene_version_2_is_drawn_as_before_version_3():
         for array in synthetic_sample(SynthConfig(), "labeled", index):
             digest.update(array.tobytes())
     assert digest.hexdigest()[:16] == "e92f723709c2ebbf"
+
+
+def test_scene_version_3_is_drawn_as_before_version_4():
+    """The cpu_v3 and gpu_v3 records stay reproducible: a digest taken before version 4 existed (3af77a8)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in range(3):
+        for array in synthetic_sample(SynthConfig(scene_version=3), "labeled", index):
+            digest.update(array.tobytes())
+    assert digest.hexdigest()[:16] == "5f0bfacd6942b933"
+
+
+def test_scene_version_4_is_version_3_in_other_colours():
+    """Version 4 changes how the scene looks, not what it holds: the same labels and depth pixel for pixel."""
+    for index in range(10):
+        old = synthetic_sample(SynthConfig(scene_version=3, easy_walls=True), "unlabeled", index)
+        new = synthetic_sample(SynthConfig(scene_version=4, easy_walls=True), "unlabeled", index)
+        assert np.array_equal(old[1], new[1]) and np.array_equal(old[2], new[2])
+        assert not np.array_equal(old[0], new[0])
+
+
+def box_colours_seen(scene_version: int) -> set[int]:
+    """Which of the version's box colours the boxes of the ablation's two labeled scenes have, by
+    the nearest chromaticity of each box's mean colour (haze and shading change brightness more)."""
+    from depmatch.data.scene_stats import components
+    from depmatch.data.synth import BOX_COLOURS, DISTINCT_BOX_COLOURS
+
+    palette = np.array(DISTINCT_BOX_COLOURS if scene_version == 4 else BOX_COLOURS, float)
+    palette /= palette.sum(1, keepdims=True)
+    seen = set()
+    for index in range(2):
+        image, label, _ = synthetic_sample(SynthConfig(height=96, width=128, easy_walls=True, seed=4,
+                                                       scene_version=scene_version), "labeled", index)
+        for box_class in (BOX_NEAR, BOX_FAR):
+            pieces = components(label == box_class)
+            for piece in np.unique(pieces[pieces >= 0]):
+                mean = image[pieces == piece].astype(float).mean(0)
+                seen.add(int(np.argmin(((palette - mean / mean.sum()) ** 2).sum(1))))
+    return seen
+
+
+def test_scene_version_4_shows_every_box_colour_in_two_labeled_scenes():
+    """Version 3 drew each box's colour alone, and the cpu_v3 preset's two labeled scenes hold boxes
+    of one colour; its 2-label models took the others for ground. Version 4's pair has two colours."""
+    assert len(box_colours_seen(3)) == 1
+    assert box_colours_seen(4) == {0, 1, 2}
 
 
 # ---------------------------------------------------------------- the scene checker (issue 19)

@@ -17,7 +17,9 @@ object's bottom row, size and drawing order are drawn independently of its class
 hides an object, and each scene holds a near and a far box side by side, so that most
 training crops hold both on the CDDP grid. Its RGB correlates of depth are weak: the boxes'
 low-contrast stripes have a period proportional to 1/disparity (`STRIPE_PERIOD`), and far boxes
-are a little paler (aerial perspective, `HAZE`).
+are a little paler (aerial perspective, `HAZE`). Version 4 draws version 3's shapes and depth
+pixel for pixel, with boxes that cannot pass for ground or sky (`DISTINCT_BOX_COLOURS`, a dark
+rim), so that two labels teach what a box is and only depth-related cues tell near from far.
 `scene_statistics` measures those properties.
 """
 
@@ -50,7 +52,7 @@ EASY_WALL_COLOUR = (140.0, 70.0, 150.0)
 # data.synth.scene_version: how objects are drawn (the module docstring). A new version, not an
 # edit of an old one, whenever the scenes drawn from the same settings would change: the version
 # is a setting, so it is in the manifest and every shard's digest, and cached shards are rebuilt.
-SCENE_VERSIONS = (2, 3)
+SCENE_VERSIONS = (2, 3, 4)
 # Scene version 3: box stripes of period STRIPE_PERIOD / disparity pixels (near boxes 4-6.5,
 # far ones 10-24) and relative amplitude STRIPE_CONTRAST, about the image noise (σ 3 of ~100).
 STRIPE_PERIOD = 72.0
@@ -59,6 +61,17 @@ STRIPE_CONTRAST = 0.05
 # HAZE · (1 - disparity / 20), near boxes 3-18 %, far ones 26-34 %, so that far boxes are paler.
 HAZE = 0.4
 HAZE_COLOUR = (180.0, 205.0, 235.0)
+# Scene version 4 (issue 19's ground bound): version 3's shapes and depth, but a box looks like a
+# box whatever its depth. With 2 labels, version 3's models took 29-52 % of the box pixels for
+# ground (and 17 % of the far ones for sky), which held the ground's IoU under 80 %: its olive box
+# colour is close to the ground's browns, its blue one to the sky, its ground takes a tint, and the
+# two labeled scenes of the ablation's seed hold boxes of one colour. Version 4's box colours are far
+# from the ground's and the sky's, its ground has one brightness jitter instead of a tint, every
+# box has a dark rim of BOX_RIM pixels, and the near and the far box of a scene differ in colour:
+# cues of objectness shared by both box classes, so they say nothing about depth.
+DISTINCT_BOX_COLOURS = ((50, 160, 80), (210, 180, 40), (40, 150, 150))
+BOX_RIM = 1.0
+BOX_RIM_SHADE = 0.5
 OBJECT_DISPARITY = {BOX_NEAR: (11.0, 18.0), BOX_FAR: (3.0, 7.0), PILLAR: (2.0, 18.0)}
 
 
@@ -90,7 +103,7 @@ class _Canvas:
         self.depth[mask] = np.broadcast_to(disparity, self.depth.shape)[mask]
 
 
-def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float, untinted: bool) -> None:
     height = canvas.label.shape[0]
     top = np.array([60, 110, 200], np.float32) * rng.uniform(0.85, 1.1)
     bottom = np.array([180, 205, 235], np.float32)
@@ -101,7 +114,8 @@ def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float) -
     world_x = (canvas.columns - canvas.label.shape[1] / 2) / disparity * 0.6
     world_z = 30.0 / disparity
     checker = (np.floor(world_x) + np.floor(world_z)) % 2
-    colour = np.array([120, 100, 80], np.float32) * rng.uniform(0.8, 1.2, 3)
+    jitter = rng.uniform(0.8, 1.2, 3)  # drawn in every version, so the rest of the scene is the same
+    colour = np.array([120, 100, 80], np.float32) * (jitter.mean() if untinted else jitter)
     shade = (0.85 + 0.15 * checker) * (0.65 + 0.35 * disparity / MAX_DISPARITY)
     canvas.paint(canvas.rows >= horizon, GROUND, colour * shade[..., None], disparity)
 
@@ -160,14 +174,20 @@ def _pillar_colour(across: np.ndarray) -> np.ndarray:
     return np.array([200, 70, 40], np.float32) * (0.55 + 0.45 * np.sin(np.pi * np.clip(across, 0, 1)))[..., None]
 
 
-def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> None:
-    """Scene version 3: nothing but depth and the faint stripe period tells the box classes apart."""
+def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float, distinct_boxes: bool) -> None:
+    """Scene version 3: nothing but depth and the faint stripe period tells the box classes apart.
+    `distinct_boxes` (version 4): box colours unlike the ground's and the sky's, and a dark rim."""
     height, width = canvas.label.shape
     extra = rng.choice([BOX_NEAR, BOX_FAR, PILLAR], size=rng.integers(0, 3))
     classes = [BOX_NEAR, BOX_FAR, *extra.tolist()]
     # The near and the far box of every scene stand side by side about one column, either on the left.
     centre = rng.uniform(0.35, 0.65) * width
     near_on_left = rng.random() < 0.5
+    # Version 4 gives the near and the far box two different colours, so that two labeled scenes
+    # show every colour a box can have (with 2 labels and a colour drawn per box, the seed-4 scenes
+    # held yellow boxes only, and their models took green and teal boxes for sky). The order is
+    # drawn from a child stream, which leaves `rng`, and so every shape and depth, as in version 3.
+    colour_order = rng.spawn(1)[0].permutation(len(DISTINCT_BOX_COLOURS)) if distinct_boxes else None
     for index in rng.permutation(len(classes)):  # drawing order independent of class
         class_index = classes[index]
         disparity = rng.uniform(*OBJECT_DISPARITY[class_index])
@@ -192,10 +212,17 @@ def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float) -> No
             phase = rng.uniform(0, 2 * np.pi)
             stripes = np.sin(2 * np.pi * (canvas.rows + canvas.columns) / (np.sqrt(2) * period) + phase)
             vertical_shade = 1.0 - 0.25 * np.clip((canvas.rows - bottom + object_height) / object_height, 0, 1)
-            colour = np.array(BOX_COLOURS[rng.integers(len(BOX_COLOURS))], np.float32)
+            pick = rng.integers(len(BOX_COLOURS))  # drawn in version 4 too: the same geometry as version 3
+            colour = np.array(DISTINCT_BOX_COLOURS[colour_order[index % len(colour_order)]] if distinct_boxes else BOX_COLOURS[pick],
+                              np.float32)
             haze = HAZE * (1 - disparity / MAX_DISPARITY)
             colour = colour * (1 - haze) + np.array(HAZE_COLOUR, np.float32) * haze
-            rgb = colour * ((1.0 + STRIPE_CONTRAST * stripes) * vertical_shade)[..., None]
+            shade = (1.0 + STRIPE_CONTRAST * stripes) * vertical_shade
+            if distinct_boxes:  # the rim is the same width in pixels at every depth
+                from_edge = np.minimum(np.minimum(across, 1 - across) * object_width,
+                                       np.minimum(canvas.rows - (bottom - object_height), bottom - 1 - canvas.rows))
+                shade = np.where(from_edge < BOX_RIM, BOX_RIM_SHADE * shade, shade)
+            rgb = colour * shade[..., None]
             object_disparity = disparity + rng.uniform(-0.6, 0.6) * (across - 0.5)
         canvas.paint(mask, int(class_index), rgb, object_disparity)
 
@@ -205,10 +232,10 @@ def render_scene(rng: np.random.Generator, height: int, width: int, easy_walls: 
     """One scene: uint8 H×W×3 image, uint8 H×W label, float32 H×W disparity."""
     canvas = _Canvas(height, width)
     horizon = rng.uniform(0.3, 0.5) * height
-    _sky_and_ground(canvas, rng, horizon)
+    _sky_and_ground(canvas, rng, horizon, untinted=scene_version >= 4)
     _walls(canvas, rng, horizon, easy_walls)
-    if scene_version == 3:
-        _objects_v3(canvas, rng, horizon)
+    if scene_version >= 3:
+        _objects_v3(canvas, rng, horizon, distinct_boxes=scene_version >= 4)
     else:
         _objects(canvas, rng, horizon)
     image = canvas.image * rng.uniform(0.75, 1.15) + rng.normal(0, 3.0, canvas.image.shape)
