@@ -356,6 +356,20 @@ def test_decision_rule_by_hand():
     assert "| both | +5.00, +6.00, +7.00 | 6.00 ± 1.00 | yes | no | **no** |" in table
 
 
+def test_box_pixel_shares_by_hand():
+    classes = ["sky", "box_near", "box_far"]
+    # rows true, columns predicted: 10 + 20 box pixels; own 4 + 9, other box 2 + 6, not a box 4 + 5
+    first = {"depth_mode": "true", "variant": "base", "confusion": [[7, 0, 0], [4, 4, 2], [5, 6, 9]]}
+    # all 30 box pixels right
+    second = {"depth_mode": "true", "variant": "base", "confusion": [[7, 0, 0], [0, 10, 0], [0, 0, 20]]}
+    older = {"depth_mode": "true", "variant": "cddp"}  # a record from before the confusion was kept
+    [row] = ablate.box_pixel_rows([first, second, older], classes)
+    own, other, outside = 100 * 13 / 30, 100 * 8 / 30, 100 * 9 / 30
+    assert row["own"] == pytest.approx(((own + 100) / 2, (100 - own) / 2 ** 0.5))
+    assert row["other_box"][0] == pytest.approx(other / 2) and row["not_box"][0] == pytest.approx(outside / 2)
+    assert ablate.box_pixel_rows([first], ["sky", "ground"]) == []
+
+
 @pytest.mark.slow
 def test_the_probes_leave_training_unchanged(tmp_path, monkeypatch):
     """A run of the v3 plan at 28 px records both probes, and the same run without them trains to the same numbers."""

@@ -562,6 +562,26 @@ def decisions(records: list[dict], class_names: list[str], control: str = "rando
     return rows
 
 
+def box_pixel_rows(records: list[dict], class_names: list[str]) -> list[dict]:
+    """Per (depth_mode, variant) with confusion records: where the box pixels go, in % of the pixels of
+    both box classes (means over seeds): to their own class, to the other box class, to any other class."""
+    if not set(BOXES) <= set(class_names):
+        return []
+    near, far = (class_names.index(name) for name in BOXES)
+    cells: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for record in records:
+        if "confusion" not in record:  # records made before the confusion was kept have none
+            continue
+        confusion = np.asarray(record["confusion"], float)
+        boxes = confusion[near].sum() + confusion[far].sum()
+        own, other = confusion[near, near] + confusion[far, far], confusion[near, far] + confusion[far, near]
+        shares = (100 * own / boxes, 100 * other / boxes, 100 * (boxes - own - other) / boxes)
+        cells.setdefault((record["depth_mode"], record["variant"]), []).append(shares)
+    return [{"depth_mode": mode, "variant": variant,
+             **{name: mean_std(share[i] for share in group) for i, name in enumerate(("own", "other_box", "not_box"))}}
+            for (mode, variant), group in cells.items()]
+
+
 def probe_and_decision_tables(records: list[dict], class_names: list[str]) -> str:
     """Markdown: the probes at the start → end of the runs, and the decision rule per depth variant."""
     rows = probe_rows(records)
@@ -574,6 +594,13 @@ def probe_and_decision_tables(records: list[dict], class_names: list[str]) -> st
     for row in rows:
         cells = " | ".join(format_mean_std(row[f"{name}_{when}"]) for name in PROBES for when in ("start", "end"))
         lines.append(f"| {row['depth_mode']} | {row['variant']} | {cells} |")
+    box_rows = box_pixel_rows(records, class_names)
+    if box_rows:
+        lines += ["", "Where the box pixels go (% of box_near + box_far pixels, mean ± std over seeds): "
+                  "their own class, the other box class, a class that is not a box", "",
+                  "| depth | variant | own box | other box | not a box |", "|---|---|---|---|---|"]
+        lines += [f"| {row['depth_mode']} | {row['variant']} | {format_mean_std(row['own'])} | "
+                  f"{format_mean_std(row['other_box'])} | {format_mean_std(row['not_box'])} |" for row in box_rows]
     verdicts = decisions(records, class_names)
     if verdicts:
         lines += ["", "Decision rule (docs/results.md): true − random box_near + box_far IoU, paired by seed", "",
@@ -626,7 +653,8 @@ def write_report(records: list[dict], args: argparse.Namespace, framework: str) 
     stem = out / f"ablation-{framework}"
     summary = {"preset": args.preset, "framework": framework, "labeled": args.labeled, "unlabeled": args.unlabeled,
                "steps": args.steps, "reported_model": reported, "classes": class_names, "rows": rows,
-               "probes": probe_rows(records), "decisions": decisions(records, class_names), "runs": records}
+               "probes": probe_rows(records), "box_pixels": box_pixel_rows(records, class_names),
+               "decisions": decisions(records, class_names), "runs": records}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     stem.with_suffix(".md").write_text(
         f"{framework}, preset {args.preset}, {args.labeled} labeled + {args.unlabeled} unlabeled images, "
