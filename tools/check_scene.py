@@ -1,7 +1,8 @@
 """The synthetic scene's cues without depth, on an ablation preset's unlabeled scenes (issue 19).
 
-    python tools/check_scene.py                   # the cpu preset (scene version 3)
-    python tools/check_scene.py --preset cpu_v2   # the scenes of the earlier presets
+    python tools/check_scene.py --preset cpu_v4   # issue 19's plan on scene version 4
+    python tools/check_scene.py --preset cpu_v3   # ... on version 3 (the same shapes: the same numbers)
+    python tools/check_scene.py                   # the cpu preset's scene version 2
 
 Prints depmatch.data.scene_stats.scene_statistics as JSON: the best bottom-row (position)
 threshold's accuracy on near vs far boxes (must be ≤ 60 %), the same on the ground's grey just
