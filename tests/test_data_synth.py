@@ -121,15 +121,18 @@ def test_scene_version_2_is_drawn_as_before_version_3():
     assert digest.hexdigest()[:16] == "e92f723709c2ebbf"
 
 
-def test_scene_version_3_is_drawn_as_before_version_4():
-    """The cpu_v3 and gpu_v3 records stay reproducible: a digest taken before version 4 existed (3af77a8)."""
+@pytest.mark.parametrize("version, expected", [
+    (3, "5f0bfacd6942b933"),  # taken before version 4 existed (3af77a8): the cpu_v3 records
+    (4, "f144d9513ed5565b"),  # the scenes of the cpu_v4 records (fe9fdf5)
+])
+def test_scene_versions_3_and_4_are_drawn_as_their_records_were(version, expected):
     import hashlib
 
     digest = hashlib.sha256()
     for index in range(3):
-        for array in synthetic_sample(SynthConfig(scene_version=3), "labeled", index):
+        for array in synthetic_sample(SynthConfig(scene_version=version), "labeled", index):
             digest.update(array.tobytes())
-    assert digest.hexdigest()[:16] == "5f0bfacd6942b933"
+    assert digest.hexdigest()[:16] == expected
 
 
 def test_scene_version_4_is_version_3_in_other_colours():
