@@ -198,9 +198,9 @@ PRESETS["gpu_v3"] = Preset(
 # ground's and the sky's, a dark rim), since with 2 labels version 3's models took most box pixels
 # for ground and held its IoU under issue 19's 80 % (docs/results.md).
 PRESETS["cpu_v4"] = replace(PRESETS["cpu_v3"], size=(*PRESETS["cpu"].size, "data.synth.scene_version=4"),
-                                        out="docs/results/ablation-cpu-v4")
+                            out="docs/results/ablation-cpu-v4")
 PRESETS["gpu_v4"] = replace(PRESETS["gpu_v3"], size=(*PRESETS["gpu"].size, "data.synth.scene_version=4"),
-                                        out="runs/ablate-gpu_v4/results")
+                            out="runs/ablate-gpu_v4/results")
 
 
 def run_key(framework: str, depth_mode: str, variant: str, seed: int) -> str:
@@ -458,6 +458,16 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else math.nan
 
 
+def cells_of(records: list[dict], field: str | None = None) -> dict[tuple[str, str], list[dict]]:
+    """The records grouped by (depth_mode, variant), in the order first seen; with `field`, only
+    the records that hold it (those made before it was recorded have none)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if field is None or field in record:
+            cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
+    return cells
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (depth_mode, variant), in the order first seen: mean ± std of mIoU and of each class.
 
@@ -466,9 +476,7 @@ def summarize(records: list[dict]) -> list[dict]:
     the least noise. The base is the one of the same depth mode when it was run, else the
     true-depth base (base never reads depth: the same run either way).
     """
-    cells: dict[tuple[str, str], list[dict]] = {}
-    for record in records:
-        cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
+    cells = cells_of(records)
     rows = []
     for (depth_mode, variant), group in cells.items():
         base_runs = cells.get((depth_mode, "base")) or cells.get(("true", "base"), [])
@@ -519,15 +527,11 @@ BOXES = ("box_near", "box_far")
 
 def probe_rows(records: list[dict]) -> list[dict]:
     """Per (depth_mode, variant) with probe records: mean ± std over seeds of each probe at the start and end."""
-    cells: dict[tuple[str, str], list[dict]] = {}
-    for record in records:
-        if "probes" in record:  # records made before the probes existed have none
-            cells.setdefault((record["depth_mode"], record["variant"]), []).append(record)
     return [
         {"depth_mode": mode, "variant": variant,
          **{f"{name}_{when}": mean_std(r["probes"][when][name] for r in group)
             for name in PROBES for when in ("start", "end")}}
-        for (mode, variant), group in cells.items()
+        for (mode, variant), group in cells_of(records, "probes").items()
     ]
 
 
@@ -568,18 +572,20 @@ def box_pixel_rows(records: list[dict], class_names: list[str]) -> list[dict]:
     if not set(BOXES) <= set(class_names):
         return []
     near, far = (class_names.index(name) for name in BOXES)
-    cells: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    for record in records:
-        if "confusion" not in record:  # records made before the confusion was kept have none
-            continue
+
+    def shares(record: dict) -> tuple[float, float, float]:
         confusion = np.asarray(record["confusion"], float)
         boxes = confusion[near].sum() + confusion[far].sum()
         own, other = confusion[near, near] + confusion[far, far], confusion[near, far] + confusion[far, near]
-        shares = (100 * own / boxes, 100 * other / boxes, 100 * (boxes - own - other) / boxes)
-        cells.setdefault((record["depth_mode"], record["variant"]), []).append(shares)
-    return [{"depth_mode": mode, "variant": variant,
-             **{name: mean_std(share[i] for share in group) for i, name in enumerate(("own", "other_box", "not_box"))}}
-            for (mode, variant), group in cells.items()]
+        return 100 * own / boxes, 100 * other / boxes, 100 * (boxes - own - other) / boxes
+
+    rows = []
+    for (mode, variant), group in cells_of(records, "confusion").items():
+        per_run = [shares(record) for record in group]
+        rows.append({"depth_mode": mode, "variant": variant,
+                     **{name: mean_std(run[i] for run in per_run)
+                        for i, name in enumerate(("own", "other_box", "not_box"))}})
+    return rows
 
 
 def probe_and_decision_tables(records: list[dict], class_names: list[str]) -> str:
