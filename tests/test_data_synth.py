@@ -100,6 +100,26 @@ def test_shards_of_another_scene_version_are_rebuilt(tmp_path):
     assert (root / "labeled-000000.tar").stat().st_mtime_ns != stamp
 
 
+def test_shards_drawn_by_other_code_are_rebuilt(tmp_path, monkeypatch):
+    """An edit of the drawing that kept the settings and the scene version must not reuse the shards."""
+    root = ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    before = json.loads((root / "manifest.json").read_text())["scene_fingerprint"]
+    stamp = (root / "labeled-000000.tar").stat().st_mtime_ns
+    drawn_before = synth._sky_and_ground
+
+    def brighter_sky_and_ground(canvas, *args, **kwargs):
+        drawn_before(canvas, *args, **kwargs)
+        canvas.image += 10.0
+
+    monkeypatch.setattr(synth, "_sky_and_ground", brighter_sky_and_ground)
+    ensure_synthetic_shards(str(tmp_path), SMALL, 6)
+    after = json.loads((root / "manifest.json").read_text())["scene_fingerprint"]
+    assert (root / "labeled-000000.tar").stat().st_mtime_ns != stamp
+    assert after != before and after == synth.scene_fingerprint(SMALL)
+    monkeypatch.undo()
+    assert synth.scene_fingerprint(SMALL) == before
+
+
 def test_ensure_rejects_a_class_count_it_cannot_make(tmp_path):
     with pytest.raises(ValueError, match="num_classes: 6"):
         ensure_synthetic_shards(str(tmp_path), SMALL, 21)

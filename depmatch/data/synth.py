@@ -26,6 +26,7 @@ rim), so that two labels teach what a box is and only depth-related cues tell ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -279,6 +280,18 @@ def _samples(plan: ShardPlan, synth: SynthConfig) -> Iterator[tuple[str, dict[st
         yield f"{plan.split}_{index:06d}", fields
 
 
+def scene_fingerprint(synth: SynthConfig) -> str:
+    """A digest of one scene as this code draws it from `synth`.
+
+    The settings alone do not say how a scene looks: an edit of the drawing code that forgot to
+    bump `scene_version` would leave cached shards of the old drawing beside probes and checks
+    that draw the new one. Shards are reused only when this digest matches too."""
+    digest = hashlib.sha256()
+    for array in synthetic_sample(synth, "labeled", 0):
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> Path:
     """Build the synthetic dataset into `root` unless its manifest already matches `synth`.
 
@@ -293,13 +306,17 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
                           f"got {synth.scene_version!r}")
     path = Path(root)
     settings = dataclasses.asdict(synth)
+    fingerprint = scene_fingerprint(synth)
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
-        if manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION:
+        if (manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION
+                and manifest.get("scene_fingerprint") == fingerprint):
             return path
     counts = {"labeled": synth.labeled, "unlabeled": synth.unlabeled, "val": synth.val}
-    # the settings, scene version included, are in each shard's digest: no stale shard is kept
-    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard, settings)
+    # the settings, scene version included, and the drawing's fingerprint are in each shard's
+    # digest: no stale shard is kept
+    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard,
+                        {**settings, "scene_fingerprint": fingerprint})
     manifest_fields = {
         "dataset": "synthetic",
         "num_classes": len(SYNTH_CLASSES),
@@ -309,6 +326,7 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
         "depth": depth_manifest_entry({"source": "synthetic", "mode": synth.depth_mode}),
         "synth": settings,
         "scene_version": synth.scene_version,
+        "scene_fingerprint": fingerprint,
     }
     write_dataset(path, plans, lambda plan: _samples(plan, synth), manifest_fields)
     return path
