@@ -441,8 +441,8 @@ def machine_description() -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
         "cpus": os.cpu_count(),
-        # the CPU kernels torch dispatches to (AVX2, AVX512, ...): two VMs of other kinds train the same
-        # plan to slightly different numbers (docs/results.md, the cpu_v4 rerun)
+        # the CPU kernels torch dispatches to (AVX2, AVX512, ...): two VMs trained the same plan to
+        # slightly different numbers, likely through these (docs/results.md, the cpu_v4 rerun)
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
