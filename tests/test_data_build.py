@@ -495,3 +495,18 @@ def test_labeled_draws_a_seeded_subset_of_the_pool_and_makes_the_rest_unlabeled(
     manifest = read_manifest(out)
     assert manifest["labeled_draw"]["ids"] == labeled
     assert sorted(_read_shards(out, "labeled")) == sorted(labeled) and len(_read_shards(out, "unlabeled")) == 13
+
+
+def test_bench_shard_mix_counts_batches_of_one_shard_and_of_list_neighbours():
+    from conftest import load_tool
+
+    from depmatch.data.build import shuffled_splits
+
+    bench = load_tool("bench_shard_mix")
+    listed = list(range(64))
+    # buffer 1 passes samples through in shard order, and 4 divides 8: every batch is one shard's
+    assert bench.batch_shares(bench.shards_of(listed, 8), 8, buffer=1, batch=4, batches=200, seed=0) == (1.0, 1.0)
+    # a shard of the shuffled order holds ids from all over the list: 4 ids of one run of 32 neighbours
+    # among 256 are as rare as in a random batch (8 · C(32, 4) / C(256, 4) = 0.16 %)
+    mixed = shuffled_splits({"labeled": list(range(256))}, 0)["labeled"]
+    assert bench.batch_shares(bench.shards_of(mixed, 32), 32, buffer=1, batch=4, batches=200, seed=0)[1] < 0.05
