@@ -125,7 +125,8 @@ def draw_labeled(dataset: SourceDataset, amount: str, seed: int) -> SourceDatase
     chosen = set(np.random.default_rng(seed).choice(len(pool), size=count, replace=False).tolist())
     labeled = [item for index, item in enumerate(pool) if index in chosen]
     rest = [dataclasses.replace(item, label=None) for index, item in enumerate(pool) if index not in chosen]
-    splits = {**dataset.splits, "labeled": labeled, "unlabeled": rest + dataset.splits.get("unlabeled", [])}
+    evaluation = {split: items for split, items in dataset.splits.items() if split not in TRAINING_SPLITS}
+    splits = {"labeled": labeled, "unlabeled": rest + dataset.splits.get("unlabeled", []), **evaluation}
     _check_unique(splits)
     record = {"amount": amount, "seed": seed, "pool": len(pool), "ids": [item.key for item in labeled]}
     return dataclasses.replace(dataset, splits=splits, labeled_draw=record)

@@ -152,9 +152,9 @@ def completed_record(root: Path, plan: ShardPlan) -> Optional[dict]:
     if not record_path.is_file() or not (root / plan.name).is_file():
         return None
     record = json.loads(record_path.read_text())
-    if record.get("digest") != plan.digest or "size" not in record or record.get("sha256") != file_sha256(root / plan.name):
+    if record.get("digest") != plan.digest or record.get("sha256") != file_sha256(root / plan.name):
         return None
-    return record
+    return {**record, "size": (root / plan.name).stat().st_size}  # records of older builders lack the size
 
 
 def write_shard(root: Path, plan: ShardPlan, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
