@@ -426,11 +426,12 @@ def test_a_rerun_removes_its_own_stale_temporaries_only(tmp_path):
     build_shards(source, NoDepth(), out, samples_per_shard=1, task=BuildTask(0, 2))
     mine = out / "labeled-000001.tar.0123abcd.tmp"
     record = out / ".build" / "labeled-000000.tar.json.4567.tmp"
+    task_record = out / ".build" / "task-0-of-2.json.89ab.tmp"
     theirs = out / "labeled-000002.tar.89ef.tmp"  # task 1's, which may be writing it now
-    for stale in (mine, record, theirs):
-        stale.write_bytes(b"half a shard")
+    for stale in (mine, record, task_record, theirs):
+        stale.write_bytes(b"half a file")
     build_shards(source, NoDepth(), out, samples_per_shard=1, task=BuildTask(0, 2))
-    assert not mine.exists() and not record.exists() and theirs.exists()
+    assert not mine.exists() and not record.exists() and not task_record.exists() and theirs.exists()
 
 
 def test_training_splits_are_written_in_a_seeded_random_order(tmp_path):

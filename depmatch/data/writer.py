@@ -173,14 +173,13 @@ def write_shard(root: Path, plan: ShardPlan, samples: Iterable[tuple[str, dict[s
     return record
 
 
-def remove_stale_temporaries(root: Path, plans: Iterable[ShardPlan]) -> None:
-    """Delete what a killed build of these shards left half-written: `<shard>.<random>.tmp` and its record's.
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+    """Delete what a killed build left half-written of these files: `<file>.<random>.tmp`.
 
-    Only these shards': other tasks may be writing theirs right now."""
-    for plan in plans:
-        for folder, name in ((root, plan.name), (root / RECORDS_DIR, _record_path(root, plan).name)):
-            for stale in folder.glob(f"{glob.escape(name)}.*.tmp"):
-                stale.unlink(missing_ok=True)
+    Only a task's own files: other tasks may be writing theirs right now."""
+    for path in paths:
+        for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def write_dataset(
@@ -202,7 +201,7 @@ def write_dataset(
     task_record = root / RECORDS_DIR / task.record_name
     task_record.unlink(missing_ok=True)
     mine = task.shards(plans)
-    remove_stale_temporaries(root, mine)
+    remove_stale_temporaries([task_record, *(root / plan.name for plan in mine), *(_record_path(root, plan) for plan in mine)])
     records = []
     total = sum(len(plan.items) for plan in mine)
     description = "shards" if task.count == 1 else f"shards (task {task.index} of {task.count})"
@@ -253,7 +252,7 @@ def finalize(root: Path, build_digest: Optional[str] = None) -> Path:
     records = _task_records(root) if (root / RECORDS_DIR).is_dir() else []
     if not records:
         raise ShardsNotFoundError(f"{root / RECORDS_DIR}: no task records; build the shards into {root} first "
-                                  "(`depmatch shards build ... --out " + str(root) + "`)")
+                                  f"(`depmatch shards build ... --out {root}`)")
     if build_digest is None:
         build_digest = max(records, key=lambda entry: entry[0].stat().st_mtime_ns)[1]["digest"]
     tasks = {record["index"]: record for _, record in records if record["digest"] == build_digest}
@@ -263,7 +262,7 @@ def finalize(root: Path, build_digest: Optional[str] = None) -> Path:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise TasksUnfinishedError(
             f"{root}: task(s) {shown} of {some['count']} have not finished (no {RECORDS_DIR}/task-<i>-of-{some['count']}.json "
-            "of this build); run them with the same options, then `depmatch shards finalize " + str(root) + "`"
+            f"of this build); run them with the same options, then `depmatch shards finalize {root}`"
         )
     shards = {record["name"]: record for task in tasks.values() for record in task["shards"]}
     splits: dict[str, dict] = {}
