@@ -168,3 +168,25 @@ def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_roo
     assert "rank 0: a collective operation (gradient all-reduce, barrier or stop agreement) after step" in log
     assert "did not complete within train.collective_timeout=5 s, so another rank is hung" in log
 
+
+
+def test_sigterm_to_every_process_of_the_job_checkpoints_both_ranks_and_exits_0(synthetic_root, tmp_path):
+    """Preemption or `scancel` as SLURM (proctrack/cgroup) sends it: SIGTERM to the launcher, both ranks and
+    their loader workers at once. torchrun passes it on to each rank's process group and gives the ranks 30 s;
+    the workers ignore it, and both ranks finish the step, checkpoint and exit, before torchrun would SIGKILL
+    them. The launcher itself reports the signal it got, 128 + SIGTERM, as accelerate launch does by design."""
+    process = start(synthetic_root, tmp_path, "data.workers=2")
+    wait_until_step(process, tmp_path, 3)
+    launcher = psutil.Process(process.pid)
+    everyone = [launcher, *launcher.children(recursive=True)]
+    assert len(everyone) >= 1 + 2 * 3, everyone  # the agent, 2 ranks with 2 loader workers each
+    for target in everyone:
+        target.send_signal(signal.SIGTERM)
+    status, log = finish(process, tmp_path)
+    assert status == 128 + signal.SIGTERM, log[-3000:]
+    assert "killed by signal" not in log and "Unable to shutdown process" not in log and "Traceback" not in log
+    assert "rank 0 received SIGTERM" in log and "rank 1 received SIGTERM" in log
+    stopped_at = max(losses_by_step(tmp_path))
+    assert 3 <= stopped_at < STEPS
+    assert checkpoint_problem(checkpoint_path(tmp_path, stopped_at)) is None
+    assert (checkpoint_path(tmp_path, stopped_at) / "random_states_1.pkl").is_file()

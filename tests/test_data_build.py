@@ -21,6 +21,7 @@ from depmatch.data.layouts import ShardInputError, cityscapes, folder, parse_lab
 from depmatch.data.loader import build_val_loader
 from depmatch.data.shards import read_manifest
 from depmatch.engine.online_depth import OnlineDepth
+from depmatch.errors import UserError
 from depmatch.models.hub import HubError
 
 
@@ -323,3 +324,190 @@ def test_two_writers_of_one_shard_each_publish_a_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["labeled-000000.tar"]
     with tarfile.open(tmp_path / "labeled-000000.tar") as tar:
         assert tar.getnames() == ["sample_000000.png", "sample_000000.label.png"]
+
+
+# ------------------------------------------------------------------ builds split into tasks, sample order
+
+
+def test_the_task_comes_from_the_flags_then_slurm_then_torchrun():
+    from depmatch.data.build import task_from_environment
+    from depmatch.data.writer import BuildTask
+
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert task_from_environment(1, 5, torchrun) == BuildTask(1, 5)
+    assert task_from_environment(None, None, torchrun) == BuildTask(3, 4)
+    assert task_from_environment(None, None, {}) == BuildTask(0, 1)
+    # --array=1-8: ids 1..8; --array=0-30:10: ids 0, 10, 20, 30
+    assert task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1",
+                                              "SLURM_ARRAY_TASK_COUNT": "8", **torchrun}) == BuildTask(0, 8)
+    assert task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
+                                              "SLURM_ARRAY_TASK_STEP": "10", "SLURM_ARRAY_TASK_COUNT": "4"}) == BuildTask(2, 4)
+    with pytest.raises(ShardInputError, match="not one of 3 evenly spaced ids from 1; submit --array=0-2"):
+        task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1",
+                                           "SLURM_ARRAY_TASK_COUNT": "3"})
+    with pytest.raises(ShardInputError, match="--task-index and --task-count go together"):
+        task_from_environment(2, None, {})
+    with pytest.raises(UserError, match="task index 4 is not in 0..3"):
+        task_from_environment(4, 4, {})
+
+
+def test_tasks_write_contiguous_ranges_that_cover_every_shard_once():
+    from depmatch.data.writer import BuildTask
+
+    plans = list(range(10))
+    ranges = [BuildTask(index, 4).shards(plans) for index in range(4)]
+    assert ranges == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [BuildTask(index, 16).shards(plans) for index in (2, 3)] == [[], [1]]  # more tasks than shards: some write none
+
+
+def _build_command(source: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "depmatch", "shards", "build", "folder", "--source", str(source), "--num-classes", "4",
+            "--name", "toy", "--depth-dir", str(source / "depth"), "--samples-per-shard", "2", "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_a_build_in_two_processes_gives_the_manifest_of_a_single_process_build(tmp_path):
+    from depmatch.data.writer import TasksUnfinishedError, finalize
+
+    _folder_tree(tmp_path, [(20, 30)] * 7)
+    _write_list(tmp_path / "val.txt", ["im5", "im6"])
+    _write_list(tmp_path / "labeled.txt", ["im0", "im1", "im2", "im3", "im4"])
+    lists = ("--labeled-list", str(tmp_path / "labeled.txt"), "--val-list", str(tmp_path / "val.txt"))
+    source = folder("toy", tmp_path / "images", tmp_path / "labels",
+                    {"labeled": tmp_path / "labeled.txt", "val": tmp_path / "val.txt"}, num_classes=4)
+    single = build_shards(source, DepthDirectory(tmp_path / "depth"), tmp_path / "single", samples_per_shard=2)
+    split = tmp_path / "split"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "5",
+                   "SLURM_ARRAY_TASK_COUNT": "2"}  # task 0 of 2 from SLURM's variables
+    first = subprocess.run(_build_command(tmp_path, split, *lists), env=environment, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "task 0 of 2: shards written" in first.stdout
+    assert not (split / "manifest.json").exists()
+    with pytest.raises(TasksUnfinishedError, match=r"task\(s\) 1 of 2 have not finished"):
+        finalize(split)
+    second = subprocess.run(_build_command(tmp_path, split, *lists, "--task-index", "1", "--task-count", "2"),
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"wrote {split}/manifest.json" in second.stdout  # the last task to finish writes it
+    expected = json.loads((single / "manifest.json").read_text())
+    assert json.loads((split / "manifest.json").read_text()) == expected
+    assert [len(expected["splits"][name]["shards"]) for name in ("labeled", "val")] == [3, 1]
+    for shard in expected["splits"]["labeled"]["shards"]:
+        assert (split / shard["name"]).read_bytes() == (single / shard["name"]).read_bytes()
+
+
+def test_finalize_reads_no_shard_and_checks_sizes(tmp_path, monkeypatch):
+    from depmatch.data import writer
+
+    _folder_tree(tmp_path, [(20, 30)] * 4)
+    source = folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4)
+    out = tmp_path / "shards"
+    for index in range(2):
+        build_shards(source, NoDepth(), out, samples_per_shard=1, task=writer.BuildTask(index, 2))
+    expected = (out / "manifest.json").read_text()
+    (out / "manifest.json").unlink()
+    monkeypatch.setattr(writer, "file_sha256", lambda path: pytest.fail(f"{path} was read"))
+    assert writer.finalize(out) == out / "manifest.json"
+    assert (out / "manifest.json").read_text() == expected
+    shard = json.loads(expected)["splits"]["labeled"]["shards"][1]
+    assert shard["size"] == (out / shard["name"]).stat().st_size
+    (out / shard["name"]).write_bytes(b"truncated")
+    with pytest.raises(FileNotFoundError, match=f"{shard['name']} is missing or changed after it was written"):
+        writer.finalize(out)
+
+
+def test_a_rerun_removes_its_own_stale_temporaries_only(tmp_path):
+    from depmatch.data.writer import BuildTask
+
+    _folder_tree(tmp_path, [(20, 30)] * 4)
+    source = folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4)
+    out = tmp_path / "shards"
+    build_shards(source, NoDepth(), out, samples_per_shard=1, task=BuildTask(0, 2))
+    mine = out / "labeled-000001.tar.0123abcd.tmp"
+    record = out / ".build" / "labeled-000000.tar.json.4567.tmp"
+    task_record = out / ".build" / "task-0-of-2.json.89ab.tmp"
+    theirs = out / "labeled-000002.tar.89ef.tmp"  # task 1's, which may be writing it now
+    for stale in (mine, record, task_record, theirs):
+        stale.write_bytes(b"half a file")
+    build_shards(source, NoDepth(), out, samples_per_shard=1, task=BuildTask(0, 2))
+    assert not mine.exists() and not record.exists() and not task_record.exists() and theirs.exists()
+
+
+def test_training_splits_are_written_in_a_seeded_random_order(tmp_path):
+    from depmatch.data.build import shuffled_splits
+
+    count = 40
+    _folder_tree(tmp_path, [(8, 8)] * count)
+    listed = [f"im{index}" for index in range(count)]
+    lists = {"labeled": _write_list(tmp_path / "l.txt", listed[:30]), "val": _write_list(tmp_path / "v.txt", listed[30:])}
+    source = folder("toy", tmp_path / "images", tmp_path / "labels", lists, num_classes=4)
+    out = build_shards(source, NoDepth(), tmp_path / "shards", samples_per_shard=10, shuffle_seed=3)
+    manifest = read_manifest(out)
+    assert manifest["shuffle_seed"] == 3
+    written = [key for shard in manifest["splits"]["labeled"]["shards"]
+               for key in (sample["__key__"] for sample in wds.WebDataset(str(out / shard["name"]), shardshuffle=False))]
+    assert sorted(written) == sorted(listed[:30]) and written != listed[:30]
+    assert written == [item.key for item in shuffled_splits(source.splits, 3)["labeled"]]
+    assert written != [item.key for item in shuffled_splits(source.splits, 4)["labeled"]]
+    # every shard of 10 mixes the list: no shard holds a run of neighbouring ids
+    assert all(max(map(listed.index, written[i : i + 10])) - min(map(listed.index, written[i : i + 10])) > 10
+               for i in range(0, 30, 10))
+    assert list(_read_shards(out, "val")) == listed[30:]  # evaluation splits keep list order
+
+
+def test_the_depth_model_runs_on_the_process_own_gpu():
+    from depmatch.data.depth import depth_device
+
+    assert depth_device(None, 0, {"LOCAL_RANK": "3"}) == torch.device("cpu")
+    assert depth_device(None, 4, {}) == torch.device("cuda:0")
+    assert depth_device(None, 4, {"LOCAL_RANK": "3", "SLURM_LOCALID": "1"}) == torch.device("cuda:3")
+    assert depth_device(None, 4, {"SLURM_LOCALID": "1"}) == torch.device("cuda:1")
+    assert depth_device(None, 4, {"LOCAL_RANK": "6"}) == torch.device("cuda:2")
+    assert depth_device(None, 1, {"SLURM_LOCALID": "5"}) == torch.device("cuda:0")  # a task bound to one GPU
+    assert depth_device("cuda:7", 2, {"LOCAL_RANK": "1"}) == torch.device("cuda:7")
+    assert depth_device("cpu", 8, {}) == torch.device("cpu")
+    with pytest.raises(ShardInputError, match="--depth-device 'gpu0' is not a device"):
+        depth_device("gpu0", 1, {})
+
+
+def test_labeled_draws_a_seeded_subset_of_the_pool_and_makes_the_rest_unlabeled(tmp_path):
+    from depmatch.data.layouts import draw_labeled, labeled_count
+
+    assert [labeled_count(amount, 367) for amount in ("1/8", "0.125", "46", "1/1")] == [46, 46, 46, 367]
+    assert labeled_count("1/16", 2975) == 186 and labeled_count("1/8", 10582) == 1323  # UniMatch's sizes
+    for wrong in ("0", "368", "3/2", "1/0", "half", "-1"):
+        with pytest.raises(ShardInputError, match=f"--labeled '{re.escape(wrong)}': expected a count 1..367"):
+            labeled_count(wrong, 367)
+
+    _folder_tree(tmp_path, [(8, 8)] * 17)
+    (tmp_path / "labels" / "im16.png").unlink()  # one image without a label: unlabeled from the start
+    source = folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4)
+    drawn = draw_labeled(source, "1/4", seed=0)
+    labeled, unlabeled = ([item.key for item in drawn.splits[split]] for split in ("labeled", "unlabeled"))
+    assert len(labeled) == 4 and drawn.labeled_draw == {"amount": "1/4", "seed": 0, "pool": 16, "ids": labeled}
+    assert not set(labeled) & set(unlabeled)
+    assert sorted(labeled + unlabeled) == sorted(f"im{index}" for index in range(17))
+    assert all(item.label is None for item in drawn.splits["unlabeled"])
+    assert draw_labeled(source, "1/4", seed=0).labeled_draw["ids"] == labeled
+    assert draw_labeled(source, "1/4", seed=1).labeled_draw["ids"] != labeled
+
+    out = build_shards(drawn, NoDepth(), tmp_path / "shards", samples_per_shard=4)
+    manifest = read_manifest(out)
+    assert manifest["labeled_draw"]["ids"] == labeled
+    assert sorted(_read_shards(out, "labeled")) == sorted(labeled) and len(_read_shards(out, "unlabeled")) == 13
+
+
+def test_bench_shard_mix_counts_batches_of_one_shard_and_of_list_neighbours():
+    from conftest import load_tool
+
+    from depmatch.data.build import shuffled_splits
+
+    bench = load_tool("bench_shard_mix")
+    listed = list(range(64))
+    # buffer 1 passes samples through in shard order, and 4 divides 8: every batch is one shard's
+    assert bench.batch_shares(bench.shards_of(listed, 8), 8, buffer=1, batch=4, batches=200, seed=0) == (1.0, 1.0)
+    # a shard of the shuffled order holds ids from all over the list: 4 ids of one run of 32 neighbours
+    # among 256 are as rare as in a random batch (8 · C(32, 4) / C(256, 4) = 0.16 %)
+    mixed = shuffled_splits({"labeled": list(range(256))}, 0)["labeled"]
+    assert bench.batch_shares(bench.shards_of(mixed, 32), 32, buffer=1, batch=4, batches=200, seed=0)[1] < 0.05

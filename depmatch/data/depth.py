@@ -7,9 +7,10 @@ size, or None per image when there is no depth.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +58,25 @@ class DepthDirectory:
         return result
 
 
+def depth_device(requested: Optional[str], device_count: int, env: Mapping[str, str] = os.environ) -> torch.device:
+    """Where this process runs the depth model: `requested` (`--depth-device`) if given, else its own GPU.
+
+    Its own GPU is `cuda:<local index mod device_count>`, the local index being the process's
+    rank on its node: LOCAL_RANK (torchrun, accelerate launch), else SLURM_LOCALID (srun), else 0.
+    The modulo keeps a node with more processes than visible GPUs running (a task bound to one
+    GPU sees it as cuda:0). Without a GPU, the CPU.
+    """
+    if requested is not None:
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            raise ShardInputError(f"--depth-device {requested!r} is not a device; pass e.g. cpu, cuda or cuda:1") from None
+    if device_count == 0:
+        return torch.device("cpu")
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    return torch.device(f"cuda:{local % device_count}")
+
+
 class DepthAnythingModel:
     """A Depth Anything model from a local transformers folder or a hub repo id, run in batches of equal input size."""
 
@@ -69,7 +89,7 @@ class DepthAnythingModel:
             path = transformers_folder(name, "--depth-model", "depth-anything/Depth-Anything-V2-Small-hf")
         except HubError as error:
             raise ShardInputError(str(error)) from None
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or depth_device(None, torch.cuda.device_count())
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.model = DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True).to(self.device).eval()
         self.batch_size = batch_size

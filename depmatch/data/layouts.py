@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -65,15 +66,17 @@ class SourceDataset:
     palette: list[list[int]]
     splits: dict[str, list[SourceItem]]
     label_table: np.ndarray = field(default_factory=identity_label_table)  # source value -> class index
+    labeled_draw: Optional[dict] = None  # how `draw_labeled` chose the labeled ids, if it did
 
     def manifest_fields(self) -> dict:
-        return {
+        fields = {
             "dataset": self.name,
             "num_classes": self.num_classes,
             "classes": self.classes,
             "palette": self.palette,
             "eval_splits": [split for split in self.splits if split not in TRAINING_SPLITS],
         }
+        return fields if self.labeled_draw is None else {**fields, "labeled_draw": self.labeled_draw}
 
     def with_classes(self, classes: Optional[list[str]], palette: Optional[list[list[int]]]) -> "SourceDataset":
         """This dataset with other class names and colours (`--class-names`, `--palette`), checked against its classes."""
@@ -81,6 +84,52 @@ class SourceDataset:
             if values is not None and len(values) != self.num_classes:
                 raise ShardInputError(f"{what} gives {len(values)} entries for the {self.num_classes} classes of {self.name}")
         return dataclasses.replace(self, classes=classes or self.classes, palette=palette or self.palette)
+
+
+def labeled_count(amount: str, pool: int) -> int:
+    """How many of `pool` ids `--labeled AMOUNT` asks for: a count (`366`) or a fraction (`1/8`, `0.125`).
+
+    A fraction of the pool is rounded to the nearest count (halves up), and at least 1.
+    """
+    try:
+        if "/" in amount:
+            numerator, denominator = (int(part) for part in amount.split("/"))
+            count, exact = max(1, math.floor(pool * numerator / denominator + 0.5)), 0 < numerator <= denominator
+        elif "." in amount:
+            fraction = float(amount)
+            count, exact = max(1, math.floor(pool * fraction + 0.5)), 0 < fraction <= 1
+        else:
+            count = int(amount)
+            exact = 0 < count <= pool
+    except (ValueError, ZeroDivisionError):
+        exact = False
+    if not exact:
+        raise ShardInputError(f"--labeled {amount!r}: expected a count 1..{pool} or a fraction in (0, 1] "
+                              f"such as 1/8 or 0.125 of the {pool} labeled ids")
+    return count
+
+
+def draw_labeled(dataset: SourceDataset, amount: str, seed: int) -> SourceDataset:
+    """`dataset` with `amount` of its labeled ids drawn at random from (`seed`) and the rest made unlabeled.
+
+    The pool is the labeled split as the lists and folders define it (the whole train folder
+    when no list narrows it). Drawn ids keep their pool order; the others join the unlabeled
+    split without their labels, so labeled and unlabeled stay disjoint and together hold the pool.
+    The manifest records the draw: amount, seed, pool size and the drawn ids.
+    """
+    pool = dataset.splits.get("labeled", [])
+    if not pool:
+        raise ShardInputError("--labeled draws from the labeled ids, and this dataset has none; "
+                              "give the labeled pool (a train folder or --labeled-list)")
+    count = labeled_count(amount, len(pool))
+    chosen = set(np.random.default_rng(seed).choice(len(pool), size=count, replace=False).tolist())
+    labeled = [item for index, item in enumerate(pool) if index in chosen]
+    rest = [dataclasses.replace(item, label=None) for index, item in enumerate(pool) if index not in chosen]
+    evaluation = {split: items for split, items in dataset.splits.items() if split not in TRAINING_SPLITS}
+    splits = {"labeled": labeled, "unlabeled": rest + dataset.splits.get("unlabeled", []), **evaluation}
+    _check_unique(splits)
+    record = {"amount": amount, "seed": seed, "pool": len(pool), "ids": [item.key for item in labeled]}
+    return dataclasses.replace(dataset, splits=splits, labeled_draw=record)
 
 
 def read_id_list(path: Path) -> list[str]:

@@ -39,6 +39,7 @@ from depmatch.data.stream import (
     shuffled,
     worker_position,
 )
+from depmatch.engine.preemption import ignore_stop_signals
 
 # Separate random streams for the splits, so the labeled and unlabeled orders are independent.
 LABELED_STREAM, UNLABELED_STREAM, VAL_STREAM = 0, 1, 2
@@ -119,9 +120,11 @@ def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, b
     # batch_size=None: each worker yields whole batches, which is what makes batch k come from worker k % W.
     # Its own generator: making an iterator would otherwise draw from the global RNG, which a
     # resumed run restores before it builds the loaders, so resumed and unbroken runs would part.
-    # Pinned batches let the trainer's non_blocking copies overlap the step on a GPU.
+    # Pinned batches let the trainer's non_blocking copies overlap the step on a GPU. A stop signal sent
+    # to the whole process group is the main process's to handle (depmatch/engine/preemption.py).
     return DataLoader(ShardStream(settings, prepare), batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def _has_depth(manifest: dict) -> bool:

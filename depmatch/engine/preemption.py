@@ -1,8 +1,8 @@
 """Stop cleanly when asked: every rank finishes its step, the job checkpoints, then exits.
 
-SIGTERM (SLURM preemption or `scancel`, torchrun ending a job whose other worker failed)
-and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` warning before the time limit) only set a
-flag. A handler that saved or exited by itself would do so on one rank at an arbitrary
+SIGTERM (SLURM preemption or `scancel`, torchrun ending a job whose other worker failed),
+SIGUSR1 (SLURM's `--signal=USR1@SECONDS` warning before the time limit) and a first SIGINT
+(Ctrl-C, `timeout -s INT`; a second one interrupts at once) only set a flag. A handler that saved or exited by itself would do so on one rank at an arbitrary
 point while the others wait in a collective; and the signal may reach only some ranks,
 or reach them a step apart. So after each optimizer step the ranks sum their flags in one
 all-reduce: all of them see the same answer, whichever got the signal. The host reads each
@@ -10,6 +10,12 @@ step's sum after the next step (depmatch/engine/deferred.py), so the agreement n
 wait for the step it has just queued, and a run stops one step after the signal. That
 all-reduce is bounded by `train.collective_timeout` like every other, so a stop requested
 while a peer is dead or hung ends in an error, not a wait.
+
+A cluster signals every process of a job, and torchrun signals each rank's process group: the
+DataLoader workers get the signal too. They ignore it (`ignore_stop_signals`, their
+`worker_init_fn`), since a worker killed by it would make the main process fail on the lost
+worker before it could checkpoint; they end when the main process shuts its loaders down or
+exits (torch's worker watchdog).
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ import torch
 
 from depmatch.engine.deferred import DeferredRead
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: the worker leaves a stop signal to the main process."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGTERM and SIGUSR1 are requests that `stop.agreed` answers."""
+    """Within `with StopSignals() as stop:`, SIGTERM, SIGUSR1 and a first SIGINT are requests that `stop.agreed` answers."""
 
     def __init__(self):
         self.received: Optional[str] = None  # the signal's name, once one has arrived in this process
@@ -43,6 +55,9 @@ class StopSignals:
 
     def _note(self, number: int, frame) -> None:
         self.received = signal.Signals(number).name
+        if number == signal.SIGINT:
+            # Ctrl-C again: whoever presses it twice wants out now, checkpoint or not.
+            signal.signal(number, self._previous[number])
 
     def agreed(self, accelerator) -> bool:
         """Collective, once per step on every rank: True everywhere one step after any rank got a signal.
