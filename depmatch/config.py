@@ -86,6 +86,9 @@ class DataConfig:
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+    # none | shuffled | random | constant: training depth replaced as it is read, images and labels
+    # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
+    depth_control: str = "none"
 
 
 @dataclass
