@@ -1,0 +1,181 @@
+"""`depmatch ablate`: does depth help on your data, or does the gain come from the extra loss alone?
+
+    depmatch ablate --config configs/pascal/unimatch_v2-depmatch-dinov2_s-92.yaml --seeds 3 --out runs/ablate-voc92
+    depmatch ablate --config CONFIG --estimate-only                 # how long the plan takes, then stop
+    depmatch ablate --preset synthetic-cpu                          # the synthetic RGB-D example (scene version 4)
+    depmatch ablate --out runs/ablate-voc92 --report-only           # the report of the records so far
+    accelerate launch --config_file launch/ddp-8gpu.yaml -m depmatch ablate --config CONFIG --out runs/a
+
+Trains every variant (labeled-only, base, CDDP, ULDR, both by default) over the seeds with true
+depth, and each variant that reads depth again under a control whose depth carries no
+information about its image (shuffled: another image's real depth; random; constant). Each
+run is `depmatch train` with the variant's overrides; a finished run's record is reused by the
+fingerprint of its config, and a record made with other settings is refused. Then the report:
+the decision rule first, then mIoU, the gain over base and true − control paired by seed,
+per-class IoU and the feature probes, as <out>/ablation.{md,json,png}. docs/ablate.md has a
+worked example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from depmatch.ablate.plan import CONTROLS, DEFAULT_VARIANTS, PRESETS, READS_NO_DEPTH, VARIANTS, Plan
+from depmatch.ablate.report import Rule, write_report
+from depmatch.errors import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment YAML (configs/...); without it, the embedded synthetic default")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a whole synthetic ablation: " + "; ".join(f"{n}: {p.help}" for n, p in PRESETS.items()))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per variant (default: 3)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"variants trained with true depth, of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)}, or the preset's)")
+    parser.add_argument("--control", nargs="*", choices=CONTROLS,
+                        help="depth without information about its image, for each variant that reads depth (default: "
+                             "shuffled on real data, the preset's on synthetic scenes; none given: no control runs)")
+    parser.add_argument("--control-variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help="variants also trained under the control (default: those of --variants that read depth)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the config's or the preset's)")
+    parser.add_argument("--out", help="records, run folders, logs and the report (default: runs/ablate-<config or preset>)")
+    parser.add_argument("--jobs", type=int, help="runs at once, each in its own process, spread over the visible GPUs "
+                        "(several per GPU when more than GPUs; default: 1, or the preset's)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's, or the preset's)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="stop the runs still training after this long and report the finished ones")
+    parser.add_argument("--estimate-only", action="store_true", help="time a few steps of each cell, print the plan's "
+                        "time, train nothing")
+    parser.add_argument("--no-estimate", action="store_true", help="start training without the estimate")
+    parser.add_argument("--estimate-steps", type=int, default=10, help="timed steps per cell for the estimate")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the records in --records")
+    parser.add_argument("--records", help="the records to report (default: <out>/records)")
+    parser.add_argument("--rule-classes", nargs="*", help="the decision rule sums these classes' IoU (default: mIoU, "
+                        "or the preset's)")
+    parser.add_argument("--rule-min-seeds", type=int, default=Rule.min_seeds, help="seeds the rule needs")
+    parser.add_argument("--rule-std-factor", type=float, default=Rule.std_factor,
+                        help="the paired difference's mean must exceed this many stds")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights (default: removed)")
+    parser.set_defaults(func=run)
+
+
+def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
+    """The plan and the schedule settings (jobs, threads) from the command line and the preset."""
+    from depmatch.config import load_config
+
+    preset = PRESETS.get(args.preset)
+    overrides = (*(preset.overrides if preset else ()), *args.overrides)
+    synthetic = load_config(args.config, list(overrides)).data.synthesize
+    variants = tuple(args.variants or (preset.variants if preset else DEFAULT_VARIANTS))
+    if args.control is not None:
+        controls = tuple(args.control)
+    else:
+        controls = preset.controls if preset else ("random" if synthetic else "shuffled",)
+    control_variants = tuple(args.control_variants or (preset.control_variants if preset and not args.variants
+                                                       else [v for v in variants if v not in READS_NO_DEPTH]))
+    name = args.preset or (Path(args.config).stem if args.config else "synthetic")
+    plan = Plan(config=args.config, overrides=overrides, variants=variants, controls=controls,
+                control_variants=control_variants, seeds=tuple(range(args.seeds)), out=args.out or f"runs/ablate-{name}",
+                steps=args.steps or (preset.steps if preset else None))
+    for run in plan.runs()[:len(variants) + len(controls) * len(control_variants)]:
+        plan.run_config(run)  # a wrong override or variant fails here, before anything starts
+    rule = Rule(classes=tuple(args.rule_classes if args.rule_classes is not None
+                              else (preset.rule_classes if preset else ())),
+                min_seeds=args.rule_min_seeds, std_factor=args.rule_std_factor)
+    jobs = args.jobs or (preset.jobs if preset else 1)
+    threads = args.threads or (preset.threads if preset else None)
+    return plan, {"rule": rule, "jobs": jobs, "threads": threads, "name": name}
+
+
+def read_records(folder: Path) -> list[dict]:
+    if not folder.is_dir():
+        raise UserError(f"{folder} holds no ablation records; give the folder of an ablation with --out or --records")
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def title_of(records: list[dict], name: str) -> str:
+    record = records[0]
+    steps = record.get("config", {}).get("train.steps")
+    return f"{record.get('framework', '')} ablation, {name}" + (f", {steps} steps" if steps else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        folder = Path(args.records or Path(args.out or ".") / "records")
+        records = read_records(folder)
+        if not records:
+            raise UserError(f"{folder} holds no records yet")
+        rule = Rule(tuple(args.rule_classes or ()), args.rule_min_seeds, args.rule_std_factor)
+        report = write_report(records, rule, title_of(records, args.preset or folder.parent.name),
+                              Path(args.out or folder.parent))
+        print(report.read_text())
+        return 0
+    return train_plan(args)
+
+
+def train_plan(args: argparse.Namespace) -> int:
+    from depmatch.ablate.estimate import estimate
+    from depmatch.ablate.runner import Progress, Schedule, done_record, machine_description, train_runs, with_invocation
+    from depmatch.train import prepare_dataset
+
+    plan, settings = build_plan(args)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and settings["jobs"] > 1:
+        raise UserError("--jobs trains runs side by side in processes of its own; under a launch of several "
+                        "processes every run already uses all of them: leave --jobs out")
+    import torch
+
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    runs = plan.runs()
+    records = {run: done_record(plan, run) for run in runs}
+    todo = [run for run in runs if records[run] is None]
+    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
+          f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
+          f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}", flush=True)
+    roots = {}
+    for run in todo:  # every shard folder once, here, before runs in parallel processes read them
+        config = plan.run_config(run)
+        roots.setdefault(config.data.root, config)
+    for config in roots.values():
+        prepare_dataset(config)
+    if todo and (args.estimate_only or not args.no_estimate):
+        result = estimate(plan, todo, settings["jobs"], warmup=2, timed=args.estimate_steps)
+        print(f"estimate: {result['runs']} runs, {settings['jobs']} at a time: "
+              f"{result['wall_seconds_at_least'] / 60:.1f} to {result['wall_seconds_at_most'] / 60:.1f} minutes",
+              flush=True)
+        Path(plan.out).mkdir(parents=True, exist_ok=True)
+        (Path(plan.out) / "estimate.json").write_text(json.dumps(result, indent=1))
+        if args.estimate_only:
+            return 0
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = machine_description()  # before training: the commit of the code that trains
+    started = time.perf_counter()
+    schedule = Schedule(jobs=settings["jobs"], threads=settings["threads"], time_limit=args.time_limit,
+                        keep_checkpoints=args.keep_checkpoints)
+    failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
+    from depmatch.ablate.runner import record_path
+
+    if distributed and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    finished = [json.loads(record_path(plan, run).read_text()) for run in runs if record_path(plan, run).is_file()]
+    invocation = {"command": [sys.executable, *sys.argv], "commit": machine["commit"], "started_utc": started_at,
+                  "jobs": settings["jobs"], "wall_seconds": time.perf_counter() - started, "runs_trained": len(finished) - (len(runs) - len(todo))}
+    path = Path(plan.out) / "machine.json"
+    path.write_text(json.dumps(with_invocation(path, machine, invocation), indent=1))
+    if finished:
+        report = write_report(finished, settings["rule"], title_of(finished, settings["name"]), Path(plan.out))
+        print(report.read_text())
+    if failed:  # not a user's mistake: the logs hold the tracebacks
+        print(f"{len(failed)} runs failed ({', '.join(failed)}): their logs are in {plan.out}/logs", file=sys.stderr)
+        return 1
+    return 0
