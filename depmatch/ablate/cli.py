@@ -82,7 +82,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
         controls = preset.controls if preset else ("random" if synthetic else "shuffled",)
     control_variants = tuple(args.control_variants or (preset.control_variants if preset and not args.variants
                                                        else [v for v in variants if v not in READS_NO_DEPTH]))
-    name = args.preset or (Path(args.config).stem if args.config else "synthetic")
+    name = plan_name(args)
     plan = Plan(config=args.config, overrides=overrides, variants=variants, controls=controls,
                 control_variants=control_variants, seeds=tuple(range(args.seeds)), out=args.out or f"runs/ablate-{name}",
                 steps=args.steps or (preset.steps if preset else None))
@@ -96,10 +96,19 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
     return plan, {"rule": rule, "jobs": jobs, "threads": threads, "name": name}
 
 
+def plan_name(args: argparse.Namespace) -> str:
+    """The preset's name, or the config's file name: the default --out is runs/ablate-<this>."""
+    return args.preset or (Path(args.config).stem if args.config else "synthetic")
+
+
 def read_records(folder: Path) -> list[dict]:
     if not folder.is_dir():
         raise UserError(f"{folder} holds no ablation records; give the folder of an ablation with --out or --records")
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    records = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+    order = list(VARIANTS)
+    # true depth first, then each control; variants in the order of VARIANTS; seeds ascending
+    return sorted(records, key=lambda r: (r["depth_mode"] != "true", r["depth_mode"],
+                                         order.index(r["variant"]) if r["variant"] in order else len(order), r["seed"]))
 
 
 def title_of(records: list[dict], name: str) -> str:
@@ -110,13 +119,15 @@ def title_of(records: list[dict], name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.report_only:
-        folder = Path(args.records or Path(args.out or ".") / "records")
+        out = Path(args.out or f"runs/ablate-{plan_name(args)}")
+        folder = Path(args.records) if args.records else out / "records"
         records = read_records(folder)
         if not records:
             raise UserError(f"{folder} holds no records yet")
-        rule = Rule(tuple(args.rule_classes or ()), args.rule_min_seeds, args.rule_std_factor)
-        report = write_report(records, rule, title_of(records, args.preset or folder.parent.name),
-                              Path(args.out or folder.parent))
+        preset = PRESETS.get(args.preset)
+        classes = args.rule_classes if args.rule_classes is not None else (preset.rule_classes if preset else ())
+        rule = Rule(tuple(classes), args.rule_min_seeds, args.rule_std_factor)
+        report = write_report(records, rule, title_of(records, args.preset or folder.parent.name), out)
         print(report.read_text())
         return 0
     return train_plan(args)

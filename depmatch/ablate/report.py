@@ -118,6 +118,14 @@ def probe_rows(records: list[dict]) -> list[dict]:
     ]
 
 
+def labeled_only_bound(records: list[dict], rule: Rule) -> tuple[float, float]:
+    """Labeled-only's IoU on the rule's classes, read as the mean over those classes, mean ± std over seeds."""
+    runs = cells_of(records).get((TRUE_DEPTH, "labeled_only"), [])
+    if not rule.classes or not runs:
+        return math.nan, math.nan
+    return mean_std(metric(record, rule) / len(rule.classes) for record in runs)
+
+
 def decisions(records: list[dict], rule: Rule) -> list[dict]:
     """The rule (Rule's docstring) for each variant run with true depth and under a control."""
     if rule.classes and not set(rule.classes) <= set(records[0]["classes"] if records else ()):
@@ -150,6 +158,10 @@ def markdown(records: list[dict], rule: Rule, title: str) -> str:
     controls = list(dict.fromkeys(r["depth_mode"] for r in records if r["depth_mode"] != TRUE_DEPTH))
     lines = [f"# {title}", ""]
     lines += [rule.statement(control) for control in controls or ["control"]]
+    bound = labeled_only_bound(records, rule)
+    if not math.isnan(bound[0]):
+        lines += ["", f"Labeled-only bound on {', '.join(rule.classes)} (the mean of the classes' IoU, over seeds): "
+                  f"{format_mean_std(bound)}"]
     verdicts = decisions(records, rule)
     if verdicts:
         lines += ["", "| control | variant | true − control per seed | mean ± std | every seed > 0, mean > "
@@ -226,7 +238,8 @@ def write_report(records: list[dict], rule: Rule, title: str, out: Path) -> Path
     out.mkdir(parents=True, exist_ok=True)
     summary = {"title": title, "rule": asdict(rule), "rule_statement": Rule.__doc__.split("\n\n")[0],
                "classes": records[0]["classes"], "rows": summarize(records), "probes": probe_rows(records),
-               "decisions": decisions(records, rule), "runs": records}
+               "decisions": decisions(records, rule), "labeled_only_bound": labeled_only_bound(records, rule),
+               "runs": records}
     (out / "ablation.json").write_text(json.dumps(summary, indent=1))
     (out / "ablation.md").write_text(markdown(records, rule, title))
     chart(records, title, out / "ablation.png")

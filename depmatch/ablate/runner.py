@@ -216,11 +216,11 @@ def _train_in_processes(plan: Plan, todo: list[Run], schedule: Schedule, progres
             process.start()
             running[process.sentinel] = (process, run, gpu, log)
             print(f"started {run.key(framework)}{f' on GPU {gpu}' if gpu is not None else ''} (log {log})", flush=True)
-        if deadline is not None and time.monotonic() >= deadline and running:
+        if deadline is not None and time.monotonic() >= deadline:
             print(f"time limit reached: stopping {len(running)} runs, {len(waiting)} not started", flush=True)
             for process, *_ in running.values():
-                process.terminate()
-            waiting = []
+                process.terminate()  # SIGTERM: the trainer stops at its next step
+            waiting, deadline = [], None
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0) + 0.1
         for sentinel in connection.wait(list(running), timeout=timeout):
             process, run, gpu, log = running.pop(sentinel)
