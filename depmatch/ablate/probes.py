@@ -32,6 +32,7 @@ from depmatch.data.codec import DEPTH_FIELD
 from depmatch.data.normalize import normalize
 from depmatch.data.samples import decode_sample
 from depmatch.data.shards import read_manifest, shard_urls
+from depmatch.models.layers import round_to_patch
 
 CDDP_STRIDE = 14  # method.md §2
 MIN_CELLS = 3
@@ -192,7 +193,9 @@ def probe(model: torch.nn.Module, config, device="cpu", images: int = PROBE_IMAG
     was_training = model.training
     model.eval()
     try:
-        cells = grid_cells(model, held_out_images(config, images), config.data.crop_size, device)
+        patch = getattr(model, "grid_patch_size", None)  # the crop the trainer trains at
+        crop = round_to_patch(config.data.crop_size, patch) if patch else config.data.crop_size
+        cells = grid_cells(model, held_out_images(config, images), crop, device)
     finally:
         model.train(was_training)
     return probe_cells(cells, config.num_classes)
