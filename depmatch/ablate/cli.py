@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
 def train_plan(args: argparse.Namespace) -> int:
     from depmatch.ablate.estimate import estimate
-    from depmatch.ablate.runner import Progress, Schedule, done_record, machine_description, train_runs, with_invocation
+    from depmatch.ablate.runner import (Progress, Schedule, done_record, is_main_process, machine_description, train_runs,
+                                        with_invocation)
     from depmatch.train import prepare_dataset
 
     plan, settings = build_plan(args)
@@ -150,9 +151,10 @@ def train_plan(args: argparse.Namespace) -> int:
     runs = plan.runs()
     records = {run: done_record(plan, run) for run in runs}
     todo = [run for run in runs if records[run] is None]
-    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
-          f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
-          f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}", flush=True)
+    if is_main_process():
+        print(f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
+              f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
+              f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}", flush=True)
     roots = {}
     for run in todo:  # every shard folder once, here, before runs in parallel processes read them
         config = plan.run_config(run)
@@ -176,7 +178,7 @@ def train_plan(args: argparse.Namespace) -> int:
     failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
     from depmatch.ablate.runner import record_path
 
-    if distributed and int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     finished = [json.loads(record_path(plan, run).read_text()) for run in runs if record_path(plan, run).is_file()]
     invocation = {"command": [sys.executable, *sys.argv], "commit": machine["commit"], "started_utc": started_at,

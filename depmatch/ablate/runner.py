@@ -169,6 +169,11 @@ def visible_gpus() -> list[Optional[str]]:
     return names or [str(index) for index in range(torch.cuda.device_count())]
 
 
+def is_main_process() -> bool:
+    """Whether this is the first process of a launch (or the only one): the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Progress:
     """One line per finished run: which, its mIoU and time, and what is left."""
 
@@ -177,6 +182,8 @@ class Progress:
 
     def finished(self, key: str, record: Optional[dict], running: int, waiting: int) -> None:
         self.done += record is not None
+        if not is_main_process():
+            return
         outcome = (f"{record['reported']} mIoU {record['reported_miou']:.2f} in {record['wall_seconds']:.0f} s"
                    if record is not None else "stopped before its end, no record")
         print(f"[{self.done}/{self.total}] {key}: {outcome}; {running} running, {waiting} waiting", flush=True)
@@ -191,7 +198,8 @@ def train_runs(plan: Plan, todo: list[Run], schedule: Schedule, progress: Progre
             if deadline is not None and time.monotonic() > deadline:
                 print(f"time limit reached: {len(todo) - index} runs not started", flush=True)
                 break
-            print(f"training {run.key(framework)}\n  {plan.train_command(run)}", flush=True)
+            if is_main_process():
+                print(f"training {run.key(framework)}\n  {plan.train_command(run)}", flush=True)
             record = train_and_record(plan, run, schedule.keep_checkpoints)
             progress.finished(run.key(framework), record, 0, len(todo) - index - 1)
         return []
