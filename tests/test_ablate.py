@@ -162,3 +162,21 @@ def test_the_cited_scene_version_4_records_still_report_their_verdict(tmp_path):
         assert not any(row["helps"] for row in decisions(records, rule))
     text = markdown(read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs"), rule, "v4")
     assert "| random | uldr_l05 | +1.31, +2.63, +3.69 | 2.54 ± 1.19 | yes | no | **no** |" in text
+
+
+def test_the_synthetic_cpu_preset_trains_the_cited_scene_version_4_runs():
+    """The runs of docs/results/ablation-cpu-v4 (made by the script the command replaced) are the
+    preset's runs: the same keys, and each cell's config the same, its shard folder's name aside."""
+    from depmatch.ablate.plan import flat_config
+    from depmatch.config import load_config
+
+    preset = PRESETS["synthetic-cpu"]
+    plan = Plan(config=None, overrides=preset.overrides, variants=preset.variants, controls=preset.controls,
+                control_variants=preset.control_variants, seeds=(0, 1, 2), out="o", steps=preset.steps)
+    records = read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs")
+    assert sorted(r["key"] for r in records) == sorted(run.key("fixmatch") for run in plan.runs())
+    for record in records[::3]:  # one seed of each (depth, variant): records are sorted by cell, then seed
+        recorded = flat_config(load_config(None, record["overrides"]))
+        planned = flat_config(plan.run_config(Run(record["depth_mode"], record["variant"], record["seed"])))
+        assert recorded.pop("data.root").replace("cpu_v4", "synthetic-cpu") == planned.pop("data.root")
+        assert recorded == planned, record["key"]

@@ -113,7 +113,9 @@ def read_records(folder: Path) -> list[dict]:
 
 def title_of(records: list[dict], name: str) -> str:
     record = records[0]
-    steps = record.get("config", {}).get("train.steps")
+    # records made before the config was kept in them hold their overrides instead
+    given = dict(item.split("=", 1) for item in record.get("overrides", []))
+    steps = record.get("config", {}).get("train.steps") or given.get("train.steps")
     return f"{record.get('framework', '')} ablation, {name}" + (f", {steps} steps" if steps else "")
 
 

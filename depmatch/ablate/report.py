@@ -17,6 +17,8 @@ import numpy as np
 
 TRUE_DEPTH = "true"
 PROBES = ("depth_rank", "linear_probe", "confusion")  # (a), (b), (c) of depmatch/ablate/probes.py
+# not in the chart: base is its zero, and the all-labels bound would squash the scale (both are in the tables)
+NOT_CHARTED = ("base", "all_labels")
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def chart(records: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in summarize(records) if row["variant"] != "base"]
+    rows = [row for row in summarize(records) if row["variant"] not in NOT_CHARTED]
     variants = list(dict.fromkeys(row["variant"] for row in rows))
     depths = list(dict.fromkeys(row["depth_mode"] for row in rows))
     width = 0.8 / len(depths)
