@@ -11,6 +11,7 @@ import hashlib
 import json
 import shlex
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -69,12 +70,14 @@ class Plan:
     def records(self) -> Path:
         return Path(self.out) / "records"
 
+    @cached_property
     def base_config(self) -> ExperimentConfig:
+        """The config every run starts from (read once: each run's overrides are read against it)."""
         return load_config(self.config, list(self.overrides))
 
     @property
     def framework(self) -> str:
-        return self.base_config().train.framework
+        return self.base_config.train.framework
 
     def runs(self) -> list[Run]:
         """Seed-major, so that an ablation cut short has every variant at its first seeds."""
@@ -84,7 +87,7 @@ class Plan:
 
     def run_overrides(self, run: Run) -> list[str]:
         """The complete `--set` list of one run."""
-        base = self.base_config()
+        base = self.base_config
         steps = self.steps or base.train.steps
         return [
             *self.overrides,
