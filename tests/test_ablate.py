@@ -180,3 +180,23 @@ def test_the_synthetic_cpu_preset_trains_the_cited_scene_version_4_runs():
         planned = flat_config(plan.run_config(Run(record["depth_mode"], record["variant"], record["seed"])))
         assert recorded.pop("data.root").replace("cpu_v4", "synthetic-cpu") == planned.pop("data.root")
         assert recorded == planned, record["key"]
+
+
+def test_the_estimate_counts_every_run_and_adds_up_its_timings(monkeypatch):
+    from depmatch.ablate import estimate
+
+    timings = {"base": 100.0, "both": 300.0}  # ms per step; each cell measured once, whatever its seeds
+    measured = []
+
+    def time_cell(plan, run, warmup, timed):
+        measured.append((run.depth, run.variant))
+        return {"build_seconds": 2.0, "step_ms": timings[run.variant], "end_seconds": 3.0}
+
+    monkeypatch.setattr(estimate, "time_cell", time_cell)
+    plan = Plan(config=None, overrides=(), variants=("base", "both"), controls=("shuffled",),
+                control_variants=("both",), seeds=(0, 1), out="o", steps=10)
+    result = estimate.estimate(plan, plan.runs(), jobs=2, warmup=0, timed=1)
+    assert measured == [("true", "base"), ("true", "both"), ("shuffled", "both")]
+    # runs of 2 + 10 × 0.1 + 3 = 6 s (base) and 2 + 10 × 0.3 + 3 = 8 s (both): 2 × 6 + 4 × 8 = 44 s
+    assert result["runs"] == 6 and result["run_seconds_total"] == pytest.approx(44.0)
+    assert (result["wall_seconds_at_least"], result["wall_seconds_at_most"]) == pytest.approx((22.0, 30.0))
