@@ -88,12 +88,16 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
                 steps=args.steps or (preset.steps if preset else None))
     for run in plan.runs()[:len(variants) + len(controls) * len(control_variants)]:
         plan.run_config(run)  # a wrong override or variant fails here, before anything starts
-    rule = Rule(classes=tuple(args.rule_classes if args.rule_classes is not None
-                              else (preset.rule_classes if preset else ())),
-                min_seeds=args.rule_min_seeds, std_factor=args.rule_std_factor)
     jobs = args.jobs or (preset.jobs if preset else 1)
     threads = args.threads or (preset.threads if preset else None)
-    return plan, {"rule": rule, "jobs": jobs, "threads": threads, "name": name}
+    return plan, {"rule": rule_of(args), "jobs": jobs, "threads": threads, "name": name}
+
+
+def rule_of(args: argparse.Namespace) -> Rule:
+    """The decision rule: the flags', the preset's classes where no --rule-classes is given."""
+    preset = PRESETS.get(args.preset)
+    classes = args.rule_classes if args.rule_classes is not None else (preset.rule_classes if preset else ())
+    return Rule(tuple(classes), args.rule_min_seeds, args.rule_std_factor)
 
 
 def plan_name(args: argparse.Namespace) -> str:
@@ -126,10 +130,7 @@ def run(args: argparse.Namespace) -> int:
         records = read_records(folder)
         if not records:
             raise UserError(f"{folder} holds no records yet")
-        preset = PRESETS.get(args.preset)
-        classes = args.rule_classes if args.rule_classes is not None else (preset.rule_classes if preset else ())
-        rule = Rule(tuple(classes), args.rule_min_seeds, args.rule_std_factor)
-        report = write_report(records, rule, title_of(records, args.preset or folder.parent.name), out)
+        report = write_report(records, rule_of(args), title_of(records, args.preset or folder.parent.name), out)
         print(report.read_text())
         return 0
     return train_plan(args)

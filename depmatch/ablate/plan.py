@@ -64,7 +64,6 @@ class Plan:
     seeds: tuple[int, ...]
     out: str
     steps: Optional[int] = None  # None: the config's train.steps
-    all_labels: Optional[int] = None  # labeled images of the all_labels variant (synthetic scenes only)
 
     @property
     def records(self) -> Path:
@@ -115,7 +114,7 @@ class Plan:
             if not base.data.synthesize:
                 raise ConfigError("the all_labels variant needs synthetic scenes (data.synthesize: true); "
                                   "leave it out of --variants")
-            labeled = self.all_labels or synth.labeled + synth.unlabeled
+            labeled = synth.labeled + synth.unlabeled
         stored = run.depth if base.data.synthesize and run.depth in ("random", "constant") else TRUE_DEPTH
         overrides = []
         if base.data.synthesize:
@@ -171,7 +170,6 @@ class Preset:
     controls: tuple[str, ...]
     control_variants: tuple[str, ...]
     rule_classes: tuple[str, ...] = ()  # the classes the decision rule sums (none: mIoU)
-    all_labels: Optional[int] = None
     help: str = ""
 
 

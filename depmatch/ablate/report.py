@@ -238,7 +238,8 @@ def chart(records: list[dict], title: str, path: Path) -> None:
 def write_report(records: list[dict], rule: Rule, title: str, out: Path) -> Path:
     """ablation.md, ablation.json and ablation.png in `out`; the Markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"title": title, "rule": asdict(rule), "rule_statement": Rule.__doc__.split("\n\n")[0],
+    controls = dict.fromkeys(r["depth_mode"] for r in records if r["depth_mode"] != TRUE_DEPTH)
+    summary = {"title": title, "rule": asdict(rule), "rule_statements": [rule.statement(c) for c in controls],
                "classes": records[0]["classes"], "rows": summarize(records), "probes": probe_rows(records),
                "decisions": decisions(records, rule), "labeled_only_bound": labeled_only_bound(records, rule),
                "runs": records}

@@ -89,7 +89,7 @@ def done_record(plan: Plan, run: Run) -> Optional[dict]:
         changed = sorted(key for key in set(planned) | set(recorded) if planned.get(key) != recorded.get(key))
         shown = ", ".join(f"{key} {recorded.get(key)!r} -> {planned.get(key)!r}" for key in changed[:3])
         raise UserError(f"{path} was trained with other settings ({shown or 'an unreadable record'}); "
-                        f"keep them, or delete the record, or choose another --out")
+                        f"give the settings it was trained with, delete the record, or choose another --out")
     return record
 
 
