@@ -200,3 +200,18 @@ def test_the_estimate_counts_every_run_and_adds_up_its_timings(monkeypatch):
     # runs of 2 + 10 × 0.1 + 3 = 6 s (base) and 2 + 10 × 0.3 + 3 = 8 s (both): 2 × 6 + 4 × 8 = 44 s
     assert result["runs"] == 6 and result["run_seconds_total"] == pytest.approx(44.0)
     assert (result["wall_seconds_at_least"], result["wall_seconds_at_most"]) == pytest.approx((22.0, 30.0))
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_each_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
+    """--jobs 2: two spawned processes (the GPU preset's path, here on the CPU), each run's output in its log."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["ablate", "--out", str(tmp_path / "a"), "--seeds", "1", "--variants", "base", "uldr", "--control",
+            "--steps", "1", "--jobs", "2", "--threads", "1", "--no-estimate",
+            *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("started fixmatch-true-") == 2 and "[2/2] fixmatch-true-" in printed
+    assert {path.stem for path in (tmp_path / "a" / "logs").glob("*.log")} == {"fixmatch-true-base-s0", "fixmatch-true-uldr-s0"}
+    records = read_records(tmp_path / "a" / "records")
+    assert [r["variant"] for r in records] == ["base", "uldr"] and records[1]["config"]["depmatch.lambda_cddp"] == 0
