@@ -52,7 +52,8 @@ def register(subparsers) -> None:
                         "(several per GPU when more than GPUs; default: 1, or the preset's)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's, or the preset's)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="stop the runs still training after this long and report the finished ones")
+                        help="after this long, stop the runs training side by side (--jobs > 1; one after another: "
+                             "start no new run) and report the finished ones")
     parser.add_argument("--estimate-only", action="store_true", help="time a few steps of each cell, print the plan's "
                         "time, train nothing")
     parser.add_argument("--no-estimate", action="store_true", help="start training without the estimate")
