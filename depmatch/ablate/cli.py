@@ -138,14 +138,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_plan(args: argparse.Namespace) -> int:
-    from depmatch.ablate.estimate import estimate
-    from depmatch.ablate.runner import (Progress, Schedule, done_record, is_main_process, machine_description, train_runs,
-                                        with_invocation)
-    from depmatch.train import prepare_dataset
+    """Plan, reuse or refuse the records there are, estimate, train the rest, report."""
+    from depmatch.ablate.runner import Progress, Schedule, done_record, is_main_process, machine_description, train_runs
 
     plan, settings = build_plan(args)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and settings["jobs"] > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings["jobs"] > 1:
         raise UserError("--jobs trains runs side by side in processes of its own; under a launch of several "
                         "processes every run already uses all of them: leave --jobs out")
     import torch
@@ -153,25 +150,14 @@ def train_plan(args: argparse.Namespace) -> int:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     runs = plan.runs()
-    records = {run: done_record(plan, run) for run in runs}
-    todo = [run for run in runs if records[run] is None]
+    todo = [run for run in runs if done_record(plan, run) is None]
     if is_main_process():
         print(f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
               f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
               f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}", flush=True)
-    roots = {}
-    for run in todo:  # every shard folder once, here, before runs in parallel processes read them
-        config = plan.run_config(run)
-        roots.setdefault(config.data.root, config)
-    for config in roots.values():
-        prepare_dataset(config)
+    prepare_shards(plan, todo)
     if todo and (args.estimate_only or not args.no_estimate):
-        result = estimate(plan, todo, settings["jobs"], warmup=2, timed=args.estimate_steps)
-        print(f"estimate: {result['runs']} runs, {settings['jobs']} at a time: "
-              f"{result['wall_seconds_at_least'] / 60:.1f} to {result['wall_seconds_at_most'] / 60:.1f} minutes",
-              flush=True)
-        Path(plan.out).mkdir(parents=True, exist_ok=True)
-        (Path(plan.out) / "estimate.json").write_text(json.dumps(result, indent=1))
+        print_estimate(plan, todo, settings["jobs"], args.estimate_steps)
         if args.estimate_only:
             return 0
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -180,19 +166,48 @@ def train_plan(args: argparse.Namespace) -> int:
     schedule = Schedule(jobs=settings["jobs"], threads=settings["threads"], time_limit=args.time_limit,
                         keep_checkpoints=args.keep_checkpoints)
     failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
-    from depmatch.ablate.runner import record_path
-
     if not is_main_process():
         return 0
-    finished = [json.loads(record_path(plan, run).read_text()) for run in runs if record_path(plan, run).is_file()]
     invocation = {"command": [sys.executable, *sys.argv], "commit": machine["commit"], "started_utc": started_at,
-                  "jobs": settings["jobs"], "wall_seconds": time.perf_counter() - started, "runs_trained": len(finished) - (len(runs) - len(todo))}
-    path = Path(plan.out) / "machine.json"
-    path.write_text(json.dumps(with_invocation(path, machine, invocation), indent=1))
-    if finished:
-        report = write_report(finished, settings["rule"], title_of(finished, settings["name"]), Path(plan.out))
-        print(report.read_text())
+                  "jobs": settings["jobs"], "wall_seconds": time.perf_counter() - started}
+    report(plan, runs, len(runs) - len(todo), machine, invocation, settings)
     if failed:  # not a user's mistake: the logs hold the tracebacks
         print(f"{len(failed)} runs failed ({', '.join(failed)}): their logs are in {plan.out}/logs", file=sys.stderr)
         return 1
     return 0
+
+
+def prepare_shards(plan: Plan, todo: list) -> None:
+    """Every shard folder the runs read, once, here, before runs in parallel processes read them."""
+    from depmatch.train import prepare_dataset
+
+    configs = {}
+    for run in todo:
+        config = plan.run_config(run)
+        configs.setdefault(config.data.root, config)
+    for config in configs.values():
+        prepare_dataset(config)
+
+
+def print_estimate(plan: Plan, todo: list, jobs: int, timed: int) -> None:
+    """The plan's wall time from a few timed steps of each cell, printed and kept in <out>/estimate.json."""
+    from depmatch.ablate.estimate import estimate
+    from depmatch.ablate.runner import is_main_process, write_json
+
+    result = estimate(plan, todo, jobs, warmup=2, timed=timed)
+    if is_main_process():
+        print(f"estimate: {result['runs']} runs, {jobs} at a time: {result['wall_seconds_at_least'] / 60:.1f} to "
+              f"{result['wall_seconds_at_most'] / 60:.1f} minutes", flush=True)
+        write_json(Path(plan.out) / "estimate.json", result)
+
+
+def report(plan: Plan, runs: list, done_before: int, machine: dict, invocation: dict, settings: dict) -> None:
+    """machine.json with this invocation added, and the report of every record of the plan."""
+    from depmatch.ablate.runner import record_path, with_invocation, write_json
+
+    finished = [json.loads(record_path(plan, run).read_text()) for run in runs if record_path(plan, run).is_file()]
+    path = Path(plan.out) / "machine.json"
+    write_json(path, with_invocation(path, machine, {**invocation, "runs_trained": len(finished) - done_before}))
+    if finished:
+        markdown = write_report(finished, settings["rule"], title_of(finished, settings["name"]), Path(plan.out))
+        print(markdown.read_text())
