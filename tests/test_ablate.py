@@ -96,7 +96,11 @@ def test_the_synthetic_presets_are_the_scene_version_4_plan():
         "paper", "similarity", "distance"]
     assert (configs["uldr_l05"].depmatch.lambda_cddp, configs["uldr_l05"].depmatch.lambda_uldr) == (0.0, 0.5)
     gpu = PRESETS["synthetic-gpu"]
-    assert (gpu.steps, gpu.jobs, gpu.variants) == (240, 8, preset.variants)
+    assert (gpu.steps, gpu.jobs, gpu.variants, gpu.controls) == (240, 8, preset.variants, preset.controls)
+    on_gpu = Plan(config=None, overrides=gpu.overrides, variants=gpu.variants, controls=gpu.controls,
+                  control_variants=gpu.control_variants, seeds=(0,), out="o", steps=gpu.steps).run_config(runs[0])
+    assert (on_gpu.model.encoder, on_gpu.data.crop_size, on_gpu.train.mixed_precision) == ("dinov2_s", 224, "bf16")
+    assert on_gpu.data.synth.scene_version == 4 and on_gpu.data.root != configs["base"].data.root
 
 
 def record(variant, seed, miou, per_class, depth_mode="true", seconds=10.0):
