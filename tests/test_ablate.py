@@ -219,3 +219,13 @@ def test_runs_side_by_side_each_in_a_process_of_its_own(tmp_path, capsys, monkey
     assert {path.stem for path in (tmp_path / "a" / "logs").glob("*.log")} == {"fixmatch-true-base-s0", "fixmatch-true-uldr-s0"}
     records = read_records(tmp_path / "a" / "records")
     assert [r["variant"] for r in records] == ["base", "uldr"] and records[1]["config"]["depmatch.lambda_cddp"] == 0
+
+
+def test_scene_stats_measures_the_plans_synthetic_scenes(capsys):
+    tiny = ["--set", "data.synth.unlabeled=6", "--set", "data.synth.scene_version=4", "--set", "data.synth.height=48",
+            "--set", "data.synth.width=64"]
+    assert main(["ablate", "--scene-stats", *tiny]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["scene_version"] == 4 and stats["scenes"] == 6 and 0 <= stats["both_on_grid"] <= 100
+    assert main(["ablate", "--scene-stats", "--set", "data.synthesize=false"]) == 2
+    assert capsys.readouterr().err.startswith("error: --scene-stats measures the synthetic scenes")

@@ -59,6 +59,10 @@ def register(subparsers) -> None:
     parser.add_argument("--no-estimate", action="store_true", help="start training without the estimate")
     parser.add_argument("--estimate-steps", type=int, default=10, help="timed steps per cell for the estimate")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the records in --records")
+    parser.add_argument("--scene-stats", action="store_true",
+                        help="synthetic scenes only, train nothing: print how much the unlabeled scenes give near and "
+                             "far boxes away without depth (best bottom-row threshold, %% of crops with both boxes on "
+                             "the CDDP grid; depmatch/data/scene_stats.py)")
     parser.add_argument("--records", help="the records to report (default: <out>/records)")
     parser.add_argument("--rule-classes", nargs="*", help="the decision rule sums these classes' IoU (default: mIoU, "
                         "or the preset's)")
@@ -124,7 +128,22 @@ def title_of(records: list[dict], name: str) -> str:
     return f"{record.get('framework', '')} ablation, {name}" + (f", {steps} steps" if steps else "")
 
 
+def print_scene_stats(args: argparse.Namespace) -> int:
+    """The box cues without depth on the plan's unlabeled scenes, as JSON."""
+    from depmatch.data.scene_stats import scene_statistics
+
+    config = build_plan(args)[0].base_config
+    if not config.data.synthesize:
+        raise UserError("--scene-stats measures the synthetic scenes: give --preset or a config with data.synthesize: true")
+    data = config.data
+    stats = scene_statistics(data.synth, "unlabeled", data.synth.unlabeled, data.crop_size, data.scale_range)
+    print(json.dumps({"scene_version": data.synth.scene_version, **stats}, indent=1))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.scene_stats:
+        return print_scene_stats(args)
     if args.report_only:
         out = Path(args.out or f"runs/ablate-{plan_name(args)}")
         folder = Path(args.records) if args.records else out / "records"
