@@ -30,6 +30,7 @@ COMMANDS = {
     "eval": Command("depmatch.evaluation.cli", "mIoU and per-class IoU of a checkpoint on a shard split"),
     "predict": Command("depmatch.evaluation.cli", "label maps and overlays for a folder of images"),
     "export": Command("depmatch.evaluation.cli", "a standalone model directory from a checkpoint"),
+    "ablate": Command("depmatch.ablate.cli", "does depth help on your data? variants × seeds × depth controls, one report"),
     "bench": Command(
         "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU"
     ),

@@ -62,12 +62,12 @@ class SynthConfig:
     seed: int = 0
     depth_mode: str = "true"  # true | constant | random: the control where depth carries no class information
     # purple walls instead of a brown close to the ground's, so that wall is as easy as
-    # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
-    # presets); labels, depth and every other pixel stay the same
+    # sky and ground and the look-alike boxes remain the difficulty (`depmatch ablate`'s
+    # synthetic presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
     # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
-    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only;
-    # 4 (the v4 presets) is 3 with boxes that two labels can tell from ground and sky
+    # drawing order; 3 leaves depth and a faint texture cue only; 4 (`depmatch ablate`'s synthetic
+    # presets) is 3 with boxes that two labels can tell from ground and sky
     scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
@@ -86,6 +86,9 @@ class DataConfig:
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+    # none | shuffled | random | constant: training depth replaced as it is read, images and labels
+    # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
+    depth_control: str = "none"
 
 
 @dataclass

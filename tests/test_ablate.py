@@ -1,342 +1,137 @@
-"""tools/ablate.py: aggregation and report against hand-computed numbers (no training)."""
+"""`depmatch ablate`: a tiny ablation through the CLI's entry point (records, resume, refusal, report against the
+records), the plan and presets, the report and the decision rule by hand."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import load_tool
+from depmatch.ablate.cli import read_records
+from depmatch.ablate.plan import PRESETS, Plan, Run
+from depmatch.cli import main
+from depmatch.ablate.report import Rule, decisions, labeled_only_bound, markdown, mean_std, summarize, write_report
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "ablate.py"
-ablate = load_tool("ablate")
-
-CLASSES = ["a", "b"]
-
-
-def record(variant, seed, miou, per_class, depth_mode="true", seconds=10.0):
-    return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "reported_miou": miou,
-            "per_class": per_class, "classes": CLASSES, "reported": "student", "wall_seconds": seconds}
-
-
-RECORDS = [
-    record("base", 0, 50.0, [40.0, 60.0]),
-    record("base", 1, 52.0, [44.0, 60.0]),
-    record("base", 2, 54.0, [48.0, 60.0], seconds=40.0),
-    record("both", 0, 51.0, [42.0, float("nan")]),
-    record("both", 1, 55.0, [50.0, 60.0]),
-    record("both", 2, 56.0, [52.0, 60.0]),
-    record("base", 0, 30.0, [30.0, 30.0], depth_mode="random"),
-]
-
-
-def test_mean_std_is_sample_std_ignoring_nan():
-    mean, std = ablate.mean_std([50.0, 52.0, 54.0, float("nan")])
-    assert mean == pytest.approx(52.0)
-    assert std == pytest.approx(2.0)  # sqrt(((-2)^2 + 0 + 2^2) / (3 - 1))
-    assert math.isnan(ablate.mean_std([7.0])[1])
-    assert all(math.isnan(v) for v in ablate.mean_std([]))
-
-
-def test_summarize_rows_per_class_and_paired_gain():
-    rows = {(r["depth_mode"], r["variant"]): r for r in ablate.summarize(RECORDS)}
-    base, both, control = rows["true", "base"], rows["true", "both"], rows["random", "base"]
-    assert base["miou"] == pytest.approx((52.0, 2.0))
-    assert base["per_class"][0] == pytest.approx((44.0, 4.0))
-    assert base["per_class"][1] == pytest.approx((60.0, 0.0))
-    assert base["seconds"] == pytest.approx(20.0)
-    assert both["miou"][0] == pytest.approx(54.0)
-    assert both["miou"][1] == pytest.approx(math.sqrt(7.0))  # deviations -3, 1, 2
-    assert both["per_class"][1] == pytest.approx((60.0, 0.0))  # the NaN (absent class) is left out
-    # paired gains 1, 3, 2 -> mean 2, std 1
-    assert both["gain"] == pytest.approx((2.0, 1.0))
-    assert base["gain"] == pytest.approx((0.0, 0.0))
-    assert control["seeds"] == [0] and math.isnan(control["miou"][1])
-
-
-def test_markdown_tables():
-    text = ablate.markdown_tables(ablate.summarize(RECORDS), CLASSES)
-    assert "| true | base | 0,1,2 | 52.00 ± 2.00 |  | 20 |" in text
-    assert "| true | both | 0,1,2 | 54.00 ± 2.65 | 2.00 ± 1.00 | 10 |" in text
-    assert "| random | base | 0 | 30.00 |  | 10 |" in text
-    assert "| true | base | 44.00 ± 4.00 | 60.00 ± 0.00 |" in text
-    assert "| true | both | 48.00 ± 5.29 | 60.00 ± 0.00 |" in text
-
-
-def test_control_rows_pair_with_the_true_depth_base_when_their_own_was_not_run():
-    records = RECORDS[:6] + [record("both", 0, 49.0, [40.0, 58.0], depth_mode="random"),
-                             record("both", 1, 53.5, [40.0, 58.0], depth_mode="random")]
-    rows = {(r["depth_mode"], r["variant"]): r for r in ablate.summarize(records)}
-    # per-seed gains against the true-depth base (50, 52): -1.0 and +1.5
-    assert rows["random", "both"]["gain"] == pytest.approx((0.25, math.sqrt(2 * 1.25**2)))
-    # with its own base run, a control pairs with that one (seed 0: 30 -> gain 19)
-    rows = {(r["depth_mode"], r["variant"]): r for r in ablate.summarize(records + [RECORDS[6]])}
-    assert rows["random", "both"]["gain"][0] == pytest.approx(19.0)
-
-
-def test_plan_is_seed_major_with_controls():
-    args = ablate.parse_args(["--frameworks", "fixmatch", "--seeds", "0", "1", "--controls", "random", "constant",
-                              "--control-variants", "base", "both"])
-    plan = ablate.planned_runs(args)
-    assert len(plan) == 2 * (len(ablate.DEFAULT_VARIANTS) + 2 * 2)
-    assert {seed for *_, seed in plan[: len(plan) // 2]} == {0}
-    overrides = ablate.run_overrides(args, "fixmatch", "true", "labeled_only", 1)
-    assert "data.synth.depth_mode='true'" in overrides
-    assert "train.labeled_only=true" in overrides and "train.seed=1" in overrides
-
-
-def test_default_cpu_plan_is_the_issues_seven_cells_per_framework_and_seed():
-    args = ablate.parse_args([])
-    plan = ablate.planned_runs(args)
-    # labeled_only, base, cddp, uldr, both, all_labels, both under random depth; 2 frameworks; 3 seeds
-    assert len(plan) == 7 * 2 * 3
-    assert ("unimatch_v2", "random", "both", 2) in plan and ("fixmatch", "random", "base", 0) not in plan
-    assert not any(variant == "cddp_paper" for _, _, variant, _ in plan)  # extra: --variants ... cddp_paper
-    preset = ablate.PRESETS["cpu"]
-    assert (args.labeled, args.unlabeled, args.steps, args.jobs) == (preset.labeled, preset.unlabeled, preset.steps, 2)
-    assert args.runs_dir == f"{preset.out}/runs"
-    assert (ablate.load_config_of(args, ("fixmatch", "true", "both", 0)).data.crop_size // 14) >= 7  # CDDP grid
-
-
-def test_all_labels_labels_every_training_image_and_trains_labeled_only():
-    args = ablate.parse_args(["--labeled", "8", "--unlabeled", "40"])
-    upper = ablate.load_config_of(args, ("fixmatch", "true", "all_labels", 0))
-    bottom = ablate.load_config_of(args, ("fixmatch", "true", "labeled_only", 0))
-    assert (upper.data.synth.labeled, upper.data.synth.unlabeled) == (48, 40)
-    assert (bottom.data.synth.labeled, bottom.data.synth.unlabeled) == (8, 40)
-    assert upper.train.labeled_only and bottom.train.labeled_only
-    paper = ablate.load_config_of(args, ("fixmatch", "true", "cddp_paper", 0))
-    shipped = ablate.load_config_of(args, ("fixmatch", "true", "cddp", 0))
-    assert (paper.depmatch.cddp.inter_weight, shipped.depmatch.cddp.inter_weight) == (1.0, 0.0)
-    assert paper.depmatch.lambda_uldr == shipped.depmatch.lambda_uldr == 0
-    assert upper.data.root != bottom.data.root  # different labeled splits never share shards
-    upper.data.synth.labeled, upper.data.root = bottom.data.synth.labeled, bottom.data.root
-    upper.train.output_dir = bottom.train.output_dir
-    assert upper == bottom  # nothing else differs
-
-
-def test_gpu_preset_is_a_dinov2_s_shape_at_a_larger_crop():
-    args = ablate.parse_args(["--preset", "gpu"])
-    config = ablate.load_config_of(args, ("unimatch_v2", "true", "both", 0))
-    cpu = ablate.load_config_of(ablate.parse_args([]), ("unimatch_v2", "true", "both", 0))
-    assert config.model.encoder == "dinov2_s" and config.model.random_init and config.model.head_features == 64
-    assert tuple(config.model.head_out_channels) == (48, 96, 192, 384)
-    assert config.train.mixed_precision == "bf16" and config.train.conf_threshold == 0.8
-    assert config.data.crop_size > cpu.data.crop_size and config.data.crop_size % 14 == 0
-    assert len(ablate.planned_runs(args)) == 42 and args.jobs > 1
-    assert args.out == "runs/ablate-gpu/results" and args.runs_dir == "runs/ablate-gpu/results/runs"
-    assert args.work_dir == "runs/ablate-gpu"  # each run's folder beside the results: one folder to fetch
-
-
-def test_a_record_made_with_other_settings_is_not_reused(tmp_path):
-    args = ablate.parse_args(["--out", str(tmp_path), "--steps", "7"])
-    run = ("fixmatch", "true", "base", 0)
-    path = ablate.record_path(args, run)
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"overrides": ablate.run_overrides(args, *run), "reported_miou": 1.0}))
-    assert ablate.done_record(args, run)["reported_miou"] == 1.0
-    args.steps = 8
-    with pytest.raises(SystemExit, match="other settings"):
-        ablate.done_record(args, run)
-
-
-def test_a_record_whose_overrides_give_the_same_config_is_reused(tmp_path):
-    """A setting moved from `--set` into the preset, and another work dir, leave the run the same."""
-    args = ablate.parse_args(["--out", str(tmp_path), "--work-dir", str(tmp_path / "now")])
-    run = ("fixmatch", "true", "base", 0)
-    planned = ablate.run_overrides(args, *run)
-    recorded = [item for item in planned if not item.startswith("train.ema_decay=")]
-    recorded = [*recorded, f"train.output_dir={tmp_path}/before/x", "train.ema_decay=0.99"]
-    assert recorded != planned and ablate.same_settings(recorded, planned)
-    assert not ablate.same_settings([*recorded, "train.ema_decay=0.98"], planned)
-    path = ablate.record_path(args, run)
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"overrides": recorded, "reported_miou": 2.0}))
-    assert ablate.done_record(args, run)["reported_miou"] == 2.0
-
-
-def test_chart_writes_png(tmp_path):
-    path = tmp_path / "chart.png"
-    ablate.chart(ablate.summarize(RECORDS), CLASSES, "test", path)
-    assert path.read_bytes()[:4] == b"\x89PNG"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.synth.labeled=2",
+        "data.synth.unlabeled=4", "data.crop_size=28", "train.batch_size=1", "train.unlabeled_batch_size=1",
+        "model.tiny_embed_dim=24", "train.framework=fixmatch")
 
 
 @pytest.mark.slow
-def test_gpu_preset_plumbing_at_a_tiny_size_on_cpu(tmp_path):
-    """The GPU preset's model and plumbing (two runs at once, one folder, resume) at 28 px, 2 steps."""
-    out = tmp_path / "gpu"
-    command = [sys.executable, str(TOOL), "--preset", "gpu", "--out", str(out), "--frameworks", "fixmatch",
-               "--seeds", "0", "--steps", "2", "--labeled", "2", "--unlabeled", "4", "--jobs", "2",
-               "--variants", "base", "--controls", "random", "--control-variants", "both"]
-    for setting in ("data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.crop_size=28",
-                    "train.batch_size=1", "train.unlabeled_batch_size=1", "train.mixed_precision=no"):
-        command += ["--set", setting]
-    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "2 runs planned, 0 done before, 2 to train" in first.stdout
-    keys = ["fixmatch-true-base-s0", "fixmatch-random-both-s0"]
-    assert sorted(path.name for path in (out / "runs").iterdir()) == sorted(f"{key}.json" for key in keys)
-    assert {path.name for path in out.iterdir()} == {
-        "runs", "machine.json", "ablation-fixmatch.json", "ablation-fixmatch.md", "ablation-fixmatch.png"}
-    for key in keys:
-        record = json.loads((out / "runs" / f"{key}.json").read_text())
-        assert "model.encoder=\"dinov2_s\"" in record["overrides"] and "data.crop_size=28" in record["overrides"]
-        assert len(record["per_class"]) == 6 and 0 <= record["reported_miou"] <= 100
-        work = tmp_path / "runs" / "ablate-gpu" / key
-        assert (work / "metrics.jsonl").is_file() and not (work / "checkpoints").exists()  # weights dropped
-    summary = json.loads((out / "ablation-fixmatch.json").read_text())
-    assert [(row["depth_mode"], row["variant"]) for row in summary["rows"]] == [
-        ("true", "base"), ("random", "both")]
-    control = summary["rows"][1]  # paired with the true-depth base: base never reads depth
-    assert control["gain"][0] == pytest.approx(control["miou"][0] - summary["rows"][0]["miou"][0])
-    machine = json.loads((out / "machine.json").read_text())
-    assert (machine["preset"], machine["jobs"], machine["runs"]) == ("gpu", 2, 2)
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "2 runs planned, 2 done before, 0 to train" in again.stdout
-    # each training invocation keeps its wall time: the second trained nothing
-    invocations = json.loads((out / "machine.json").read_text())["invocations"]
-    assert [entry["runs_trained"] for entry in invocations] == [2, 0]
-    assert invocations[0]["wall_seconds"] > invocations[1]["wall_seconds"] > 0
+def test_a_tiny_ablation_records_resumes_refuses_a_change_and_reports_its_records(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ablation"
+    argv = ["--out", out, "--seeds", "2", "--variants", "base", "both", "--control", "shuffled", "--steps", "2",
+            "--no-estimate", *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)]]
+    monkeypatch.chdir(tmp_path)
+    assert main(["ablate", *map(str, argv)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 runs planned, 0 done before, 6 to train" in printed
+    assert all(f"[{n}/6] fixmatch-" in printed for n in range(1, 7))  # a progress line per run
+    keys = {f"fixmatch-{depth}-{variant}-s{seed}" for seed in (0, 1)
+            for depth, variant in (("true", "base"), ("true", "both"), ("shuffled", "both"))}
+    assert {path.stem for path in (out / "records").glob("*.json")} == keys
+    records = read_records(out / "records")
+    control = next(r for r in records if r["depth_mode"] == "shuffled")
+    assert control["config"]["data.depth_control"] == "shuffled" and control["config"]["depmatch.enabled"]
+    assert all(r["config"]["data.depth_control"] == "none" for r in records if r["depth_mode"] == "true")
+    assert all(set(r["probes"]) == {"start", "end"} and len(r["per_class"]) == 6 for r in records)
+
+    # the report's numbers are the records': mean and paired differences by seed
+    summary = json.loads((out / "ablation.json").read_text())
+    rows = {(row["depth_mode"], row["variant"]): row for row in summary["rows"]}
+    miou = {(r["depth_mode"], r["variant"], r["seed"]): r["reported_miou"] for r in records}
+    both = [miou[("true", "both", s)] for s in (0, 1)]
+    assert rows[("true", "both")]["miou"][0] == pytest.approx(np.mean(both))
+    assert rows[("true", "both")]["miou"][1] == pytest.approx(np.std(both, ddof=1))
+    gains = [miou[("true", "both", s)] - miou[("true", "base", s)] for s in (0, 1)]
+    assert rows[("true", "both")]["gain"][0] == pytest.approx(np.mean(gains))
+    differences = [miou[("true", "both", s)] - miou[("shuffled", "both", s)] for s in (0, 1)]
+    assert rows[("shuffled", "both")]["true_minus_control"][0] == pytest.approx(np.mean(differences))
+    text = (out / "ablation.md").read_text()
+    assert text.index("Decision rule") < text.index("| depth | variant |")  # the rule before the numbers
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "machine.json").read_text())["invocations"][0]["runs_trained"] == 6
+
+    assert main(["ablate", *map(str, argv)]) == 0
+    assert "6 runs planned, 6 done before, 0 to train" in capsys.readouterr().out
+    assert main(["ablate", *map(str, argv), "--set", "train.ema_decay=0.9"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "train.ema_decay" in line and "-> 0.9" in line and "records" in line
 
 
-def test_report_only_summarises_the_records_present_and_trains_nothing(tmp_path):
-    argv = ["--out", str(tmp_path), "--frameworks", "fixmatch", "--seeds", "0", "1", "--work-dir", str(tmp_path / "work")]
-    args = ablate.parse_args(argv)
-    for run, miou in ((("fixmatch", "true", "base", 0), 50.0), (("fixmatch", "true", "both", 0), 53.0)):
-        path = ablate.record_path(args, run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        framework, depth_mode, variant, seed = run
-        path.write_text(json.dumps({
-            **record(variant, seed, miou, [miou, miou]), "framework": framework,
-            "overrides": ablate.run_overrides(args, *run)}))
-    assert ablate.main(argv + ["--report-only"]) == 0
-    table = (tmp_path / "ablation-fixmatch.md").read_text()
-    assert "| true | base | 0 | 50.00 |  | 10 |" in table and "| true | both | 0 | 53.00 | 3.00 | 10 |" in table
-    assert table.count("| true |") == 4  # two rows in each of the two tables: nothing else was trained
-    machine = json.loads((tmp_path / "machine.json").read_text())
-    assert machine["runs"] == 2 and machine["train_seconds_all_runs"] == 20.0
-    assert machine["invocations"] == [] and not (tmp_path / "work").exists()
+def test_the_plan_puts_each_control_where_it_acts():
+    real = Plan(config=None, overrides=("data.synthesize=false", "data.root=shards/real"), variants=("base", "both"),
+                controls=("shuffled", "random"), control_variants=("both",), seeds=(0, 1), out="runs/x", steps=7)
+    assert [(run.depth, run.variant, run.seed) for run in real.runs()[:4]] == [
+        ("true", "base", 0), ("true", "both", 0), ("shuffled", "both", 0), ("random", "both", 0)]
+    config = real.run_config(Run("random", "both", 1))
+    assert (config.data.depth_control, config.data.root, config.train.seed) == ("random", "shards/real", 1)
+    assert (config.train.steps, config.train.eval_every, config.train.output_dir) == (7, 7, "runs/x/runs/unimatch_v2-random-both-s1")
+    synthetic = Plan(config=None, overrides=("data.root=shards/s",), variants=("base",), controls=("random", "shuffled"),
+                     control_variants=("uldr",), seeds=(0,), out="o")
+    stored = synthetic.run_config(Run("random", "uldr", 0))  # synthetic scenes keep random depth in their shards
+    assert (stored.data.synth.depth_mode, stored.data.depth_control, stored.depmatch.lambda_cddp) == ("random", "none", 0)
+    shuffled = synthetic.run_config(Run("shuffled", "uldr", 0))
+    assert (shuffled.data.synth.depth_mode, shuffled.data.depth_control) == ("true", "shuffled")
+    assert stored.data.root != shuffled.data.root == synthetic.run_config(Run("true", "base", 0)).data.root
+    with pytest.raises(Exception, match="all_labels"):
+        real.run_config(Run("true", "all_labels", 0))
 
 
-def test_machine_json_keeps_every_training_invocation(tmp_path):
-    path = tmp_path / "machine.json"
-    # the format before the list: one invocation's wall time at the top level
-    path.write_text(json.dumps({"command": ["ablate.py"], "commit": "abc", "jobs": 2, "wall_seconds_this_invocation": 3600.0}))
-    second = {"command": ["ablate.py", "--variants", "cddp_paper"], "wall_seconds": 400.0, "runs_trained": 6}
-    merged = ablate.with_invocations(path, {"runs": 48}, second)
-    assert merged["runs"] == 48 and "wall_seconds_this_invocation" not in merged
-    assert [entry["wall_seconds"] for entry in merged["invocations"]] == [3600.0, 400.0]
-    path.write_text(json.dumps(merged))
-    assert ablate.with_invocations(path, {"runs": 48}, None)["invocations"] == merged["invocations"]  # report-only
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
-def test_a_worker_dies_with_the_ablation():
-    """`kill <ablate pid>` must not leave runs training in orphaned workers."""
-    probe = (
-        "import ctypes, signal, sys; sys.path.insert(0, 'tools'); import ablate; ablate._worker_init(1); "
-        "value = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(value));"  # PR_GET_PDEATHSIG
-        "print(value.value == signal.SIGTERM)"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=TOOL.parents[1], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "True"
-
-
-def test_machine_description_takes_the_launchers_commit_before_the_trees_git(monkeypatch):
-    """A lent GPU machine's copy of the tree can carry a .git of another commit than the files'."""
-    monkeypatch.setenv("DEPMATCH_COMMIT", "0123abc")
-    assert ablate.machine_description()["commit"] == "0123abc"
-
-    def no_git(*args, **kwargs):
-        raise subprocess.CalledProcessError(128, args[0])
-
-    monkeypatch.delenv("DEPMATCH_COMMIT")
-    monkeypatch.setattr(ablate.subprocess, "run", no_git)
-    assert ablate.machine_description()["commit"] is None
-
-
-def test_encoder_option_swaps_the_encoder_and_keeps_its_records_apart():
-    args = ablate.parse_args(["--encoder", "dinov3_s"])
-    config = ablate.load_config_of(args, ("unimatch_v2", "true", "both", 0))
-    assert (config.model.encoder, config.model.head_features, config.model.head_out_channels) == (
-        "dinov3_s", 64, (48, 96, 192, 384))
-    assert config.data.crop_size == 98  # the cpu preset's; the trainer rounds it to 96 for patch 16
-    assert args.out == "docs/results/ablation-cpu-dinov3_s" and args.work_dir == "runs/ablate-cpu-dinov3_s"
-    hub = ablate.parse_args(["--encoder", "facebook/dinov3-vits16-pretrain-lvd1689m"])
-    assert hub.work_dir == "runs/ablate-cpu-facebook--dinov3-vits16-pretrain-lvd1689m"
-    assert ablate.load_config_of(hub, ("fixmatch", "true", "base", 0)).model.backend == "transformers"
-    with pytest.raises(SystemExit):
-        ablate.parse_args(["--encoder", "dinov9_s"])
-
-
-@pytest.mark.slow
-def test_an_ablation_runs_on_a_shape_reduced_dinov3(tmp_path):
-    out = tmp_path / "dinov3"
-    command = [sys.executable, str(TOOL), "--encoder", "dinov3_s", "--out", str(out), "--frameworks", "fixmatch",
-               "--seeds", "0", "--steps", "2", "--labeled", "2", "--unlabeled", "4", "--variants", "both",
-               "--controls"]
-    for setting in ("data.synth.height=32", "data.synth.width=32", "data.synth.val=2", "data.crop_size=28",
-                    "train.batch_size=1", "train.unlabeled_batch_size=1", "model.depth=4", "model.embed_dim=32",
-                    "model.num_heads=2"):
-        command += ["--set", setting]
-    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    record = json.loads((out / "runs" / "fixmatch-true-both-s0.json").read_text())
-    assert 'model.encoder="dinov3_s"' in record["overrides"] and 0 <= record["reported_miou"] <= 100
-    saved = (tmp_path / "runs" / "ablate-cpu-dinov3_s" / "fixmatch-true-both-s0" / "config.yaml").read_text()
-    assert "crop_size: 32" in saved  # 28 rounded to DINOv3's patch 16
-
-
-def test_v3_presets_are_issue_19s_plan_on_scene_version_3():
-    args = ablate.parse_args(["--preset", "cpu_v3"])
-    plan = ablate.planned_runs(args)
+def test_the_synthetic_presets_are_the_scene_version_4_plan():
+    preset = PRESETS["synthetic-cpu"]
+    plan = Plan(config=None, overrides=preset.overrides, variants=preset.variants, controls=preset.controls,
+                control_variants=preset.control_variants, seeds=(0, 1, 2), out="o", steps=preset.steps)
+    runs = plan.runs()
     # FixMatch; labeled_only, base, all_labels and six depth variants with true depth, the six with random; 3 seeds
-    assert len(plan) == (3 + 6 + 6) * 3 and {framework for framework, *_ in plan} == {"fixmatch"}
-    depth_variants = {"both", "cddp", "cddp_b03", "cddp_similarity", "cddp_distance", "uldr_l05"}
-    assert {v for _, mode, v, _ in plan if mode == "random"} == depth_variants
-    assert {v for _, mode, v, _ in plan if mode == "true"} == depth_variants | {"labeled_only", "base", "all_labels"}
-    configs = {variant: ablate.load_config_of(args, ("fixmatch", "true", variant, 0)) for variant in depth_variants}
+    assert len(runs) == (3 + 6 + 6) * 3 and plan.framework == "fixmatch"
+    configs = {run.variant: plan.run_config(run) for run in runs if run.depth == "true" and run.seed == 0}
+    assert all(config.data.synth.scene_version == 4 for config in configs.values())
+    assert (configs["both"].data.crop_size, configs["both"].train.steps, configs["both"].model.head_features) == (98, 1000, 16)
+    assert configs["all_labels"].data.synth.labeled == 162 and configs["labeled_only"].data.synth.labeled == 2
     assert configs["cddp_b03"].depmatch.cddp.inter_weight == 0.3 and configs["cddp"].depmatch.cddp.inter_weight == 0.0
     assert [configs[v].depmatch.cddp.target for v in ("cddp", "cddp_similarity", "cddp_distance")] == [
         "paper", "similarity", "distance"]
     assert (configs["uldr_l05"].depmatch.lambda_cddp, configs["uldr_l05"].depmatch.lambda_uldr) == (0.0, 0.5)
-    assert all(c.depmatch.lambda_uldr == 0 for v, c in configs.items() if v.startswith("cddp"))
-    v2 = ablate.load_config_of(ablate.parse_args([]), ("fixmatch", "true", "cddp", 0))
-    assert configs["cddp"].data.synth.scene_version == 3 and v2.data.synth.scene_version == 2
-    assert configs["cddp"].data.root != v2.data.root  # scenes of both versions never share shards
-    configs["cddp"].data.synth.scene_version, configs["cddp"].data.root = 2, v2.data.root
-    configs["cddp"].train.output_dir, configs["cddp"].train.steps = v2.train.output_dir, v2.train.steps
-    configs["cddp"].train.eval_every = configs["cddp"].train.checkpoint_every = v2.train.steps
-    configs["cddp"].train.log_every = v2.train.log_every
-    assert configs["cddp"] == v2  # the size is the cpu preset's
-    gpu = ablate.parse_args(["--preset", "gpu_v3"])
-    assert len(ablate.planned_runs(gpu)) == 45 and gpu.jobs == 8
-    assert ablate.load_config_of(gpu, ("fixmatch", "true", "both", 0)).data.synth.scene_version == 3
+    gpu = PRESETS["synthetic-gpu"]
+    assert (gpu.steps, gpu.jobs, gpu.variants, gpu.controls) == (240, 8, preset.variants, preset.controls)
+    on_gpu = Plan(config=None, overrides=gpu.overrides, variants=gpu.variants, controls=gpu.controls,
+                  control_variants=gpu.control_variants, seeds=(0,), out="o", steps=gpu.steps).run_config(runs[0])
+    assert (on_gpu.model.encoder, on_gpu.data.crop_size, on_gpu.train.mixed_precision) == ("dinov2_s", 224, "bf16")
+    assert on_gpu.data.synth.scene_version == 4 and on_gpu.data.root != configs["base"].data.root
 
 
-@pytest.mark.parametrize("size", ["cpu", "gpu"])
-def test_v4_presets_are_the_v3_plan_on_scene_version_4(size):
-    """The same runs and settings as the v3 preset's, on scene version 4, in shard folders of their own."""
-    v3, v4 = (ablate.parse_args(["--preset", f"{size}_v{version}"]) for version in (3, 4))
-    assert ablate.planned_runs(v4) == ablate.planned_runs(v3) and v4.jobs == v3.jobs and v4.steps == v3.steps
-    for run in ablate.planned_runs(v3)[:15]:
-        old, new = ablate.load_config_of(v3, run), ablate.load_config_of(v4, run)
-        assert (old.data.synth.scene_version, new.data.synth.scene_version) == (3, 4)
-        assert old.data.root != new.data.root and old.train.output_dir != new.train.output_dir
-        new.data.synth.scene_version, new.data.root, new.train.output_dir = 3, old.data.root, old.train.output_dir
-        assert new == old
+def record(variant, seed, miou, per_class, depth_mode="true", seconds=10.0):
+    return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "reported_miou": miou,
+            "per_class": per_class, "classes": ["a", "b"], "reported": "student", "wall_seconds": seconds}
+
+
+def test_summary_by_hand():
+    records = [record("base", s, m, [m, m]) for s, m in enumerate((50.0, 52.0, 54.0))]
+    records += [record("both", 0, 51.0, [42.0, math.nan]), record("both", 1, 55.0, [50.0, 60.0]),
+                record("both", 2, 56.0, [52.0, 60.0])]
+    records += [record("both", 0, 50.0, [0.0, 0.0], "shuffled"), record("both", 1, 52.0, [0.0, 0.0], "shuffled")]
+    mean, std = mean_std([50.0, 52.0, 54.0, math.nan])
+    assert (mean, std) == (52.0, 2.0) and math.isnan(mean_std([7.0])[1])
+    rows = {(r["depth_mode"], r["variant"]): r for r in summarize(records)}
+    assert rows[("true", "both")]["gain"] == pytest.approx((2.0, 1.0))  # +1, +3, +2 over base
+    assert rows[("true", "both")]["per_class"][1] == (60.0, 0.0)  # NaN ignored
+    assert rows[("shuffled", "both")]["gain"] == pytest.approx((0.0, 0.0))  # paired with the true-depth base
+    assert rows[("shuffled", "both")]["true_minus_control"] == pytest.approx((2.0, math.sqrt(2.0)))  # +1, +3
+    text = markdown(records, Rule(), "t")
+    assert "| shuffled | both | 0,1 | 51.00 ± 1.41 | 0.00 ± 0.00 | 2.00 ± 1.41 | 10 |" in text
 
 
 def box_record(variant, seed, boxes, depth_mode="true", rank=0.5, probe=60.0):
     return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "per_class": [90.0, *boxes],
-            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0}
-                       for when in ("start", "end")}}
+            "classes": ["sky", "box_near", "box_far"], "reported_miou": 50.0, "wall_seconds": 1.0,
+            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0} for when in ("start", "end")}}
 
 
-def test_decision_rule_by_hand():
-    classes = ["sky", "box_near", "box_far"]
+def test_decision_rule_by_hand(tmp_path):
+    rule = Rule(classes=("box_near", "box_far"))
     records = [box_record("base", s, (20.0, 20.0), rank=0.2, probe=55.0) for s in range(3)]
     # helps: box IoU sum true - random = +4, +6, +8 (mean 6 > 2·std 4), probes above base's and random's
     records += [box_record("cddp", s, (22.0 + s, 22.0)) for s in range(3)]
@@ -346,47 +141,91 @@ def test_decision_rule_by_hand():
     records += [box_record("uldr", s, (20.0, 20.0), "random") for s in range(3)]
     records += [box_record("both", s, (25.0 + s, 20.0), rank=0.25) for s in range(3)]
     records += [box_record("both", s, (20.0, 20.0), "random", rank=0.4) for s in range(3)]
-    rows = {row["variant"]: row for row in ablate.decisions(records, classes)}
+    rows = {row["variant"]: row for row in decisions(records, rule)}
     assert rows["cddp"]["per_seed"] == [4.0, 6.0, 8.0] and rows["cddp"]["helps"]
-    assert rows["cddp"]["box_diff"] == pytest.approx((6.0, 2.0))
+    assert rows["cddp"]["diff"] == pytest.approx((6.0, 2.0))
     assert rows["uldr"]["per_seed"] == [1.0, -1.0, 6.0] and not rows["uldr"]["seeds_ok"] and not rows["uldr"]["helps"]
     assert rows["both"]["seeds_ok"] and not rows["both"]["probes_ok"] and not rows["both"]["helps"]
-    table = ablate.probe_and_decision_tables(records, classes)
-    assert "| cddp | +4.00, +6.00, +8.00 | 6.00 ± 2.00 | yes | yes | **yes** |" in table
-    assert "| both | +5.00, +6.00, +7.00 | 6.00 ± 1.00 | yes | no | **no** |" in table
+    assert not decisions(records, Rule(classes=("box_near", "box_far"), std_factor=3.1))[0]["helps"]  # 6 < 3.1 × 2
+    assert not decisions(records, Rule(classes=("box_near", "box_far"), min_seeds=4))[0]["helps"]
+    text = markdown(records, rule, "t")
+    assert "| random | cddp | +4.00, +6.00, +8.00 | 6.00 ± 2.00 | yes | yes | **yes** |" in text
+    assert "| random | both | +5.00, +6.00, +7.00 | 6.00 ± 1.00 | yes | no | **no** |" in text
+    assert text.index("above 2 × its std") < text.index("| random | cddp |")
+    write_report(records, rule, "t", tmp_path)
+    assert json.loads((tmp_path / "ablation.json").read_text())["rule"]["classes"] == ["box_near", "box_far"]
 
 
-def test_box_pixel_shares_by_hand():
-    classes = ["sky", "box_near", "box_far"]
-    # rows true, columns predicted: 10 + 20 box pixels; own 4 + 9, other box 2 + 6, not a box 4 + 5
-    first = {"depth_mode": "true", "variant": "base", "confusion": [[7, 0, 0], [4, 4, 2], [5, 6, 9]]}
-    # all 30 box pixels right
-    second = {"depth_mode": "true", "variant": "base", "confusion": [[7, 0, 0], [0, 10, 0], [0, 0, 20]]}
-    older = {"depth_mode": "true", "variant": "cddp"}  # a record from before the confusion was kept
-    [row] = ablate.box_pixel_rows([first, second, older], classes)
-    own, other, outside = 100 * 13 / 30, 100 * 8 / 30, 100 * 9 / 30
-    assert row["own"] == pytest.approx(((own + 100) / 2, (100 - own) / 2 ** 0.5))
-    assert row["other_box"][0] == pytest.approx(other / 2) and row["not_box"][0] == pytest.approx(outside / 2)
-    assert ablate.box_pixel_rows([first], ["sky", "ground"]) == []
+def test_the_cited_scene_version_4_records_still_report_their_verdict(tmp_path):
+    """docs/results' records, made before the command, read by its report: the same decisions, and
+    labeled-only's box bound read as the mean of the two box classes."""
+    for folder, bound in (("ablation-cpu-v4", 30.35), ("ablation-cpu-v4-rerun", 30.21)):
+        records = read_records(ROOT / "docs" / "results" / folder / "runs")
+        rule = Rule(classes=("box_near", "box_far"))
+        assert labeled_only_bound(records, rule)[0] == pytest.approx(bound, abs=0.005)
+        assert not any(row["helps"] for row in decisions(records, rule))
+    text = markdown(read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs"), rule, "v4")
+    assert "| random | uldr_l05 | +1.31, +2.63, +3.69 | 2.54 ± 1.19 | yes | no | **no** |" in text
+
+
+def test_the_synthetic_cpu_preset_trains_the_cited_scene_version_4_runs():
+    """The runs of docs/results/ablation-cpu-v4 (made by the script the command replaced) are the
+    preset's runs: the same keys, and each cell's config the same, its shard folder's name aside."""
+    from depmatch.ablate.plan import flat_config
+    from depmatch.config import load_config
+
+    preset = PRESETS["synthetic-cpu"]
+    plan = Plan(config=None, overrides=preset.overrides, variants=preset.variants, controls=preset.controls,
+                control_variants=preset.control_variants, seeds=(0, 1, 2), out="o", steps=preset.steps)
+    records = read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs")
+    assert sorted(r["key"] for r in records) == sorted(run.key("fixmatch") for run in plan.runs())
+    for record in records[::3]:  # one seed of each (depth, variant): records are sorted by cell, then seed
+        recorded = flat_config(load_config(None, record["overrides"]))
+        planned = flat_config(plan.run_config(Run(record["depth_mode"], record["variant"], record["seed"])))
+        assert recorded.pop("data.root").replace("cpu_v4", "synthetic-cpu") == planned.pop("data.root")
+        assert recorded == planned, record["key"]
+
+
+def test_the_estimate_counts_every_run_and_adds_up_its_timings(monkeypatch):
+    from depmatch.ablate import estimate
+
+    timings = {"base": 100.0, "both": 300.0}  # ms per step; each cell measured once, whatever its seeds
+    measured = []
+
+    def time_cell(plan, run, warmup, timed):
+        measured.append((run.depth, run.variant))
+        return {"build_seconds": 2.0, "step_ms": timings[run.variant], "end_seconds": 3.0}
+
+    monkeypatch.setattr(estimate, "time_cell", time_cell)
+    plan = Plan(config=None, overrides=(), variants=("base", "both"), controls=("shuffled",),
+                control_variants=("both",), seeds=(0, 1), out="o", steps=10)
+    result = estimate.estimate(plan, plan.runs(), jobs=2, warmup=0, timed=1)
+    assert measured == [("true", "base"), ("true", "both"), ("shuffled", "both")]
+    # runs of 2 + 10 × 0.1 + 3 = 6 s (base) and 2 + 10 × 0.3 + 3 = 8 s (both): 2 × 6 + 4 × 8 = 44 s
+    assert result["runs"] == 6 and result["run_seconds_total"] == pytest.approx(44.0)
+    assert (result["wall_seconds_at_least"], result["wall_seconds_at_most"]) == pytest.approx((22.0, 30.0))
 
 
 @pytest.mark.slow
-def test_the_probes_leave_training_unchanged(tmp_path, monkeypatch):
-    """A run of the v3 plan at 28 px records both probes, and the same run without them trains to the same numbers."""
-    tiny = ["data.synth.height=28", "data.synth.width=28", "data.synth.val=4", "data.crop_size=28",
-            f"data.root={tmp_path / 'shards'}"]
-    args = ablate.parse_args(["--preset", "cpu_v3", "--steps", "3", "--unlabeled", "4", "--work-dir", str(tmp_path),
-                              *[word for setting in tiny for word in ("--set", setting)]])
-    overrides = ablate.run_overrides(args, "fixmatch", "true", "cddp_similarity", 0)
-    probed = ablate.train_one(overrides)
-    assert set(probed["probes"]) == {"start", "end"}
-    assert set(probed["probes"]["end"]) == {"depth_rank", "linear_probe", "confusion"}
-    monkeypatch.setattr(ablate, "probe_reported", lambda trainer: {})
-    plain = ablate.train_one(overrides)
-    assert plain["reported_miou"] == probed["reported_miou"] and plain["per_class"] == probed["per_class"]
-    assert untimed(plain["last_log"]) == untimed(probed["last_log"])  # the losses of the last logged window
+def test_runs_side_by_side_each_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
+    """--jobs 2: two spawned processes (the GPU preset's path, here on the CPU), each run's output in its log."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["ablate", "--out", str(tmp_path / "a"), "--seeds", "1", "--variants", "base", "uldr", "--control",
+            "--steps", "1", "--jobs", "2", "--threads", "1", "--no-estimate",
+            *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("started fixmatch-true-") == 2 and "[2/2] fixmatch-true-" in printed
+    assert {path.stem for path in (tmp_path / "a" / "logs").glob("*.log")} == {"fixmatch-true-base-s0", "fixmatch-true-uldr-s0"}
+    records = read_records(tmp_path / "a" / "records")
+    assert [r["variant"] for r in records] == ["base", "uldr"] and records[1]["config"]["depmatch.lambda_cddp"] == 0
 
 
-def untimed(log: dict) -> dict:
-    """A logged window without its throughput, which differs from run to run."""
-    return {key: value for key, value in log.items() if not key.endswith("_per_s")}
+def test_scene_stats_measures_the_plans_synthetic_scenes(capsys):
+    tiny = ["--set", "data.synth.unlabeled=6", "--set", "data.synth.scene_version=4", "--set", "data.synth.height=48",
+            "--set", "data.synth.width=64"]
+    assert main(["ablate", "--scene-stats", *tiny]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["scene_version"] == 4 and stats["scenes"] == 6 and 0 <= stats["both_on_grid"] <= 100
+    assert main(["ablate", "--scene-stats", "--set", "data.synthesize=false"]) == 2
+    assert capsys.readouterr().err.startswith("error: --scene-stats measures the synthetic scenes")

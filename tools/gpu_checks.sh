@@ -32,8 +32,8 @@
 #             shipped launch/deepspeed/zero2.json                                     (#10.2, #10.5)
 #   mfu       DINOv2-L student alone eager/compiled; L DepMatch off/on and G on, compiled,
 #             plain accelerate                                                        (#10.2, #10.4)
-#   ablate    the CDDP/ULDR ablation on scene version 4, `tools/ablate.py --preset gpu_v4`: 45 DINOv2-S
-#             FixMatch runs, 8 at a time, into runs/gpu/ablate/; stopped at 5 minutes and summarised
+#   ablate    the CDDP/ULDR ablation on scene version 4, `depmatch ablate --preset synthetic-gpu`: 45
+#             DINOv2-S FixMatch runs, 8 at a time, into runs/gpu/ablate/; stopped at 5 minutes and summarised
 #             (a rerun resumes) (#11, #19)
 #
 # Order of value if the budget is short: perf, core, mem518, zero3, mem798, online.
@@ -131,7 +131,7 @@ for part in "$@"; do
     ablate)
       # issue 19's plan on scene version 4; 5 minutes, so that it fits after `perf` in a lent GPU's 15;
       # the records of a plan cut off there are still summarised (a rerun resumes)
-      ablate=(python3 tools/ablate.py --preset gpu_v4 --out "$RESULTS/ablate/results" --work-dir "$RESULTS/ablate")
+      ablate=(python3 -m depmatch ablate --preset synthetic-gpu --out "$RESULTS/ablate" --no-estimate --time-limit 270)
       timeout 300 "${ablate[@]}" > "$RESULTS/ablate.log" 2>&1 ||
         { echo "ablation stopped (exit $?): summarising the runs with a record"; "${ablate[@]}" --report-only >> "$RESULTS/ablate.log" 2>&1; }
       grep -E "runs planned|mIoU|^\|" "$RESULTS/ablate.log" | tail -n 60; pack

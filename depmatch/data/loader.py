@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from depmatch.config import ConfigError, ExperimentConfig
+from depmatch.data.depth_controls import checked_control, training_samples
 from depmatch.data.samples import collate, labeled_sample, unlabeled_sample, val_sample
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import (
@@ -57,6 +58,7 @@ class StreamSettings:
     shuffle_buffer: int
     start_step: int
     max_bad_fraction: float
+    depth_control: str = "none"  # data.depth_control, applied to the training streams (depth_controls.py)
 
 
 class ShardStream(IterableDataset):
@@ -75,7 +77,8 @@ class ShardStream(IterableDataset):
             skipped = batches_before(s.start_step, role, workers) * s.batch_size
             order = random.Random(derive_seed(s.seed, s.stream_id, s.rank, role))
             shards = resampled(s.urls, order)
-            raw = shuffled(wds.tarfile_samples(shards, handler=budget.tar_error), s.shuffle_buffer, order)
+            raw = training_samples(shards, s.depth_control, s.seed, s.urls, budget.tar_error)
+            raw = shuffled(raw, s.shuffle_buffer, order)
         else:
             role, skipped = worker, 0
             shards = assigned(s.urls, s.rank * workers + worker, s.world_size * workers)
@@ -115,6 +118,7 @@ def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, b
         shuffle_buffer=cfg.data.shuffle_buffer,
         start_step=start_step,
         max_bad_fraction=cfg.data.max_bad_fraction,
+        depth_control=checked_control(cfg.data.depth_control),
     )
     workers = cfg.data.workers
     # batch_size=None: each worker yields whole batches, which is what makes batch k come from worker k % W.

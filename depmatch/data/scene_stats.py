@@ -1,5 +1,5 @@
 """How much the synthetic scenes give the box class away without depth, and how often a crop
-holds both box classes on the CDDP grid (issue 19; `tools/check_scene.py` prints them).
+holds both box classes on the CDDP grid (tests/test_data_synth.py pins them per scene version).
 
 * The position cue: the accuracy of the best single threshold on a box's bottom row (the
   fraction of the image height) at telling near from far boxes, over the boxes (4-connected
