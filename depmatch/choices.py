@@ -14,6 +14,14 @@ INFERENCE_PRECISIONS = ("bf16", "fp16")  # eval.precision; None runs fp32
 WEIGHTS_CHOICES = ("auto", "teacher", "student")  # which weights of a checkpoint eval/predict/export use
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode
 PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR's pair sums
+# depmatch.cddp.target: what CDDP's intra-class pairs compare (the forms: depmatch.losses.cddp_uldr.INTRA_FORMS)
+CDDP_TARGETS = ("paper", "similarity", "distance")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...], error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming `key` and the choices when `value` is not one of them."""
+    if value not in choices:
+        raise error(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depmatch.bench.ops import SyncCounter
+from sync_counter import SyncCounter
 from depmatch.engine.distributed import explain_collective_failure
 from depmatch.engine.preemption import StopSignals
 

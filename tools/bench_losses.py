@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or n
 from depmatch.bench.ops import OpCounter  # noqa: E402
 from depmatch.bench.step import peak_memory_gib  # noqa: E402
 from depmatch.losses import cddp_loss, uldr_loss  # noqa: E402
-from depmatch.losses.depmatch import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
+from depmatch.losses.cddp_uldr import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
 from depmatch.losses.reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
 
 # Vectorised losses under each pair-sum backend, the kernels with the rest of both losses
