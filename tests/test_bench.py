@@ -72,7 +72,7 @@ def test_zero_choice_becomes_a_one_process_deepspeed_launch(zero, stage, offload
 
 @pytest.mark.parametrize("zero", ["2", "3", "3-offload"])
 def test_zero_runs_hand_accelerate_the_shipped_deepspeed_json(zero, monkeypatch):
-    """The bench measures the DeepSpeed settings users launch (launch/deepspeed/*.json: overlap,
+    """The bench measures the DeepSpeed settings users launch (depmatch/engine/deepspeed/*.json: overlap,
     buckets, contiguous gradients), not accelerate's defaults for a bare stage."""
     from accelerate.utils import DeepSpeedPlugin
 
@@ -88,7 +88,7 @@ def test_zero_runs_refuse_a_precision_the_shipped_json_does_not_train_in(tmp_pat
     register(parser.add_subparsers())
     args = parser.parse_args(["bench", "--zero", "2", "--precision", "fp16", "--out", str(tmp_path)])
     assert args.func(args) == 2
-    assert "launch/deepspeed/zero2.json, which trains in bf16" in capsys.readouterr().err
+    assert "depmatch/engine/deepspeed/zero2.json, which trains in bf16" in capsys.readouterr().err
 
 
 def test_op_counter_counts_each_dispatched_op():

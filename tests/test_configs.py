@@ -21,7 +21,7 @@ from depmatch.config import ConfigError, ExperimentConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-DEEPSPEED_JSONS = sorted((REPO / "launch").rglob("*.json"))
+DEEPSPEED_JSONS = sorted((REPO / "depmatch" / "engine" / "deepspeed").glob("*.json"))
 ACCELERATE_YAMLS = sorted((REPO / "launch").glob("*.yaml"))
 
 

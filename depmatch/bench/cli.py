@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import itertools
 import json
 import os
@@ -16,8 +17,6 @@ from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.choices import COMPILE_MODES, PAIR_BACKENDS, cuda_pair_backend
 from depmatch.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
 
 # --flag: (on a GPU, on the CPU), filled in when the command runs: `--help` does not wait for torch
 DEVICE_DEFAULTS = {"crop": (518, 98), "batch": (4, 2), "steps": (10, 3), "warmup": (3, 1)}
@@ -94,8 +93,9 @@ def _free_port() -> int:
 
 
 def shipped_deepspeed_config(zero: str) -> Path:
-    """The JSON that `launch/zero*-8gpu.yaml` hands to DeepSpeed for this --zero choice."""
-    return REPO / "launch" / "deepspeed" / f"zero{zero}.json"
+    """The JSON that `launch/zero*-8gpu.yaml` hands to DeepSpeed for this --zero choice: package data
+    (depmatch/engine/deepspeed/), so that an installed depmatch finds it outside a checkout."""
+    return Path(str(importlib.resources.files("depmatch.engine") / "deepspeed" / f"zero{zero}.json"))
 
 
 def deepspeed_precision(config_file: Path) -> str:
