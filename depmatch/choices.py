@@ -1,7 +1,7 @@
 """Names the command line offers as choices, importable without torch.
 
 The modules that act on them import them from here, so that a command's `--help` lists
-them without loading torch or a model library (docs/cli.md, tools/bench_import.py).
+them without loading torch or a model library (docs/cli.md, benchmarks/bench_import.py).
 """
 
 from __future__ import annotations

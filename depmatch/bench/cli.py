@@ -58,6 +58,11 @@ def register(subparsers) -> None:
                         help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
                              "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
                              "on their CUDA paths (--pair-backend, optim.fused=true)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, profile this many more under torch.profiler: kernel time and its "
+                             "share of the step's wall time, kernel launches and host syncs per step in the table; "
+                             "each configuration's op table (profiles/runN.txt) and Chrome trace "
+                             "(profiles/runN.trace.json, for chrome://tracing or Perfetto) beside bench.json")
     parser.add_argument("--pair-backend", default=cuda_pair_backend(), choices=PAIR_BACKENDS,
                         help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
                              f"{cuda_pair_backend()}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
@@ -145,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"--zero {zero} runs {shipped}, which trains in {deepspeed_precision(shipped)}: pass "
                   f"--precision {deepspeed_precision(shipped)} for ZeRO runs", file=sys.stderr)
             return 2
+    if args.profile and args.count_ops:
+        print("--profile times steps and --count-ops replaces the timing: pass one of them", file=sys.stderr)
+        return 2
+    if args.profile:
+        (out_dir / "profiles").mkdir(parents=True, exist_ok=True)
     if "on" in args.compile and args.warmup < 1:
         print("--compile on needs --warmup 1 or more: the first step compiles", file=sys.stderr)
         return 2
@@ -154,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         spec = {
             "compile": compiled == "on", "compile_mode": args.compile_mode, "count_ops": args.count_ops,
             "pair_backend": args.pair_backend if args.count_ops else None,
+            "profile": args.profile, "profile_dir": str(out_dir / "profiles"), "name": f"run{index}",
             "scope": scope, "encoder": encoder, "framework": framework, "depmatch": depmatch == "on", "precision": precision,
             "zero": zero, "crop": args.crop, "batch": args.batch, "num_classes": args.num_classes,
             "steps": args.steps, "warmup": args.warmup, "train_steps": args.train_steps, "shards": args.shards,
