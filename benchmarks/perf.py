@@ -60,7 +60,7 @@ from bench_losses import PASCAL, LossShape  # noqa: E402
 from bench_losses import measure as measure_losses  # noqa: E402
 from depmatch.bench.cli import deepspeed_precision, launch_environment, shipped_deepspeed_config  # noqa: E402
 from depmatch.bench.presets import peak_tflops  # noqa: E402
-from depmatch.bench.profile import time_and_profile  # noqa: E402
+from depmatch.bench.profile import profile_steps, synchronize  # noqa: E402
 from depmatch.bench.step import build_step, count_flops  # noqa: E402
 from perf_targets import summary_markdown, summary_rows  # noqa: E402
 
@@ -138,6 +138,22 @@ def release_memory() -> None:
     gc.collect()
     if ON_GPU:
         torch.cuda.empty_cache()
+
+
+def time_and_profile(step, warmup: int, steps: int, profiled: int, top: int = 25) -> dict:
+    """Wall ms per step over `steps` steps after `warmup` (synchronised at both ends), then, with
+    `profiled` > 0, the profile of that many more."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - started) / steps * 1e3
+    if profiled == 0:
+        return {"wall_ms_per_step": wall_ms}
+    return {"wall_ms_per_step": wall_ms, **profile_steps(step, profiled, wall_ms, top)}
 
 
 def compiled_context(plan: Plan, compiled: bool):

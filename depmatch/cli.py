@@ -31,7 +31,7 @@ COMMANDS = {
     "predict": Command("depmatch.evaluation.cli", "label maps and overlays for a folder of images"),
     "export": Command("depmatch.evaluation.cli", "a standalone model directory from a checkpoint"),
     "bench": Command(
-        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU"
+        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU and profile"
     ),
 }
 

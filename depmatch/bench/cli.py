@@ -33,7 +33,8 @@ def register(subparsers) -> None:
         "bench",
         description=(
             "Times training steps (random inputs with the loader's shapes) for every combination of the "
-            "options below, each in a fresh process, and writes bench.json, bench.md and bench.png. "
+            "options below, each in a fresh process, and writes bench.json, bench.md and bench.png; with "
+            "--profile, a torch.profiler table and trace per combination too. "
             "Defaults: tiny encoders on CPU, DINOv2-S/B/L at crop 518 in bf16 on a GPU."
         ),
     )

@@ -1,12 +1,11 @@
 """Training steps under torch.profiler: how busy the GPU is, kernel launches, host syncs, top ops.
 
 `depmatch bench --profile N` profiles N steps of each configuration after its timed steps;
-`time_and_profile` is the same for a step built in the caller's process (benchmarks/perf.py).
+benchmarks/perf.py profiles the steps it builds in its own process.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,19 +62,3 @@ def profile_steps(step: Callable[[], None], steps: int, wall_ms: float, top: int
         "top_device": sorted(rows, key=lambda row: -row["self_device_ms"])[:top],
         "top_host": sorted(rows, key=lambda row: -row["self_cpu_ms"])[:top],
     }
-
-
-def time_and_profile(step: Callable[[], None], warmup: int, steps: int, profiled: int, top: int = 25) -> dict:
-    """Wall ms per step over `steps` steps after `warmup` (synchronised at both ends), then, with
-    `profiled` > 0, `profile_steps` of that many more."""
-    for _ in range(warmup):
-        step()
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    wall_ms = (time.perf_counter() - started) / steps * 1e3
-    if profiled == 0:
-        return {"wall_ms_per_step": wall_ms}
-    return {"wall_ms_per_step": wall_ms, **profile_steps(step, profiled, wall_ms, top)}

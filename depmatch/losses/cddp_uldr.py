@@ -199,8 +199,7 @@ def pair_backend(name: str):
     kernel: under `triton` they take the `blocked` path.
     """
     global _forced_backend
-    if name not in PAIR_BACKENDS:
-        raise ValueError(f"unknown pair backend {name!r}: choose one of {', '.join(PAIR_BACKENDS)}")
+    check_choice("the pair backend", name, PAIR_BACKENDS)
     previous, _forced_backend = _forced_backend, name
     try:
         yield
