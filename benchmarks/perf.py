@@ -330,7 +330,7 @@ class Run:
         self.peak_tflops = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if ON_GPU else None)
         self.environment = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": os.environ.get("DEPMATCH_COMMIT") or git_commit(),
+            "commit": os.environ.get("DEPMATCH_COMMIT") or git_commit(),  # the variable where the tree has no .git
             "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
             **{name: package_version(name) for name in ("torch", "timm", "transformers", "accelerate", "deepspeed", "triton")},
             "tiny": plan.tiny,
