@@ -32,7 +32,7 @@ COMMANDS = {
     "export": Command("depmatch.evaluation.cli", "a standalone model directory from a checkpoint"),
     "ablate": Command("depmatch.ablate.cli", "does depth help on your data? variants × seeds × depth controls, one report"),
     "bench": Command(
-        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU"
+        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU and profile"
     ),
 }
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from depmatch.choices import CDDP_TARGETS, check_choice
 from depmatch.errors import UserError
 
 
@@ -116,10 +117,6 @@ class ModelConfig:
     num_heads: Optional[int] = None
 
 
-# depmatch.cddp.target (the forms are depmatch.losses.depmatch.CDDP_TARGETS)
-CDDP_TARGET_NAMES = ("paper", "similarity", "distance")
-
-
 @dataclass
 class CDDPConfig:
     sigma: float = 1.0
@@ -140,9 +137,7 @@ class CDDPConfig:
     target: str = "paper"
 
     def __post_init__(self):
-        if self.target not in CDDP_TARGET_NAMES:
-            names = ", ".join(CDDP_TARGET_NAMES)
-            raise ConfigError(f"depmatch.cddp.target must be one of {names}, got {self.target!r}")
+        check_choice("depmatch.cddp.target", self.target, CDDP_TARGETS, ConfigError)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Shared fixtures: a small synthetic shard dataset, the camvid-mini folder, an offline Hugging Face
-cache; training in a process of its own; the scripts of tools/ as modules."""
+cache; training in a process of its own; the scripts of tools/ and benchmarks/ as modules."""
 
 import hashlib
 import importlib.util
@@ -143,9 +143,9 @@ def train_in_own_process(overrides: list[str], check: str, env: dict | None = No
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def load_tool(name: str):
-    """tools/<name>.py as the module `name` (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+def load_tool(name: str, folder: str = "tools"):
+    """<folder>/<name>.py (tools/, benchmarks/) as the module `name` (scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

@@ -21,11 +21,11 @@ import os
 import pytest
 import torch
 
-import depmatch.losses.depmatch as depmatch_losses
+from depmatch.losses import cddp_uldr
 from depmatch.bench.ops import OpCounter
 from depmatch.losses import cddp_loss, uldr_loss
-from depmatch.losses.depmatch import pair_backend
-from depmatch.losses.reference import cddp_loss_reference
+from depmatch.losses.cddp_uldr import pair_backend
+from loss_reference import cddp_loss_reference
 from test_losses import cddp_loop, make_inputs, uldr_loop, uneven_inputs
 
 
@@ -230,7 +230,7 @@ def test_each_pair_sum_is_one_op(monkeypatch, name, bound):
     views included, at any size); the blocked path's count grows with its row blocks (here 4
     blocks of 25 on a 10×10 grid; 11 and 21 blocks at Pascal size)."""
     monkeypatch.undo()  # the interpreter's big tiles: one program per image
-    monkeypatch.setattr(depmatch_losses, "_BLOCK", 25)
+    monkeypatch.setattr(cddp_uldr, "_BLOCK", 25)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(12, height=20, width=20, feat_hw=(10, 10))
     if name == "cddp":
         args = (cddp_loss, features, (depth, probs, pseudo_label, ignore), (10, 10))

@@ -46,11 +46,16 @@ def test_markdown_table_formats_and_drops_empty_columns():
 @pytest.mark.slow
 def test_bench_measures_a_tiny_configuration(tmp_path):
     command = [sys.executable, "-m", "depmatch", "bench", "--encoders", "vit_tiny", "--depmatch", "on",
-               "--crop", "28", "--batch", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]
+               "--crop", "28", "--batch", "2", "--steps", "1", "--warmup", "0", "--profile", "1", "--out", str(tmp_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     (result,) = json.loads((tmp_path / "bench.json").read_text())
     assert result["images_per_s"] == pytest.approx(4 / result["step_time_s"])
+    # --profile: the CPU launches no kernel; the op table and the trace name the step's ops
+    assert result["kernel_ms_per_step"] == 0 and result["launches_per_step"] == 0
+    assert "aten::" in (tmp_path / "profiles" / "run1.txt").read_text()
+    assert any(row["name"] == "aten::addmm" for row in result["top_host"])
+    assert json.loads((tmp_path / "profiles" / "run1.trace.json").read_text())["traceEvents"]
     assert result["achieved_tflops"] == pytest.approx(result["tflop_per_step"] / result["step_time_s"])
     assert result["tflop_per_step"] > 0 and result["mfu"] is None
     assert (tmp_path / "bench.png").stat().st_size > 0
@@ -72,7 +77,7 @@ def test_zero_choice_becomes_a_one_process_deepspeed_launch(zero, stage, offload
 
 @pytest.mark.parametrize("zero", ["2", "3", "3-offload"])
 def test_zero_runs_hand_accelerate_the_shipped_deepspeed_json(zero, monkeypatch):
-    """The bench measures the DeepSpeed settings users launch (launch/deepspeed/*.json: overlap,
+    """The bench measures the DeepSpeed settings users launch (depmatch/engine/deepspeed/*.json: overlap,
     buckets, contiguous gradients), not accelerate's defaults for a bare stage."""
     from accelerate.utils import DeepSpeedPlugin
 
@@ -88,7 +93,7 @@ def test_zero_runs_refuse_a_precision_the_shipped_json_does_not_train_in(tmp_pat
     register(parser.add_subparsers())
     args = parser.parse_args(["bench", "--zero", "2", "--precision", "fp16", "--out", str(tmp_path)])
     assert args.func(args) == 2
-    assert "launch/deepspeed/zero2.json, which trains in bf16" in capsys.readouterr().err
+    assert "depmatch/engine/deepspeed/zero2.json, which trains in bf16" in capsys.readouterr().err
 
 
 def test_op_counter_counts_each_dispatched_op():

@@ -21,7 +21,7 @@ from depmatch.config import ConfigError, ExperimentConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-DEEPSPEED_JSONS = sorted((REPO / "launch").rglob("*.json"))
+DEEPSPEED_JSONS = sorted((REPO / "depmatch" / "engine" / "deepspeed").glob("*.json"))
 ACCELERATE_YAMLS = sorted((REPO / "launch").glob("*.yaml"))
 
 
@@ -148,10 +148,11 @@ def test_exponent_floats_without_a_dot_are_numbers():
 
 
 def test_cddp_target_is_checked_when_the_config_loads():
-    from depmatch.config import CDDP_TARGET_NAMES, ConfigError, load_config
-    from depmatch.losses.depmatch import CDDP_TARGETS
+    from depmatch.choices import CDDP_TARGETS
+    from depmatch.config import ConfigError, load_config
+    from depmatch.losses.cddp_uldr import INTRA_FORMS
 
-    assert CDDP_TARGET_NAMES == tuple(CDDP_TARGETS)
+    assert tuple(INTRA_FORMS) == CDDP_TARGETS  # one form per name the config accepts
     assert load_config().depmatch.cddp.target == "paper"  # method.md §3, the default
     assert load_config(overrides=["depmatch.cddp.target=distance"]).depmatch.cddp.target == "distance"
     with pytest.raises(ConfigError, match="depmatch.cddp.target must be one of paper, similarity, distance, got 'cos'"):

@@ -14,7 +14,7 @@ import timm
 import torch
 
 from depmatch.config import ConfigError, ModelConfig, load_config
-from depmatch.frameworks.depmatch import loss_grids
+from depmatch.frameworks.depth_guidance import loss_grids
 from depmatch.models import WeightsError, build_model
 from depmatch.models.families import PRESETS, UNIMATCH_V2_DPT_WIDTHS, dpt_widths
 from depmatch.models.layers import crop_for_patch, round_to_patch

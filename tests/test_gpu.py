@@ -13,8 +13,8 @@ from conftest import train_in_own_process
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
 from depmatch.losses import cddp_loss, uldr_loss
-from depmatch.losses.depmatch import pair_backend
-from depmatch.losses.reference import synthetic_view
+from depmatch.losses.cddp_uldr import pair_backend
+from loss_reference import synthetic_view
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -30,7 +30,7 @@ def _losses_and_grads(view, device, sizes=((8, 8), (11, 11)), dtype=None):
     features = view.features.detach().to(device, dtype).requires_grad_()  # a fresh leaf per call
     logits = view.logits.detach().to(device, dtype).requires_grad_()
     depth, probs, label, ignore = (t.to(device) for t in (view.depth, view.probs, view.pseudo_label, view.ignore))
-    cddp = cddp_loss(features, depth, probs, label, ignore, size=sizes[0])
+    cddp = cddp_loss(features, depth, probs, label, ignore, size=sizes[0], inter_weight=1.0)  # the inter term too
     uldr = uldr_loss(logits, depth, label, ignore, size=sizes[1])
     (cddp + uldr).backward()
     return cddp.detach(), uldr.detach(), features.grad, logits.grad

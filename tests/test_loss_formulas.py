@@ -206,7 +206,7 @@ def test_cddp_by_hand_ignored_pixels_and_a_one_class_image():
     )
     features, depth, probs, label, ignore = stack(image0, image1)
     features.requires_grad_(True)
-    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 3))
+    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 3), inter_weight=1.0)
     # Image 1: one class, (q0,q1) twice with δ = 1, w = exp(-(3 - 4)²/2), over |S|² = 4; mean over one class.
     image1_loss = 2 * (1.0 - math.exp(-0.5)) ** 2 * abs(entropy(0.3, 0.7) - entropy(0.6, 0.4)) / 4
     expected = (cddp_by_hand(1.0, 1.0, 1.0) + image1_loss) / 2  # 1/B Σ_b

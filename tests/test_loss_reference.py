@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from depmatch.losses import cddp_loss, uldr_loss
-from depmatch.losses.reference import cddp_loss_reference, synthetic_view, uldr_loss_reference
+from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference
 
 
 def small_view(seed):

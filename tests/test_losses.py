@@ -1,12 +1,15 @@
 """CDDP and ULDR against a direct loop over the formulas of method.md §3-§4, plus base losses."""
 
+import dataclasses
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import depmatch.losses.depmatch as depmatch_losses
+from depmatch.config import CDDPConfig, ExperimentConfig, ULDRConfig
+from depmatch.losses import cddp_uldr
 from depmatch.losses import cddp_loss, cross_entropy, masked_unlabeled_ce, ohem_cross_entropy, uldr_loss
 
 # ---------------------------------------------------------------- loop references
@@ -145,18 +148,37 @@ def test_uldr_matches_loop(seed, size):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
 
 
+def test_keyword_defaults_are_the_configs():
+    """One default per setting: each loss keyword defaults to its key of depmatch.cddp / depmatch.uldr
+    (train.ohem_* for the OHEM CE), so that a library call computes what a default training run does."""
+    config = ExperimentConfig()
+    expected = {
+        cddp_loss: dataclasses.asdict(config.depmatch.cddp),
+        uldr_loss: dataclasses.asdict(config.depmatch.uldr),
+        ohem_cross_entropy: {"thresh": config.train.ohem_thresh, "min_kept": config.train.ohem_min_kept},
+    }
+    for loss, values in expected.items():
+        defaults = {name: p.default for name, p in inspect.signature(loss).parameters.items() if p.default is not p.empty}
+        assert defaults == {name: value for name, value in values.items() if name in defaults}, loss.__name__
+        assert set(defaults) <= set(values), loss.__name__
+    assert config.depmatch.cddp.inter_weight == 0.0  # the measured default, not the paper's β = 1
+
+
 def test_defaults_match_loop_on_depth_scale_inputs():
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(7)
     depth = depth * 5  # raw Depth Anything range, where the default thresholds bite
+    cddp, uldr = CDDPConfig(), ULDRConfig()
     torch.testing.assert_close(
         cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5)),
-        cddp_loop(features, depth, probs, pseudo_label, ignore, (4, 5)),
+        cddp_loop(features, depth, probs, pseudo_label, ignore, (4, 5), sigma=cddp.sigma,
+                  inter_threshold=cddp.inter_threshold, inter_weight=cddp.inter_weight, target=cddp.target),
         rtol=1e-5,
         atol=1e-12,
     )
     torch.testing.assert_close(
         uldr_loss(logits, depth, pseudo_label, ignore, size=(5, 6)),
-        uldr_loop(logits, depth, pseudo_label, ignore, (5, 6)),
+        uldr_loop(logits, depth, pseudo_label, ignore, (5, 6), conf_threshold=uldr.conf_threshold, margin=uldr.margin,
+                  inter_threshold=uldr.inter_threshold),
         rtol=1e-5,
         atol=1e-12,
     )
@@ -208,7 +230,7 @@ def test_gradient_finite_with_duplicated_features():
 @pytest.mark.parametrize("block", [1, 5, 13])
 def test_row_blocks_match_loop_value_and_gradient(monkeypatch, block):
     """Pair sums computed over many row blocks (and their transposes) give the loop's value and gradient."""
-    monkeypatch.setattr(depmatch_losses, "_BLOCK", block)
+    monkeypatch.setattr(cddp_uldr, "_BLOCK", block)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(10)
     size = (6, 8)
     for loss, loop, inputs, extra in (
@@ -234,7 +256,7 @@ def test_resize_is_bilinear_interpolation_with_aligned_corners(shape, size):
     maps = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     batched = maps if maps.dim() == 4 else maps.unsqueeze(1)
     expected = F.interpolate(batched, size=size, mode="bilinear", align_corners=True).reshape(shape[:-2] + size)
-    got = depmatch_losses._resize_continuous(maps, size, torch.float64)
+    got = cddp_uldr._resize_continuous(maps, size, torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(expected)
     (expected_grad,) = torch.autograd.grad(expected, maps, upstream)
@@ -280,7 +302,7 @@ def test_edge_cases_finite_and_match_loop(case, size):
     _, features, logits, probs, pseudo_label, depth, ignore = case
     features = features.clone().requires_grad_(True)
     logits = logits.clone().requires_grad_(True)
-    cddp = cddp_loss(features, depth, probs, pseudo_label, ignore, size=size)
+    cddp = cddp_loss(features, depth, probs, pseudo_label, ignore, size=size, inter_weight=1.0)  # the loop's β
     uldr = uldr_loss(logits, depth, pseudo_label, ignore, size=size)
     (cddp + uldr).backward()
     for value in (cddp, uldr, features.grad, logits.grad):
@@ -376,8 +398,8 @@ def uneven_inputs():
 def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
     """Per-image compaction (CPU) and the all-pixel path (CUDA) give the loop's value and gradient
     when the images' uncertain / valid counts differ widely, including 0."""
-    monkeypatch.setattr(depmatch_losses, "_BLOCK", block)
-    monkeypatch.setattr(depmatch_losses, "_forced_backend", "compact" if compact else "blocked")
+    monkeypatch.setattr(cddp_uldr, "_BLOCK", block)
+    monkeypatch.setattr(cddp_uldr, "_forced_backend", "compact" if compact else "blocked")
     features, logits, probs, pseudo_label, depth, ignore, cddp_ignore = uneven_inputs()
     size = (6, 8)
     uldr_kwargs = dict(conf_threshold=0.9, margin=0.5, inter_threshold=1.0)
@@ -407,8 +429,8 @@ def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_all_pixel_path_matches_loop(monkeypatch, seed):
     """The sync-free path over all pixels (what CUDA runs) against the loop, value and gradient, on CPU."""
-    monkeypatch.setattr(depmatch_losses, "_forced_backend", "blocked")
-    monkeypatch.setattr(depmatch_losses, "_BLOCK", 7)
+    monkeypatch.setattr(cddp_uldr, "_forced_backend", "blocked")
+    monkeypatch.setattr(cddp_uldr, "_BLOCK", 7)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(seed)
     for loss, loop, differentiable, inputs, kwargs in (
         (uldr_loss, uldr_loop, logits, (depth, pseudo_label, ignore), dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)),
@@ -430,12 +452,12 @@ def test_all_pixel_path_matches_loop(monkeypatch, seed):
 def test_cddp_targets_match_loop_on_each_torch_backend(monkeypatch, target, backend, inter_weight):
     """The forms other than the paper's (depmatch.cddp.target), value and gradient, on uneven counts
     (an image with no valid pixel, one with a few) and small blocks."""
-    monkeypatch.setattr(depmatch_losses, "_BLOCK", 7)
+    monkeypatch.setattr(cddp_uldr, "_BLOCK", 7)
     features, _, probs, pseudo_label, depth, _, cddp_ignore = uneven_inputs()
     kwargs = dict(sigma=0.8, inter_threshold=0.7, inter_weight=inter_weight, target=target)
     got_input = features.clone().requires_grad_(True)
     expected_input = features.clone().requires_grad_(True)
-    with depmatch_losses.pair_backend(backend):
+    with cddp_uldr.pair_backend(backend):
         got = cddp_loss(got_input, depth, probs, pseudo_label, cddp_ignore, size=(6, 8), **kwargs)
     expected = cddp_loop(expected_input, depth, probs, pseudo_label, cddp_ignore, (6, 8), **kwargs)
     assert expected > 0

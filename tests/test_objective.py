@@ -10,7 +10,7 @@ from depmatch.config import CDDPConfig, ConfigError, DepMatchConfig, ExperimentC
 from depmatch.engine.ema import EMATeacher
 from depmatch.frameworks import FixMatch, Predictions, UniMatch, UniMatchV2
 from depmatch.frameworks.cutmix import mix_with_partner
-from depmatch.frameworks.depmatch import DepMatch
+from depmatch.frameworks.depth_guidance import DepMatch
 from depmatch.frameworks.objective import semi_supervised_loss
 from depmatch.losses import cddp_loss, uldr_loss
 

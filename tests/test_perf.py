@@ -1,4 +1,4 @@
-"""tools/perf.py, the one-call GPU measurement of issue #18: its tiny CPU run, its budget, its targets."""
+"""benchmarks/perf.py, the speed suite: its tiny CPU run, its time limits, its targets."""
 
 import json
 import os
@@ -26,8 +26,8 @@ PLANNED = {
 
 def run_perf(tmp_path, *args) -> tuple[list[dict], list[dict]]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "tools" / "perf.py"), "--tiny", "--out", str(tmp_path / "perf"),
-               "--anchor-dir", str(tmp_path / "no-anchor"), "--pack", str(tmp_path / "perf.tar.gz"), *args]  # fmt: skip
+    command = [sys.executable, str(REPO / "benchmarks" / "perf.py"), "--tiny", "--out", str(tmp_path / "perf"),
+               "--pack", str(tmp_path / "perf.tar.gz"), *args]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rows = json.loads((tmp_path / "perf" / "perf.json").read_text())["rows"]
@@ -39,7 +39,7 @@ def run_perf(tmp_path, *args) -> tuple[list[dict], list[dict]]:
 @pytest.mark.slow
 def test_the_tiny_run_measures_every_configuration_and_reads_every_target(tmp_path):
     """Every planned configuration has its row: measured, or (the third-party snapshots being absent)
-    'not prepared'; the summary has the six targets; the pack holds the results."""
+    'not given' (no --unimatch-v2 folder); the summary has the six targets; the pack holds the results."""
     rows, targets = run_perf(tmp_path, "--peak-tflops", "1")
     got = {}
     for row in rows:
@@ -47,7 +47,7 @@ def test_the_tiny_run_measures_every_configuration_and_reads_every_target(tmp_pa
     assert got == PLANNED
     by_name = {(row["item"], row["name"]): row for row in rows}
     for key in [("losses", "original"), ("peer", "unimatch_v2 fp32"), ("peer", "unimatch_v2 bf16"), ("peer", "original depmatch fp32")]:
-        assert by_name[key]["status"].startswith("not prepared"), by_name[key]
+        assert by_name[key]["status"].startswith("not given"), by_name[key]
     for (item, name), row in by_name.items():
         if item not in ("peer",) and name != "original":
             assert row["status"] == "ok", row
@@ -61,7 +61,7 @@ def test_the_tiny_run_measures_every_configuration_and_reads_every_target(tmp_pa
     assert [target["target"] for target in targets] == [1, 2, 3, 4, 5, 6]
     assert all(target["verdict"] in VERDICTS for target in targets)
     peer = next(target for target in targets if target["target"] == 6)
-    assert all(part["why"].startswith("not prepared") for part in peer["parts"]), peer
+    assert all(part["why"].startswith("not given") for part in peer["parts"]), peer
     with tarfile.open(tmp_path / "perf.tar.gz") as archive:
         assert {"perf/perf.json", "perf/summary.md", "perf/summary.json"} <= set(archive.getnames())
 
@@ -79,7 +79,7 @@ def step(role, depmatch, compiled, wall, item="step", zero="0", **extra):
 
 
 def test_targets_read_the_faster_mode_and_compare_like_with_like():
-    targets = load_tool("perf_targets")
+    targets = load_tool("perf_targets", "benchmarks")
     rows = [
         step("S", False, False, 80.0), step("S", True, False, 90.0, kernel_share_of_wall=0.5),
         step("S", False, True, 50.0), step("S", True, True, 52.0, kernel_share_of_wall=0.93),
@@ -110,7 +110,7 @@ def test_targets_read_the_faster_mode_and_compare_like_with_like():
 
 
 def test_a_configuration_past_its_cap_is_cut_and_its_child_process_killed():
-    perf = load_tool("perf")
+    perf = load_tool("perf", "benchmarks")
     started = time.monotonic()
     with pytest.raises(perf.Cut, match="cut at its item's cap"):
         with perf.deadline(0.5):

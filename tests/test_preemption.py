@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depmatch.bench.ops import SyncCounter
+from sync_counter import SyncCounter
 from depmatch.engine.distributed import explain_collective_failure
 from depmatch.engine.checkpoint import checkpoint_path, checkpoint_problem
 from depmatch.engine.preemption import StopSignals, ignore_stop_signals

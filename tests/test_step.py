@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import depmatch.engine.trainer as trainer_module
-from depmatch.bench.ops import SyncCounter
+from sync_counter import SyncCounter
 from depmatch.bench.step import synthetic_batches
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.nonfinite import NonFiniteLossError

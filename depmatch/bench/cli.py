@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import itertools
 import json
 import os
@@ -16,8 +17,6 @@ from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.choices import COMPILE_MODES, PAIR_BACKENDS, cuda_pair_backend
 from depmatch.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
 
 # --flag: (on a GPU, on the CPU), filled in when the command runs: `--help` does not wait for torch
 DEVICE_DEFAULTS = {"crop": (518, 98), "batch": (4, 2), "steps": (10, 3), "warmup": (3, 1)}
@@ -34,7 +33,8 @@ def register(subparsers) -> None:
         "bench",
         description=(
             "Times training steps (random inputs with the loader's shapes) for every combination of the "
-            "options below, each in a fresh process, and writes bench.json, bench.md and bench.png. "
+            "options below, each in a fresh process, and writes bench.json, bench.md and bench.png; with "
+            "--profile, a torch.profiler table and trace per combination too. "
             "Defaults: tiny encoders on CPU, DINOv2-S/B/L at crop 518 in bf16 on a GPU."
         ),
     )
@@ -59,6 +59,11 @@ def register(subparsers) -> None:
                         help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
                              "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
                              "on their CUDA paths (--pair-backend, optim.fused=true)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, profile this many more under torch.profiler: kernel time and its "
+                             "share of the step's wall time, kernel launches and host syncs per step in the table; "
+                             "each configuration's op table (profiles/runN.txt) and Chrome trace "
+                             "(profiles/runN.trace.json, for chrome://tracing or Perfetto) beside bench.json")
     parser.add_argument("--pair-backend", default=cuda_pair_backend(), choices=PAIR_BACKENDS,
                         help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
                              f"{cuda_pair_backend()}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
@@ -94,8 +99,9 @@ def _free_port() -> int:
 
 
 def shipped_deepspeed_config(zero: str) -> Path:
-    """The JSON that `launch/zero*-8gpu.yaml` hands to DeepSpeed for this --zero choice."""
-    return REPO / "launch" / "deepspeed" / f"zero{zero}.json"
+    """The JSON that `launch/zero*-8gpu.yaml` hands to DeepSpeed for this --zero choice: package data
+    (depmatch/engine/deepspeed/), so that an installed depmatch finds it outside a checkout."""
+    return Path(str(importlib.resources.files("depmatch.engine") / "deepspeed" / f"zero{zero}.json"))
 
 
 def deepspeed_precision(config_file: Path) -> str:
@@ -145,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"--zero {zero} runs {shipped}, which trains in {deepspeed_precision(shipped)}: pass "
                   f"--precision {deepspeed_precision(shipped)} for ZeRO runs", file=sys.stderr)
             return 2
+    if args.profile and args.count_ops:
+        print("--profile times steps and --count-ops replaces the timing: pass one of them", file=sys.stderr)
+        return 2
+    if args.profile:
+        (out_dir / "profiles").mkdir(parents=True, exist_ok=True)
     if "on" in args.compile and args.warmup < 1:
         print("--compile on needs --warmup 1 or more: the first step compiles", file=sys.stderr)
         return 2
@@ -154,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         spec = {
             "compile": compiled == "on", "compile_mode": args.compile_mode, "count_ops": args.count_ops,
             "pair_backend": args.pair_backend if args.count_ops else None,
+            "profile": args.profile, "profile_dir": str(out_dir / "profiles"), "name": f"run{index}",
             "scope": scope, "encoder": encoder, "framework": framework, "depmatch": depmatch == "on", "precision": precision,
             "zero": zero, "crop": args.crop, "batch": args.batch, "num_classes": args.num_classes,
             "steps": args.steps, "warmup": args.warmup, "train_steps": args.train_steps, "shards": args.shards,

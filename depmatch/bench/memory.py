@@ -31,8 +31,7 @@ import torch
 GIB = 2**30
 BACKENDS = ("plain", "zero2", "zero3", "fsdp2")
 DEFAULT_ENCODERS = ("dinov3_s", "dinov3_b", "dinov3_l", "dinov3_h", "dinov3_7b")
-DEFAULT_GPUS = (1, 8, 16, 64)
-# launch/deepspeed/zero*.json: the reduce bucket (bf16 gradients) and ZeRO-3's prefetch bucket (bf16 weights)
+# depmatch/engine/deepspeed/zero*.json: the reduce bucket (bf16 gradients) and ZeRO-3's prefetch bucket (bf16 weights)
 REDUCE_BUCKET = 200_000_000
 PREFETCH_BUCKET = 50_000_000
 BF16, FP32 = 2, 4

@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from depmatch.bench.ops import OpCounter
 from depmatch.bench.presets import encoder_overrides, peak_tflops
+from depmatch.bench.profile import profile_steps
 from depmatch.config import load_config
 from depmatch.data.photometric import draw_strong_params
 from depmatch.losses import pair_backend
@@ -99,26 +101,36 @@ def count_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def measure(spec: dict) -> dict:
+def build_step(spec: dict):
+    """A Trainer for `spec` and one step of it on fixed batches already on the device: the training
+    step, or with `spec["scope"]` "student" the student's forward, backward and update alone."""
     from depmatch.engine.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides_for(spec)))
-    config = trainer.config  # the crop rounded to the encoder's patch size
     device = trainer.accelerator.device
     # On the device already, as the loader's next batch would be once copied; the step makes the
     # strong views and normalises, as training does.
-    raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(config)]
+    raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(trainer.config)]
+    if spec.get("scope") == "student":
+        return trainer, lambda: student_step(trainer, raw_batches)
 
     def training_step():
         labeled, unlabeled = (trainer.to_device(batch) for batch in raw_batches)
         with trainer.accelerator.accumulate(trainer.student):
             trainer.forward_backward_step(labeled, unlabeled)
 
+    return trainer, training_step
+
+
+def measure(spec: dict) -> dict:
+    """The configuration's timings (or op count); with `spec["profile"]` steps, their profile too, its
+    op table and Chrome trace written into `spec["profile_dir"]`."""
+    trainer, unsynchronized_step = build_step(spec)
+    config = trainer.config  # the crop rounded to the encoder's patch size
+    device = trainer.accelerator.device
+
     def step():
-        if spec.get("scope") == "student":
-            student_step(trainer, raw_batches)
-        else:
-            training_step()
+        unsynchronized_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -148,7 +160,7 @@ def measure(spec: dict) -> dict:
     images = config.train.batch_size + config.train.unlabeled_batch_size  # labeled + unlabeled images per step
     peak = peak_tflops(identity["device"])
     achieved = flops / step_time / 1e12
-    return {
+    result = {
         **identity,
         "step_time_s": step_time,
         "images_per_s": images / step_time,
@@ -157,6 +169,11 @@ def measure(spec: dict) -> dict:
         "achieved_tflops": achieved,
         "mfu": achieved / peak if peak else None,
     }
+    if spec.get("profile"):
+        stem = Path(spec["profile_dir"]) / spec["name"]
+        trace = stem.with_suffix(".trace.json")
+        result.update(profile_steps(step, spec["profile"], step_time * 1e3, table=stem.with_suffix(".txt"), trace=trace))
+    return result
 
 
 def train_and_evaluate(spec: dict) -> dict[str, float]:

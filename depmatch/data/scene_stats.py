@@ -21,7 +21,7 @@ from depmatch.config import SynthConfig
 from depmatch.data.augment import weak_augment
 from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, synthetic_sample
 
-CDDP_STRIDE = 14  # crop // 14 cells per side (method.md §2), as depmatch.frameworks.depmatch
+CDDP_STRIDE = 14  # crop // 14 cells per side (method.md §2), as depmatch.frameworks.depth_guidance
 MIN_BOX_PIXELS = 20  # smaller pieces are slivers left by an overlapping box
 GROUND_ROWS = 3  # rows below a box whose ground pixels give its ground cue
 

@@ -17,7 +17,6 @@ from depmatch.errors import UserError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
-SPLITS = ("labeled", "unlabeled", "val")
 
 
 class ShardsNotFoundError(UserError, FileNotFoundError):

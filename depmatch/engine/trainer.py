@@ -44,7 +44,7 @@ from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
 from depmatch.frameworks.cutmix import mix_with_partner
-from depmatch.frameworks.depmatch import CDDP_STRIDE, DepMatch
+from depmatch.frameworks.depth_guidance import CDDP_STRIDE, DepMatch
 from depmatch.frameworks.objective import labeled_loss, semi_supervised_loss
 from depmatch.models import build_model
 from depmatch.models.layers import crop_for_patch

@@ -7,7 +7,7 @@ import torch
 from depmatch.config import TrainConfig
 from depmatch.frameworks.base import Framework, Predictions
 from depmatch.frameworks.cutmix import mix_with_partner
-from depmatch.frameworks.depmatch import DepMatch
+from depmatch.frameworks.depth_guidance import DepMatch
 from depmatch.losses import cross_entropy, masked_unlabeled_ce, ohem_cross_entropy
 
 

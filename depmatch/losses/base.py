@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from depmatch.config import TrainConfig
+
 IGNORE_INDEX = 255
 
 
@@ -13,7 +15,9 @@ def cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX)
 
 
-def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float = 0.7, min_kept: int = 200000) -> torch.Tensor:
+def ohem_cross_entropy(
+    logits: torch.Tensor, label: torch.Tensor, thresh: float = TrainConfig.ohem_thresh, min_kept: int = TrainConfig.ohem_min_kept
+) -> torch.Tensor:
     """Online hard example mining CE (the Cityscapes recipe).
 
     Keeps the pixels whose probability of the true class is at most `thresh`, and at

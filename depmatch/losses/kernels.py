@@ -229,7 +229,7 @@ def cddp_pairs(
 
     m is the distance δ_ij, or with `similarity` the dot product (cosine similarity of the unit
     features given); the intra-class target is target_offset + target_scale · exp(-Δd²/2σ²)
-    (`depmatch.losses.depmatch.CDDP_TARGETS`).
+    (`depmatch.losses.cddp_uldr.INTRA_FORMS`).
 
     features: B×N×C float32; depth, scaled_entropy: B×N float32 (the entropy carries the intra
     normaliser, see `cddp_loss`); label: B×N int32, -1 for pixels in no pair; inter_weight: B

@@ -4,7 +4,7 @@ For timing the online-depth step (`--set train.online_depth_model=DIR` in `depma
 where no real weights are on disk: the cost of a forward pass does not depend on the weights.
 Its depth maps are meaningless; never train with it.
 
-    python tools/random_depth_anything.py /tmp/depth-anything-small-random
+    python benchmarks/random_depth_anything.py /tmp/depth-anything-small-random
 """
 
 from __future__ import annotations

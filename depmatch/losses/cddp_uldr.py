@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from depmatch.choices import PAIR_BACKENDS, cuda_pair_backend
+from depmatch.choices import CDDP_TARGETS, PAIR_BACKENDS, check_choice, cuda_pair_backend
+from depmatch.config import CDDPConfig, ULDRConfig
 
 IGNORE_INDEX = 255
 ENTROPY_EPS = 1e-10
@@ -172,11 +173,12 @@ class IntraForm(NamedTuple):
 
 
 PAPER_INTRA = IntraForm(similarity=False, offset=0.0, scale=1.0)
-# depmatch.cddp.target. `paper` is method.md §3 (δ against w: same depth pushed to distance 1,
-# different depths pulled together); the other two are deviations from the paper, so that
-# same depth means similar features: `similarity` compares the cosine similarity with w,
-# `distance` compares δ with 1 - w. The inter-class term is the paper's in every form.
-CDDP_TARGETS = {
+# The forms of depmatch.cddp.target (its names: `depmatch.choices.CDDP_TARGETS`). `paper` is
+# method.md §3 (δ against w: same depth pushed to distance 1, different depths pulled together);
+# the other two are deviations from the paper, so that same depth means similar features:
+# `similarity` compares the cosine similarity with w, `distance` compares δ with 1 - w. The
+# inter-class term is the paper's in every form.
+INTRA_FORMS = {
     "paper": PAPER_INTRA,
     "similarity": IntraForm(similarity=True, offset=0.0, scale=1.0),
     "distance": IntraForm(similarity=False, offset=1.0, scale=-1.0),
@@ -197,8 +199,7 @@ def pair_backend(name: str):
     kernel: under `triton` they take the `blocked` path.
     """
     global _forced_backend
-    if name not in PAIR_BACKENDS:
-        raise ValueError(f"unknown pair backend {name!r}: choose one of {', '.join(PAIR_BACKENDS)}")
+    check_choice("the pair backend", name, PAIR_BACKENDS)
     previous, _forced_backend = _forced_backend, name
     try:
         yield
@@ -406,10 +407,10 @@ def cddp_loss(
     ignore: torch.Tensor,
     *,
     size: tuple[int, int],
-    sigma: float = 1.0,
-    inter_threshold: float = 1.0,
-    inter_weight: float = 1.0,
-    target: str = "paper",
+    sigma: float = CDDPConfig.sigma,
+    inter_threshold: float = CDDPConfig.inter_threshold,
+    inter_weight: float = CDDPConfig.inter_weight,
+    target: str = CDDPConfig.target,
 ) -> torch.Tensor:
     """Class-wise Depth Disparity Perception loss of one strong view (method.md §3).
 
@@ -419,13 +420,14 @@ def cddp_loss(
     pseudo_label: B×H×W long, argmax of probs at full resolution.
     ignore: B×H×W, 255 where the pixel is padding or ignored.
     size: (h, w) of the grid both the features and the maps are resampled to.
-    target: what the intra-class pairs compare (`CDDP_TARGETS`): `paper` is §3 exactly;
+    target: what the intra-class pairs compare (`INTRA_FORMS`): `paper` is §3 exactly;
     `similarity` (cosine similarity against w) and `distance` (δ against 1 - w) deviate from it.
+    The keyword defaults are the config's (`depmatch.cddp`), so that a call without them
+    computes what a training run with the default config does: β = `inter_weight` = 0.
     Returns a 0-dim tensor.
     """
-    if target not in CDDP_TARGETS:
-        raise ValueError(f"depmatch.cddp.target must be one of {', '.join(CDDP_TARGETS)}, got {target!r}")
-    intra = CDDP_TARGETS[target]
+    check_choice("depmatch.cddp.target", target, CDDP_TARGETS)
+    intra = INTRA_FORMS[target]
     dtype = _compute_dtype(features)
     num_classes = probs.shape[1]
     batch = features.shape[0]
@@ -483,9 +485,9 @@ def uldr_loss(
     ignore: torch.Tensor,
     *,
     size: tuple[int, int],
-    conf_threshold: float = 0.95,
-    margin: float = 0.2,
-    inter_threshold: float = 1.5,
+    conf_threshold: float = ULDRConfig.conf_threshold,
+    margin: float = ULDRConfig.margin,
+    inter_threshold: float = ULDRConfig.inter_threshold,
 ) -> torch.Tensor:
     """Uncertain Logit Disparity Regulation loss of one strong view (method.md §4).
 
@@ -494,6 +496,7 @@ def uldr_loss(
     pseudo_label: B×H×W long teacher pseudo-labels at full resolution.
     ignore: B×H×W, 255 where the pixel is padding or ignored.
     size: (h, w) of the grid.
+    The keyword defaults are the config's (`depmatch.uldr`).
     Returns a 0-dim tensor.
     """
     dtype = _compute_dtype(logits)

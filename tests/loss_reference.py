@@ -1,12 +1,13 @@
 """Straightforward CDDP and ULDR (method.md §3, §4): loops over images and classes.
 
-This is the baseline that `tools/bench_losses.py` measures `depmatch.losses.cddp_loss`
+This is the baseline that `benchmarks/bench_losses.py` measures `depmatch.losses.cddp_loss`
 and `uldr_loss` against, written the way the formulas read and the way the reference
 code is written: for each image, for each class, gather that class's pixels and build
 its C×n×n feature-difference tensor (and, for the inter-class terms, the C×n×m tensor
 against the other classes' pixels). It is not used in training. The §2 resampling is
 shared with the vectorised losses, so the two differ only in how the pair sums are
-computed; `tests/test_losses.py` checks the resampling against the spec separately.
+computed; `tests/test_losses.py` checks the resampling against the spec separately. The tests
+use it as an oracle; the benchmark imports it from here.
 
 `synthetic_view` makes inputs shaped like one unlabeled strong view, with a handful of
 blob-shaped classes per image and padded borders, for the benchmark and the tests.
@@ -19,7 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from depmatch.losses.depmatch import (
+from depmatch.config import CDDPConfig, ULDRConfig
+from depmatch.losses.cddp_uldr import (
     ENTROPY_EPS,
     IGNORE_INDEX,
     _compute_dtype,
@@ -48,9 +50,9 @@ def cddp_loss_reference(
     ignore: torch.Tensor,
     *,
     size: tuple[int, int],
-    sigma: float = 1.0,
-    inter_threshold: float = 1.0,
-    inter_weight: float = 1.0,
+    sigma: float = CDDPConfig.sigma,
+    inter_threshold: float = CDDPConfig.inter_threshold,
+    inter_weight: float = CDDPConfig.inter_weight,
 ) -> torch.Tensor:
     """CDDP with a loop over images and classes; same arguments and value as `cddp_loss`."""
     dtype = _compute_dtype(features)
@@ -94,9 +96,9 @@ def uldr_loss_reference(
     ignore: torch.Tensor,
     *,
     size: tuple[int, int],
-    conf_threshold: float = 0.95,
-    margin: float = 0.2,
-    inter_threshold: float = 1.5,
+    conf_threshold: float = ULDRConfig.conf_threshold,
+    margin: float = ULDRConfig.margin,
+    inter_threshold: float = ULDRConfig.inter_threshold,
 ) -> torch.Tensor:
     """ULDR with a loop over images and (pairs of) classes; same arguments and value as `uldr_loss`."""
     dtype = _compute_dtype(logits)

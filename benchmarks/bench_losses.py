@@ -1,15 +1,15 @@
 """CDDP + ULDR forward and backward at Pascal size: vectorised losses against the loop reference.
 
-    python tools/bench_losses.py --device cpu --repeats 5 --reference-repeats 1 --json runs/bench_losses_cpu.json
-    python tools/bench_losses.py --device cuda --repeats 20 --json runs/bench_losses_cuda.json
-    python tools/bench_losses.py --device cuda --views 1 --repeats 50 --reference-repeats 5 \
+    python benchmarks/bench_losses.py --device cpu --repeats 5 --reference-repeats 1 --json runs/bench_losses_cpu.json
+    python benchmarks/bench_losses.py --device cuda --repeats 20 --json runs/bench_losses_cuda.json
+    python benchmarks/bench_losses.py --device cuda --views 1 --repeats 50 --reference-repeats 5 \
         --original DepMatch.py --json runs/bench_losses_kernels.json
 
 The vectorised losses run once per pair-sum backend (`depmatch.losses.pair_backend`):
 `triton` (the CUDA default: the kernels), `blocked` (all pixels, torch ops) and, on the
 CPU, `compact`; `compiled` is `triton` with both losses under `torch.compile` (the
 resampling and normalisers around the kernels fused; its warm-up steps include the compile). `--original FILE` adds the original DepMatch code's two loss functions,
-taken from its DepMatch.py with `ast` (nothing else of that file runs). Issue #10's kernel
+taken from its DepMatch.py with `ast` (nothing else of that file runs). The kernels'
 target: the first backend's CDDP + ULDR forward + backward of one view (B=4) within 1.5 ms
 on CUDA, and at least 100× faster than the original functions. "ops per step" counts the
 ops one more step dispatches (TorchDispatchMode, views included): on a GPU, about the
@@ -20,7 +20,7 @@ One timed step is what a UniMatch V2 + DepMatch training step asks of the two lo
 both strong views, CDDP on B×64×296×296 decoder features (DPT finest fusion, 8× the 37×37
 patch grid of a 518 crop) on the 37×37 grid plus ULDR on B×21×518×518 logits on the 51×51
 grid, summed, then one backward. `depmatch.losses` (vectorised) and
-`depmatch.losses.reference` (loops over images and classes) each run in a fresh
+the loop reference (tests/loss_reference.py: loops over images and classes) each run in a fresh
 subprocess, so that the peak memory reported (RSS high-water mark on CPU,
 `torch.cuda.max_memory_allocated` on GPU) is theirs alone; "over inputs" subtracts the
 peak before the first loss call (interpreter, torch, the two views' inputs).
@@ -42,13 +42,14 @@ from typing import NamedTuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
+# Run as a script from a checkout, installed or not; the loop reference is the tests' oracle, in tests/.
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from depmatch.bench.ops import OpCounter  # noqa: E402
 from depmatch.bench.step import peak_memory_gib  # noqa: E402
 from depmatch.losses import cddp_loss, uldr_loss  # noqa: E402
-from depmatch.losses.depmatch import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
-from depmatch.losses.reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
+from depmatch.losses.cddp_uldr import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
+from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
 
 # Vectorised losses under each pair-sum backend, the kernels with the rest of both losses
 # compiled, the loop reference, the original code.
@@ -78,8 +79,8 @@ class LossShape(NamedTuple):
 
 # Pascal VOC with a DINOv2-S DPT head at crop 518 (method.md §1, §2).
 PASCAL = LossShape(classes=21, channels=64, crop=518)
-TARGET_SPEEDUP = 20.0  # vectorised vs the loop reference (#6.1)
-KERNEL_TARGET_MS, ORIGINAL_TARGET_SPEEDUP = 1.5, 100.0  # one view, CUDA; vs the original functions (#10.3)
+TARGET_SPEEDUP = 20.0  # vectorised vs the loop reference
+KERNEL_TARGET_MS, ORIGINAL_TARGET_SPEEDUP = 1.5, 100.0  # one view, CUDA; vs the original functions
 
 
 def make_views(batch: int, device: torch.device, num_views: int, shape: LossShape = PASCAL) -> list:

@@ -1,21 +1,14 @@
-"""Every speed target of issue #18 in one process and one device call: `bash tools/gpu_checks.sh perf`.
+"""The speed suite: every speed target of the project measured on your GPU, in one process.
 
-Here, once (wheels, and the third-party snapshots in the git-ignored .gpu-anchor/):
+    python benchmarks/perf.py --out runs/perf                          # every item, then the targets' table
+    python benchmarks/perf.py --out runs/perf --unimatch-v2 DIR        # with UniMatch V2's own step beside ours
+    python benchmarks/perf.py --items losses step                      # a subset
+    TRITON_INTERPRET=1 python benchmarks/perf.py --tiny                # the same code path at tiny shapes on a CPU
 
-    bash tools/prepare_gpu_call.sh      # prints the device call to make: timeout_s 480, carry .whl and .gpu-anchor
-
-On the device (one call, ≤ 7 minutes on one H100/H200 with the wheel install and compilation):
-
-    DEPMATCH_COMMIT=<sha> bash tools/gpu_checks.sh perf        # = python tools/perf.py --out runs/gpu/perf ...
-
-On the CPU, the same code path at tiny shapes (a 24-wide ViT for every encoder, crop 28, one step):
-
-    PERF_TINY=1 bash tools/gpu_checks.sh perf                   # = python tools/perf.py --tiny
-
-Items, in this order, each with a time cap (`CAPS`); an item whose cap no longer fits the
-remaining budget (--budget-s) is skipped, and within an item no configuration starts past its
-cap (a running one is cut there). The optional configurations (G step, ZeRO-2 compiled, the
-original DepMatch step) run last, in the time left.
+Items, in this order, each with a time limit (`CAPS`, × --cap-scale on a slower GPU): within an
+item no configuration starts past its limit, and a running one is cut there. With --budget-s,
+an item whose limit no longer fits the time left is skipped. The optional configurations (G step,
+ZeRO-2 compiled, the original DepMatch step) run last.
 
 1. losses: CDDP + ULDR forward + backward of one view at Pascal size (B = 4): the Triton kernels,
    the torch fallback (`blocked`), the original DepMatch code's two functions.
@@ -23,15 +16,19 @@ original DepMatch step) run last, in the time left.
    kernel time and its share of the wall time (torch.profiler), launches and host syncs per step.
 3. mfu: the DINOv2-L student alone, the L step off and on, compiled (then G on): MFU.
 4. zero2: S off and on, eager (then compiled), under ZeRO-2 with the shipped
-   launch/deepspeed/zero2.json, one process (a child process: DeepSpeed takes accelerate's
+   depmatch/engine/deepspeed/zero2.json, one process (a child process: DeepSpeed takes accelerate's
    state for the whole process).
-5. peer: UniMatch V2's own training step (.gpu-anchor/unimatch_v2_step.py), fp32 and bf16.
+5. peer: UniMatch V2's own training step, fp32 and bf16, with --unimatch-v2 DIR: a folder holding
+   a script that times it, `unimatch_v2_step.py` (its options: --snapshot-dir, --device, --encoder,
+   --crop, --batch, --steps, --warmup, --classes, --precision, --depmatch-reference, --json), and
+   its snapshot of UniMatch V2's and DepMatch's code, `um2_snapshot/` (the original DepMatch.py,
+   `um2_snapshot/depmatch/DepMatch.py`, is what item 1 times as the original functions). Without
+   it the peer and the original functions are reported as not measured.
 
 Every configuration of an item runs in this process (inductor's caches serve the later ones).
 After each configuration, out/perf.json (rows), out/summary.md and out/summary.json (one row per
-target of the issue's §2: value, met / not met / not measured and why) are rewritten and --pack
-is re-packed, so a call stopped at its limit still returns them. A configuration that fails
-becomes a row with its error. Read the tables in docs/benchmarks.md ("perf").
+target: value, met / not met / not measured and why) are rewritten and --pack is re-packed, so a
+run stopped early still leaves them. A configuration that fails becomes a row with its error.
 """
 
 from __future__ import annotations
@@ -53,7 +50,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tools")]  # run as a script or loaded as a module, installed or not
+# Run as a script or loaded as a module, installed or not: bench_losses beside this file, and
+# its loop reference in tests/.
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 
 import torch  # noqa: E402
 
@@ -61,21 +60,19 @@ from bench_losses import PASCAL, LossShape  # noqa: E402
 from bench_losses import measure as measure_losses  # noqa: E402
 from depmatch.bench.cli import deepspeed_precision, launch_environment, shipped_deepspeed_config  # noqa: E402
 from depmatch.bench.presets import peak_tflops  # noqa: E402
-from depmatch.bench.step import count_flops  # noqa: E402
+from depmatch.bench.profile import profile_steps, synchronize  # noqa: E402
+from depmatch.bench.step import build_step, count_flops  # noqa: E402
 from perf_targets import summary_markdown, summary_rows  # noqa: E402
-from profile_step import build_step, step_spec  # noqa: E402
-from profile_step import measure as profile  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 ITEMS = ("losses", "step", "mfu", "zero2", "peer")
-# Seconds per item on an H100/H200: their sum fits the default budget, so that an uneventful
-# call runs every item; the optional configurations then share what the items left.
+# Seconds per item, sized on an H100/H200 with room to spare: a compile or a configuration that
+# hangs costs its item, not the suite. --cap-scale stretches them for a slower GPU.
 CAPS = {"losses": 30, "step": 140, "mfu": 110, "zero2": 40, "peer": 50}
 OPTIONAL_CAPS = {"mfu": 90, "zero2": 80, "peer": 45}
-GPU_BUDGET_S = 380  # + the wheel install and start-up of tools/gpu_checks.sh: ≤ 7 minutes
 TINY_MODEL = ("model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8", "model.head_out_channels=[8,8,8,8]")
 ENCODERS = {"S": "dinov2_s", "B": "dinov2_b", "L": "dinov2_l", "G": "dinov2_g"}
-ANCHOR_ENCODER = "small"  # UniMatch V2's name for DINOv2-S: the peer runs the S step
+PEER_ENCODER = "small"  # UniMatch V2's name for DINOv2-S: the peer runs the S step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +81,7 @@ class Plan:
 
     tiny: bool
     crop: int = 518
-    batch: int = 4  # images per view: 4 labeled + 4 unlabeled per step (the 2026-11-28 run's)
+    batch: int = 4  # images per view: 4 labeled + 4 unlabeled per step (the recipes' at crop 518)
     warmup: int = 3  # the first compiles
     steps: int = 10
     profiled: int = 2
@@ -108,9 +105,12 @@ class Plan:
         """The bench preset and extra overrides for an encoder role (S, B, L, G)."""
         return ("vit_tiny", TINY_MODEL) if self.tiny else (ENCODERS[role], ())
 
-    def spec(self, role: str, depmatch: bool, compiled: bool, output_dir: Path) -> dict:
+    def spec(self, role: str, depmatch: bool, compiled: bool, output_dir: Path, scope: str = "step") -> dict:
+        """A bench spec (`depmatch.bench.step.overrides_for`) of the UniMatch V2 step, bf16 on CUDA."""
         encoder, extra = self.encoder(role)
-        return step_spec(encoder, depmatch, compiled, self.crop, self.batch, extra=extra, output_dir=str(output_dir))
+        return {"encoder": encoder, "framework": "unimatch_v2", "depmatch": depmatch, "crop": self.crop,
+                "batch": self.batch, "output_dir": str(output_dir), "num_classes": 21, "compile": compiled,
+                "precision": "bf16" if ON_GPU else "no", "extra": list(extra), "scope": scope}  # fmt: skip
 
 
 class Cut(Exception):
@@ -140,6 +140,22 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def time_and_profile(step, warmup: int, steps: int, profiled: int, top: int = 25) -> dict:
+    """Wall ms per step over `steps` steps after `warmup` (synchronised at both ends), then, with
+    `profiled` > 0, the profile of that many more."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - started) / steps * 1e3
+    if profiled == 0:
+        return {"wall_ms_per_step": wall_ms}
+    return {"wall_ms_per_step": wall_ms, **profile_steps(step, profiled, wall_ms, top)}
+
+
 def compiled_context(plan: Plan, compiled: bool):
     """Tiny on the CPU, a compiled configuration runs its forwards eagerly: inductor's C++ build takes
     minutes per graph there (tests/test_compile.py covers compilation). On a GPU: as it is."""
@@ -151,14 +167,16 @@ def compiled_context(plan: Plan, compiled: bool):
 
 def losses_tasks(run: "Run") -> list:
     device = torch.device("cuda" if ON_GPU else "cpu")
-    original = run.anchor / "um2_snapshot" / "depmatch" / "DepMatch.py"
+    original = run.peer / "um2_snapshot" / "depmatch" / "DepMatch.py" if run.peer else None
 
     def task(implementation: str):
         def go() -> dict:
             if implementation == "triton" and not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
                 return {"status": "not measured: triton on the CPU needs TRITON_INTERPRET=1 (PERF_TINY sets it)"}
+            if implementation == "original" and original is None:
+                return {"status": "not given: the original DepMatch.py comes with --unimatch-v2 DIR"}
             if implementation == "original" and not original.is_file():
-                return {"status": f"not prepared: {original} is missing (bash tools/prepare_gpu_call.sh)"}
+                return {"status": f"not given: {original} is missing"}
             repeats = run.plan.original_repeats if implementation == "original" else run.plan.loss_repeats
             result = measure_losses(implementation, device, run.plan.loss_batch, 1, repeats, 1,
                                     original if implementation == "original" else None, run.plan.loss_shape)  # fmt: skip
@@ -175,12 +193,12 @@ def step_task(run: "Run", item: str, role: str, depmatch: bool, compiled: bool, 
     name = f"{role} {'student' if scope == 'student' else 'on' if depmatch else 'off'} {'compiled' if compiled else 'eager'}"
 
     def go() -> dict:
-        spec = run.plan.spec(role, depmatch, compiled, run.out / "trainer")
+        spec = run.plan.spec(role, depmatch, compiled, run.out / "trainer", scope)
         with compiled_context(run.plan, compiled):
-            trainer, step = build_step(spec, scope)
+            trainer, step = build_step(spec)
             try:
                 profiled = run.plan.profiled if item == "step" else 0
-                result = profile(step, run.plan.warmup, run.plan.steps, profiled, top=10)
+                result = time_and_profile(step, run.plan.warmup, run.plan.steps, profiled, top=10)
                 if flops:
                     result["tflop_per_step"] = count_flops(step) / 1e12
             finally:
@@ -243,7 +261,7 @@ def zero2_worker(specs: list[dict], results: Path, tiny: bool) -> int:
     for spec in specs:
         with compiled_context(plan, spec["compile"]):
             trainer, step = build_step(spec)
-            timing = profile(step, plan.warmup, plan.steps, 0)
+            timing = time_and_profile(step, plan.warmup, plan.steps, 0)
         with results.open("a") as handle:
             handle.write(json.dumps({"depmatch": spec["depmatch"], "encoder": spec["encoder"], **timing}) + "\n")
         del trainer, step
@@ -252,24 +270,25 @@ def zero2_worker(specs: list[dict], results: Path, tiny: bool) -> int:
 
 
 def peer_task(run: "Run", name: str, arguments: list[str], optional: bool = False) -> "Task":
-    script, snapshot = run.anchor / "unimatch_v2_step.py", run.anchor / "um2_snapshot"
-
     def go() -> dict:
+        if run.peer is None:
+            return {"status": "not given: UniMatch V2's own step runs with --unimatch-v2 DIR"}
+        script, snapshot = run.peer / "unimatch_v2_step.py", run.peer / "um2_snapshot"
         if not (script.is_file() and (snapshot / "SOURCES.json").is_file()):
-            return {"status": f"not prepared: {script} or {snapshot}/SOURCES.json is missing (bash tools/prepare_gpu_call.sh)"}
+            return {"status": f"not given: {script} or {snapshot}/SOURCES.json is missing"}
         stem = f"peer-{name.replace(' ', '-')}"
         result_file, log = run.out / f"{stem}.json", run.out / f"{stem}.log"
         shape = ["--crop", str(run.plan.crop), "--batch", str(run.plan.batch), "--steps", str(run.plan.steps),
                  "--warmup", str(run.plan.warmup), "--classes", "21"]  # fmt: skip
         command = [sys.executable, str(script), "--snapshot-dir", str(snapshot), "--device", "cuda" if ON_GPU else "cpu",
-                   "--encoder", ANCHOR_ENCODER, *shape, *arguments, "--json", str(result_file)]  # fmt: skip
+                   "--encoder", PEER_ENCODER, *shape, *arguments, "--json", str(result_file)]  # fmt: skip
         with log.open("w") as handle:
             completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
         if completed.returncode != 0:
             raise RuntimeError(f"unimatch_v2_step.py exited with {completed.returncode}: {tail(log)}")
-        anchor = json.loads(result_file.read_text())
+        measured = json.loads(result_file.read_text())
         keep = ("median_step_s", "images_per_s", "peak_mem_mb", "device_name", "sources", "xformers_used")
-        return {**{key: anchor.get(key) for key in keep}, "wall_ms_per_step": anchor["median_step_s"] * 1e3}
+        return {**{key: measured.get(key) for key in keep}, "wall_ms_per_step": measured["median_step_s"] * 1e3}
 
     return Task("peer", name, go, kind=2, optional=optional)
 
@@ -301,16 +320,17 @@ class Task:
 
 class Run:
     def __init__(self, plan: Plan, args: argparse.Namespace):
-        self.plan, self.out, self.anchor, self.pack = plan, Path(args.out), Path(args.anchor_dir), args.pack
+        self.plan, self.out, self.pack = plan, Path(args.out), args.pack
+        self.peer = Path(args.unimatch_v2) if args.unimatch_v2 else None
         self.pack_dir = Path(args.pack_dir) if args.pack_dir else self.out
         self.items = args.items
-        self.budget_s = args.budget_s if args.budget_s is not None else GPU_BUDGET_S * plan.cap_scale
+        self.budget_s = args.budget_s if args.budget_s is not None else float("inf")
         self.started = time.monotonic()
         self.rows: list[dict] = []
         self.peak_tflops = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if ON_GPU else None)
         self.environment = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": os.environ.get("DEPMATCH_COMMIT") or git_commit(),
+            "commit": os.environ.get("DEPMATCH_COMMIT") or git_commit(),  # the variable where the tree has no .git
             "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
             **{name: package_version(name) for name in ("torch", "timm", "transformers", "accelerate", "deepspeed", "triton")},
             "tiny": plan.tiny,
@@ -414,10 +434,14 @@ def main() -> int:
                         help="tiny shapes on any device (the CPU test of this script; without a GPU the run is always tiny)")  # fmt: skip
     parser.add_argument("--out", default="runs/perf")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help=f"seconds for all items (default {GPU_BUDGET_S}; tiny: 4× that, as every cap)")  # fmt: skip
+                        help="seconds for the whole suite: an item whose time limit no longer fits is skipped "
+                             "(default: no limit)")  # fmt: skip
+    parser.add_argument("--cap-scale", type=float, default=None,
+                        help="× every item's time limit (default 1, tiny 4): more for a GPU slower than an H100")
     parser.add_argument("--items", nargs="+", default=list(ITEMS), choices=ITEMS, help="a subset, e.g. to rerun one")
-    parser.add_argument("--anchor-dir", default=".gpu-anchor",
-                        help="the prepared third-party folder: unimatch_v2_step.py, um2_snapshot/ (tools/prepare_gpu_call.sh)")  # fmt: skip
+    parser.add_argument("--unimatch-v2", metavar="DIR", default=None,
+                        help="a folder with unimatch_v2_step.py and its snapshot um2_snapshot/: times UniMatch V2's own "
+                             "step (item peer) and the original DepMatch functions (item losses)")  # fmt: skip
     parser.add_argument("--pack", default=None, help="a .tar.gz rewritten after every configuration")
     parser.add_argument("--pack-dir", default=None, help="the folder --pack holds (default: --out)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for MFU (default: known cards)")
@@ -426,7 +450,10 @@ def main() -> int:
     torch._dynamo.config.recompile_limit = 64  # each configuration compiles new module instances of the same code
     if args.worker_zero2:
         return zero2_worker(json.loads(args.worker_zero2[0]), Path(args.worker_zero2[1]), args.tiny)
-    run = Run(Plan.for_run(args.tiny or not ON_GPU), args)
+    plan = Plan.for_run(args.tiny or not ON_GPU)
+    if args.cap_scale is not None:
+        plan = dataclasses.replace(plan, cap_scale=args.cap_scale)
+    run = Run(plan, args)
     print(f"perf: {run.environment}", flush=True)
     run.execute()
     run.write()

@@ -1,7 +1,7 @@
 """How long `depmatch` takes to show its help, per command: the import cost a user waits for.
 
-    python tools/bench_import.py             # 5 runs per command, median and max wall time
-    python tools/bench_import.py --runs 10
+    python benchmarks/bench_import.py             # 5 runs per command, median and max wall time
+    python benchmarks/bench_import.py --runs 10
 
 Each run is a fresh `python -m depmatch ... --help` process, timed from start to exit, so the
 interpreter's own start is included (shown once as `python -c pass`). It also reports whether

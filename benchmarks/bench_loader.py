@@ -8,7 +8,7 @@ worker. The strong views themselves and the normalisation run on the training de
 (`depmatch.data.photometric`); their cost per sample is timed on `--device` for a batch of
 `--batch` weak views.
 
-    PYTHONPATH=. python tools/bench_loader.py --samples 200 --crop 518 --device cuda
+    PYTHONPATH=. python benchmarks/bench_loader.py --samples 200 --crop 518 --device cuda
 """
 
 from __future__ import annotations
