@@ -17,6 +17,7 @@ from depmatch.models import HubError, SegmentationModel, WeightsError, build_mod
 from depmatch.models.encoders import intermediate_layers
 from depmatch.models.hub import HubId, weights_location
 from depmatch.models.perturbations import complementary_channel_masks
+from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_timm_weights
 
 NUM_CLASSES = 5
@@ -387,6 +388,7 @@ def test_transformers_directory_gives_the_intermediate_layers(tmp_path):
     config = dataclasses.replace(ENCODERS["transformers_vit"], intermediate_layers=(0, 1, 3, 4))
     model = build(config, seed=1, pretrained=str(tmp_path), random_init=False)
     x = images(2, 28, 42)
+    use_dinov2_positions(reference)  # the encoder resizes the position table as DINOv2 (tests/test_positions.py)
     with torch.no_grad():
         hidden_states = reference(pixel_values=x, output_hidden_states=True).hidden_states
     expected = [

@@ -19,6 +19,7 @@ from torch import nn
 from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS, timm_name
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
+from depmatch.models.positions import is_timm_dinov2, use_dinov2_positions
 from depmatch.models.weights import load_timm_weights, pretrained_source
 
 RESNET_OUTPUT_STRIDES = (8, 16)
@@ -117,6 +118,8 @@ def _timm_vit(config: ModelConfig) -> TimmViTEncoder:
             convert=(lambda state_dict: family_filter(state_dict, vit)) if family_filter else None,
             unused_prefixes=_classifier_prefix(name),
         )
+    if is_timm_dinov2(vit):
+        use_dinov2_positions(vit)
     if config.grad_checkpointing:
         vit.set_grad_checkpointing(True)
     return TimmViTEncoder(vit, intermediate_layers(config, len(vit.feature_info)))
