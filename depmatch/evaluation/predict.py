@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class ImagesNotFoundError(UserError, FileNotFoundError):
-    """The folder given to `predict --images` does not exist."""
+    """The folder given to `predict --images` does not exist or holds no image."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -40,6 +40,11 @@ def find_images(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise ImagesNotFoundError(f"{directory} is not a directory; pass --images a folder of .png/.jpg images")
     images = sorted(path for path in directory.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ImagesNotFoundError(
+            f"{directory} holds no images (files ending {', '.join(IMAGE_SUFFIXES)}, any case); "
+            "pass --images the folder that holds them"
+        )
     stems = [path.stem for path in images]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
