@@ -96,6 +96,14 @@ def test_default_intermediate_layers_follow_method_section_6():
     for repeated_or_unordered in [(2, 5, 5, 11), (11, 8, 5, 2)]:
         with pytest.raises(ConfigError, match=r"4 increasing block indices in \[0, 12\), got \["):
             intermediate_layers(dataclasses.replace(config, intermediate_layers=repeated_or_unordered), 12)
+    # the error names the fix: the blocks there are, and the default for them
+    with pytest.raises(ConfigError) as error:
+        intermediate_layers(dataclasses.replace(config, intermediate_layers=(2, 5, 8, 11)), 4)
+    assert str(error.value) == (
+        "model.intermediate_layers: expected 4 increasing block indices in [0, 4), got [2, 5, 8, 11]; vit_tiny has 4 "
+        "blocks (model.tiny_depth), so use e.g. [0, 1, 2, 3], or leave model.intermediate_layers unset (null) for "
+        "that default of its depth"
+    )
 
 
 def test_dinov2_short_name_maps_to_timm():
