@@ -506,3 +506,16 @@ def test_names_on_disk_or_shaped_like_paths_stay_local(tmp_path, monkeypatch):
     assert weights_location("hf-hub:timm/vit_small_patch14_dinov2.lvd142m@v1") == HubId(
         "timm/vit_small_patch14_dinov2.lvd142m", "v1"
     )
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(head_out_channels=(8, 16)), "model.head_out_channels: expected 4 widths, one per encoder map, got [8, 16]; "
+                                      "give 4 (e.g. [16, 24, 48, 96] for this encoder), or null to scale them"),
+    (dict(backend="hf"), "model.backend: expected one of timm, transformers, got 'hf'"),
+    (dict(encoder="resnet18", head="deeplabv3plus", output_stride=32),
+     "model.output_stride: expected one of 8, 16, got 32; 16 dilates the last ResNet stage"),
+])
+def test_a_wrong_model_setting_names_the_key_and_the_fix(changes, message):
+    with pytest.raises(ConfigError) as error:
+        build_model(dataclasses.replace(ModelConfig(), **changes), 3)
+    assert str(error.value).startswith(message)

@@ -31,7 +31,7 @@ def _block_list(backbone: nn.Module) -> tuple[nn.Module, str]:
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             parent, _, attribute = name.rpartition(".")
             return backbone.get_submodule(parent), attribute
-    raise ConfigError(f"model.encoder: cannot find the {depth} blocks of {type(backbone).__name__}")
+    refuse_encoder(type(backbone).__name__, f"no module list of its {depth} blocks was found")
 
 
 class TransformersBackboneEncoder(nn.Module):

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from depmatch.config import ConfigError, ModelConfig
+from depmatch.config import ConfigError, ModelConfig, check_choice
 from depmatch.models.families import PRESETS, timm_name
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
 from depmatch.models.positions import is_timm_dinov2, use_dinov2_positions
@@ -127,7 +127,10 @@ def _timm_vit(config: ModelConfig) -> TimmViTEncoder:
 
 def _timm_resnet(config: ModelConfig) -> TimmResNetEncoder:
     if config.output_stride not in RESNET_OUTPUT_STRIDES:
-        raise ConfigError(f"model.output_stride: expected one of {RESNET_OUTPUT_STRIDES}, got {config.output_stride}")
+        raise ConfigError(
+            f"model.output_stride: expected one of {', '.join(map(str, RESNET_OUTPUT_STRIDES))}, got "
+            f"{config.output_stride}; 16 dilates the last ResNet stage (UniMatch on Pascal), 8 the last two (on Cityscapes)"
+        )
     net = timm.create_model(
         config.encoder,
         pretrained=False,
@@ -150,8 +153,7 @@ def build_encoder(config: ModelConfig) -> nn.Module:
         from depmatch.models.backbones import transformers_encoder
 
         return transformers_encoder(config)
-    if config.backend != "timm":
-        raise ConfigError(f"model.backend: expected timm or transformers, got {config.backend}")
+    check_choice("model.backend", config.backend, ("timm", "transformers"))
     name = timm_name(config.encoder)
     if config.encoder != "vit_tiny" and not timm.is_model(name):
         refuse_encoder(config.encoder, "it is neither a preset nor a timm model name")
