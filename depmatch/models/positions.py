@@ -52,8 +52,8 @@ def is_timm_dinov2(vit: nn.Module) -> bool:
         "dinov2" in architecture
         and getattr(vit, "pos_embed", None) is not None
         and getattr(vit, "cls_token", None) is not None
-        and vit.num_reg_tokens == 0
-        and not vit.no_embed_class
+        and getattr(vit, "num_reg_tokens", 0) == 0
+        and not getattr(vit, "no_embed_class", False)
     )
 
 
