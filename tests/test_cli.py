@@ -113,12 +113,9 @@ def test_eval_of_a_split_the_build_does_not_hold(checkpoint_without_weights, tmp
     )
 
 
-@pytest.mark.parametrize("files", [[], ["notes.txt", "scan.tif"]], ids=["empty", "no-image-suffix"])
-def test_predict_on_a_folder_without_images(checkpoint_without_weights, tmp_path, files):
+def test_predict_on_an_empty_folder(checkpoint_without_weights, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name in files:
-        (folder / name).write_text("x")
     assert_one_line_error(
         depmatch("predict", "--checkpoint", checkpoint_without_weights, "--images", folder, "--out", tmp_path / "out"),
         f"{folder} holds no images (files ending .png, .jpg, .jpeg", "pass --images",

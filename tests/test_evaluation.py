@@ -21,6 +21,7 @@ from depmatch.evaluation import cli as evaluation_cli
 from depmatch.evaluation.evaluate import evaluate, format_table
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
+from depmatch.evaluation.predict import ImagesNotFoundError, find_images
 from depmatch.models import build_model
 
 NUM_CLASSES = 3
@@ -343,6 +344,15 @@ def test_eval_split_picks_the_evaluation_split_of_the_build(tmp_path, stand_in_b
         run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--shards", tmp_path / "shards", "--split", split, "--out", out)
         results = json.loads(out.read_text())
         assert (results["split"], results["images"]) == (split, images)
+
+
+def test_a_folder_without_image_files_is_no_input(tmp_path):
+    for name in ("notes.txt", "scan.tif", "photo.png.bak"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ImagesNotFoundError, match=f"{tmp_path} holds no images"):
+        find_images(tmp_path)
+    (tmp_path / "photo.JPG").write_text("x")
+    assert find_images(tmp_path) == [tmp_path / "photo.JPG"]
 
 
 def test_eval_reads_the_checkpoints_own_shards_by_default_and_says_so(tmp_path, stand_in_build_model, capsys):
