@@ -21,7 +21,7 @@ from depmatch.evaluation import cli as evaluation_cli
 from depmatch.evaluation.evaluate import evaluate, format_table
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
-from depmatch.evaluation.predict import ImagesNotFoundError, find_images
+from depmatch.evaluation.image_folder import ImagesNotFoundError, find_images
 from depmatch.models import build_model
 
 NUM_CLASSES = 3

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
 from depmatch.data.shards import ShardsNotFoundError, read_manifest, shard_urls
 from depmatch.evaluation.checkpoint_dir import checkpoint_config, checkpoint_data_root
+from depmatch.evaluation.image_folder import find_images
 
 CHECKPOINT_HELP = "training checkpoint dir (config.yaml + student/teacher.safetensors) or `depmatch export` dir"
 WHICH_HELP = "weights to use from a training checkpoint; auto = the EMA teacher when present, else the student"
@@ -66,6 +67,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace) -> int:
     checkpoint_config(Path(args.checkpoint))
+    find_images(Path(args.images))
     from depmatch.evaluation.predict import predict_images
 
     predict_images(
