@@ -19,25 +19,13 @@ from typing import Any, Optional
 
 import yaml
 
+from depmatch.choices import CDDP_TARGETS, check_choice
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 from depmatch.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
     """A configuration key is unknown or its value has the wrong type."""
-
-
-def check_choice(key: str, value: Any, choices: tuple) -> None:
-    """A ConfigError naming `key`, the choices and the closest one, unless `value` is one of them.
-
-    Checked when the config is read, so that a value used only at the first evaluation or the
-    first step stops the run before it starts."""
-    if value in choices:
-        return
-    names = ["null" if choice is None else str(choice) for choice in choices]  # as YAML spells them
-    close = difflib.get_close_matches(str(value).lower(), names, n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"{key}: expected one of {', '.join(names)}, got {value!r}{hint}")
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -76,12 +64,12 @@ class SynthConfig:
     seed: int = 0
     depth_mode: str = "true"  # true | constant | random: the control where depth carries no class information
     # purple walls instead of a brown close to the ground's, so that wall is as easy as
-    # sky and ground and the look-alike boxes remain the difficulty (tools/ablate.py's
-    # presets); labels, depth and every other pixel stay the same
+    # sky and ground and the look-alike boxes remain the difficulty (`depmatch ablate`'s
+    # synthetic presets); labels, depth and every other pixel stay the same
     easy_walls: bool = False
     # how objects are drawn (depmatch/data/synth.py): 2 gives the box class away by position and
-    # drawing order; 3 (tools/ablate.py's v3 presets) leaves depth and a faint texture cue only;
-    # 4 (the v4 presets) is 3 with boxes that two labels can tell from ground and sky
+    # drawing order; 3 leaves depth and a faint texture cue only; 4 (`depmatch ablate`'s synthetic
+    # presets) is 3 with boxes that two labels can tell from ground and sky
     scene_version: int = 2
     samples_per_shard: int = 6  # small shards so that val splits over 2 ranks × 2 workers
 
@@ -100,6 +88,9 @@ class DataConfig:
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+    # none | shuffled | random | constant: training depth replaced as it is read, images and labels
+    # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
+    depth_control: str = "none"
 
 
 @dataclass
@@ -127,10 +118,6 @@ class ModelConfig:
     num_heads: Optional[int] = None
 
 
-# depmatch.cddp.target (the forms are depmatch.losses.depmatch.CDDP_TARGETS)
-CDDP_TARGET_NAMES = ("paper", "similarity", "distance")
-
-
 @dataclass
 class CDDPConfig:
     sigma: float = 1.0
@@ -151,9 +138,7 @@ class CDDPConfig:
     target: str = "paper"
 
     def __post_init__(self):
-        if self.target not in CDDP_TARGET_NAMES:
-            names = ", ".join(CDDP_TARGET_NAMES)
-            raise ConfigError(f"depmatch.cddp.target must be one of {names}, got {self.target!r}")
+        check_choice("depmatch.cddp.target", self.target, CDDP_TARGETS, ConfigError)
 
 
 @dataclass
@@ -219,7 +204,8 @@ class TrainConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
 
     def __post_init__(self):
-        check_choice("train.labeled_loss", self.labeled_loss, LABELED_LOSSES)
+        # read at the first step: checked now, so that a wrong value stops the run before it starts
+        check_choice("train.labeled_loss", self.labeled_loss, LABELED_LOSSES, ConfigError)
 
 
 @dataclass
@@ -232,8 +218,10 @@ class EvalConfig:
     precision: Optional[str] = None  # bf16 | fp16: autocast dtype for inference; None runs fp32
 
     def __post_init__(self):
-        check_choice("eval.mode", self.mode, INFERENCE_MODES)
-        check_choice("eval.precision", self.precision, (*INFERENCE_PRECISIONS, None))
+        # read at the first evaluation: checked now, so that a wrong value stops the run before it starts
+        check_choice("eval.mode", self.mode, INFERENCE_MODES, ConfigError)
+        if self.precision is not None:
+            check_choice("eval.precision", self.precision, INFERENCE_PRECISIONS, ConfigError)
 
 
 @dataclass

@@ -511,7 +511,7 @@ def test_names_on_disk_or_shaped_like_paths_stay_local(tmp_path, monkeypatch):
 @pytest.mark.parametrize("changes,message", [
     (dict(head_out_channels=(8, 16)), "model.head_out_channels: expected 4 widths, one per encoder map, got [8, 16]; "
                                       "give 4 (e.g. [16, 24, 48, 96] for this encoder), or null to scale them"),
-    (dict(backend="hf"), "model.backend: expected one of timm, transformers, got 'hf'"),
+    (dict(backend="hf"), "model.backend must be one of timm, transformers, got 'hf'"),
     (dict(encoder="resnet18", head="deeplabv3plus", output_stride=32),
      "model.output_stride: expected one of 8, 16, got 32; 16 dilates the last ResNet stage"),
 ])

@@ -16,7 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from depmatch.config import ConfigError, ModelConfig, check_choice
+from depmatch.choices import check_choice
+from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS, timm_name
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
 from depmatch.models.positions import is_timm_dinov2, use_dinov2_positions
@@ -153,7 +154,7 @@ def build_encoder(config: ModelConfig) -> nn.Module:
         from depmatch.models.backbones import transformers_encoder
 
         return transformers_encoder(config)
-    check_choice("model.backend", config.backend, ("timm", "transformers"))
+    check_choice("model.backend", config.backend, ("timm", "transformers"), ConfigError)
     name = timm_name(config.encoder)
     if config.encoder != "vit_tiny" and not timm.is_model(name):
         refuse_encoder(config.encoder, "it is neither a preset nor a timm model name")
