@@ -20,8 +20,8 @@ from typing import Any, Optional
 import yaml
 
 from depmatch.choices import CDDP_TARGETS, check_choice
-from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 from depmatch.errors import UserError
+from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 
 
 class ConfigError(UserError, ValueError):
