@@ -11,6 +11,7 @@ import importlib.util
 
 INFERENCE_MODES = ("resize", "sliding")  # eval.mode
 INFERENCE_PRECISIONS = ("bf16", "fp16")  # eval.precision; None runs fp32
+LABELED_LOSSES = ("ce", "ohem")  # train.labeled_loss
 WEIGHTS_CHOICES = ("auto", "teacher", "student")  # which weights of a checkpoint eval/predict/export use
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode
 PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR's pair sums

@@ -21,6 +21,7 @@ import yaml
 
 from depmatch.choices import CDDP_TARGETS, check_choice
 from depmatch.errors import UserError
+from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 
 
 class ConfigError(UserError, ValueError):
@@ -202,6 +203,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the student's and teacher's forwards (docs/training.md)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
 
+    def __post_init__(self):
+        # read at the first step: checked now, so that a wrong value stops the run before it starts
+        check_choice("train.labeled_loss", self.labeled_loss, LABELED_LOSSES, ConfigError)
+
 
 @dataclass
 class EvalConfig:
@@ -211,6 +216,12 @@ class EvalConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     precision: Optional[str] = None  # bf16 | fp16: autocast dtype for inference; None runs fp32
+
+    def __post_init__(self):
+        # read at the first evaluation: checked now, so that a wrong value stops the run before it starts
+        check_choice("eval.mode", self.mode, INFERENCE_MODES, ConfigError)
+        if self.precision is not None:
+            check_choice("eval.precision", self.precision, INFERENCE_PRECISIONS, ConfigError)
 
 
 @dataclass
@@ -225,13 +236,54 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# How to write a value of each scalar type, for the errors that find another.
+_HOW_TO_WRITE = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "text, in quotes where YAML would read a number or true/false",
+}
+_EXAMPLE_ITEM = {int: "1", float: "0.5", bool: "true", str: "name"}
+_EXAMPLE_SEQUENCE = {int: "[0, 1, 2, 3]", float: "[0.5, 1.0]", bool: "[true]", str: "[name]"}
+
+
+def _default_of(key: str) -> Any:
+    """The default value of a dotted key (None for an unknown key or an element such as `optim.betas[0]`)."""
+    node: Any = to_dict(ExperimentConfig())
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _list_example(key: str, items: tuple) -> str:
+    """A list for `key` of type tuple[items]: its default when that is one, else one of that type."""
+    default = _default_of(key)
+    if isinstance(default, list) and default:
+        return "[" + ", ".join(map(str, default)) + "]"
+    if items[-1] is Ellipsis:
+        return _EXAMPLE_SEQUENCE.get(items[0], "[...]")
+    return "[" + ", ".join(_EXAMPLE_ITEM.get(item, "...") for item in items) + "]"
+
+
+def _how_to_write(key: str, annotation: type) -> str:
+    default = _default_of(key)
+    example = f" such as {default}" if type(default) is annotation and annotation in (int, float) else ""
+    return f"write {_HOW_TO_WRITE[annotation]}{example}"
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a type annotation, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            keys = ", ".join(f.name for f in dataclasses.fields(annotation))
+            raise ConfigError(
+                f"{key}: expected a mapping, got {type(value).__name__}; write its keys ({keys}) indented under "
+                f"{key.rsplit('.', 1)[-1]}:, or set one with --set {key}.KEY=VALUE"
+            )
         return _build(annotation, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -240,17 +292,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            example = _list_example(key, args)
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write a YAML list such as {example} "
+                              f"(--set {key}={example.replace(' ', '')})")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}; give a list of exactly {len(args)}, "
+                              f"such as {_list_example(key, args)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
         if type(value) is not annotation:
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}; {_how_to_write(key, annotation)}")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
@@ -279,7 +334,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 def _dotted_to_nested(assignment: str) -> dict:
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value, e.g. --set train.steps=1000")
     dotted, raw = assignment.split("=", 1)
     value = _load_yaml(raw) if raw else ""
     nested: dict = {}
@@ -310,9 +365,14 @@ def _read_yaml_file(path: Path) -> dict:
     try:
         loaded = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(
+            f"{path} is not valid YAML: {' '.join(str(error).split())}; fix the syntax at the line and column it names"
+        ) from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping; write keys such as name:, data:, model: and train: at the "
+            "start of their lines, with their settings indented under them"
+        )
     return loaded
 
 

@@ -98,12 +98,29 @@ def test_eval_with_a_missing_shard_folder(checkpoint_without_weights, tmp_path):
                           f"{missing}/manifest.json does not exist", "depmatch shards build")
 
 
+def test_eval_without_shards_whose_checkpoint_data_root_is_gone(checkpoint_without_weights):
+    # the checkpoint's config.yaml sets no data.root: the default's, shards/synthetic, which the test's cwd lacks
+    assert_one_line_error(depmatch("eval", "--checkpoint", checkpoint_without_weights, cwd=checkpoint_without_weights),
+                          "no --shards given, and the checkpoint's data.root shards/synthetic",
+                          str(checkpoint_without_weights / "config.yaml"), "pass --shards")
+
+
 def test_eval_of_a_split_the_build_does_not_hold(checkpoint_without_weights, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"labeled": {}, "val": {}}}))
     assert_one_line_error(
         depmatch("eval", "--checkpoint", checkpoint_without_weights, "--shards", tmp_path, "--split", "test"),
         "split 'test' is not in", "it has labeled, val",
     )
+
+
+def test_predict_on_an_empty_folder(checkpoint_without_weights, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    assert_one_line_error(
+        depmatch("predict", "--checkpoint", checkpoint_without_weights, "--images", folder, "--out", tmp_path / "out"),
+        f"{folder} holds no images (files ending .png, .jpg, .jpeg", "pass --images",
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_verify_of_a_missing_folder(tmp_path):

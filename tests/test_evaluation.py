@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from accelerate import Accelerator
 from torch import nn
 
-from depmatch.config import ExperimentConfig, save_config
+from depmatch.config import DataConfig, ExperimentConfig, save_config
 from depmatch.data.codec import encode_depth, encode_png
 from depmatch.data.normalize import image_to_tensor, normalize
 from depmatch.data.shards import depth_manifest_entry
@@ -21,6 +21,7 @@ from depmatch.evaluation import cli as evaluation_cli
 from depmatch.evaluation.evaluate import evaluate, format_table
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
+from depmatch.evaluation.image_folder import ImagesNotFoundError, find_images
 from depmatch.models import build_model
 
 NUM_CLASSES = 3
@@ -343,6 +344,29 @@ def test_eval_split_picks_the_evaluation_split_of_the_build(tmp_path, stand_in_b
         run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--shards", tmp_path / "shards", "--split", split, "--out", out)
         results = json.loads(out.read_text())
         assert (results["split"], results["images"]) == (split, images)
+
+
+def test_a_folder_without_image_files_is_no_input(tmp_path):
+    for name in ("notes.txt", "scan.tif", "photo.png.bak"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ImagesNotFoundError, match=f"{tmp_path} holds no images"):
+        find_images(tmp_path)
+    (tmp_path / "photo.JPG").write_text("x")
+    assert find_images(tmp_path) == [tmp_path / "photo.JPG"]
+
+
+def test_eval_reads_the_checkpoints_own_shards_by_default_and_says_so(tmp_path, stand_in_build_model, capsys):
+    write_checkpoint(tmp_path / "checkpoint")
+    shards = tmp_path / "shards"
+    save_config(ExperimentConfig(num_classes=NUM_CLASSES, data=DataConfig(root=str(shards))),
+                tmp_path / "checkpoint" / "config.yaml")
+    rng = np.random.default_rng(2)
+    write_val_shards(shards, [(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+                               rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8)) for _ in range(2)])
+    run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--out", tmp_path / "results.json")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["shards"], results["split"], results["images"]) == (str(shards), "val", 2)
+    assert f"shards: split val of {shards} (the checkpoint's data.root" in capsys.readouterr().out
 
 
 def test_export_then_eval_cli_with_the_real_model(tmp_path, capsys):

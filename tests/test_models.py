@@ -17,6 +17,7 @@ from depmatch.models import HubError, SegmentationModel, WeightsError, build_mod
 from depmatch.models.encoders import intermediate_layers
 from depmatch.models.hub import HubId, weights_location
 from depmatch.models.perturbations import complementary_channel_masks
+from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_timm_weights
 
 NUM_CLASSES = 5
@@ -95,6 +96,14 @@ def test_default_intermediate_layers_follow_method_section_6():
     for repeated_or_unordered in [(2, 5, 5, 11), (11, 8, 5, 2)]:
         with pytest.raises(ConfigError, match=r"4 increasing block indices in \[0, 12\), got \["):
             intermediate_layers(dataclasses.replace(config, intermediate_layers=repeated_or_unordered), 12)
+    # the error names the fix: the blocks there are, and the default for them
+    with pytest.raises(ConfigError) as error:
+        intermediate_layers(dataclasses.replace(config, intermediate_layers=(2, 5, 8, 11)), 4)
+    assert str(error.value) == (
+        "model.intermediate_layers: expected 4 increasing block indices in [0, 4), got [2, 5, 8, 11]; vit_tiny has 4 "
+        "blocks (model.tiny_depth), so use e.g. [0, 1, 2, 3], or leave model.intermediate_layers unset (null) for "
+        "that default of its depth"
+    )
 
 
 def test_dinov2_short_name_maps_to_timm():
@@ -387,6 +396,7 @@ def test_transformers_directory_gives_the_intermediate_layers(tmp_path):
     config = dataclasses.replace(ENCODERS["transformers_vit"], intermediate_layers=(0, 1, 3, 4))
     model = build(config, seed=1, pretrained=str(tmp_path), random_init=False)
     x = images(2, 28, 42)
+    use_dinov2_positions(reference)  # the encoder resizes the position table as DINOv2 (tests/test_positions.py)
     with torch.no_grad():
         hidden_states = reference(pixel_values=x, output_hidden_states=True).hidden_states
     expected = [
@@ -496,3 +506,16 @@ def test_names_on_disk_or_shaped_like_paths_stay_local(tmp_path, monkeypatch):
     assert weights_location("hf-hub:timm/vit_small_patch14_dinov2.lvd142m@v1") == HubId(
         "timm/vit_small_patch14_dinov2.lvd142m", "v1"
     )
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(head_out_channels=(8, 16)), "model.head_out_channels: expected 4 widths, one per encoder map, got [8, 16]; "
+                                      "give 4 (e.g. [16, 24, 48, 96] for this encoder), or null to scale them"),
+    (dict(backend="hf"), "model.backend must be one of timm, transformers, got 'hf'"),
+    (dict(encoder="resnet18", head="deeplabv3plus", output_stride=32),
+     "model.output_stride: expected one of 8, 16, got 32; 16 dilates the last ResNet stage"),
+])
+def test_a_wrong_model_setting_names_the_key_and_the_fix(changes, message):
+    with pytest.raises(ConfigError) as error:
+        build_model(dataclasses.replace(ModelConfig(), **changes), 3)
+    assert str(error.value).startswith(message)

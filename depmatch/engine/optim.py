@@ -23,8 +23,11 @@ def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) 
 
 
 def poly_lr(config: OptimConfig, step: int, total_steps: int) -> float:
-    """Encoder learning rate at `step`: lr · (1 - step/total)^power."""
-    return config.lr * (1 - step / total_steps) ** config.poly_power
+    """Encoder learning rate of optimizer step `step` (0-based): lr · (1 - max(step - 1, 0)/total)^power.
+
+    UniMatch V2 sets lr · (1 - t/total)^power after its step t, so its step t runs with the rate of
+    t - 1 and its first step with the base rate; the same rates here, from the step counter alone."""
+    return config.lr * (1 - max(step - 1, 0) / total_steps) ** config.poly_power
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, head_multiplier: float) -> None:

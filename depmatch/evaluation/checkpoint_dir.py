@@ -22,3 +22,10 @@ def checkpoint_config(directory: Path) -> Path:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} does not exist: {directory} is not a checkpoint; pass {CHECKPOINT_KINDS}")
     return config_path
+
+
+def checkpoint_data_root(directory: Path) -> str:
+    """The `data.root` the checkpoint's model was trained on: the shards `eval` reads by default."""
+    from depmatch.config import load_config  # plain YAML and dataclasses: no torch
+
+    return load_config(checkpoint_config(directory)).data.root

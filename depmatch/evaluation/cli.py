@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
-from depmatch.data.shards import read_manifest, shard_urls
-from depmatch.evaluation.checkpoint_dir import checkpoint_config
+from depmatch.data.shards import ShardsNotFoundError, read_manifest, shard_urls
+from depmatch.evaluation.checkpoint_dir import checkpoint_config, checkpoint_data_root
+from depmatch.evaluation.image_folder import find_images
 
 CHECKPOINT_HELP = "training checkpoint dir (config.yaml + student/teacher.safetensors) or `depmatch export` dir"
 WHICH_HELP = "weights to use from a training checkpoint; auto = the EMA teacher when present, else the student"
@@ -39,10 +40,25 @@ def _eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _check_eval_shards(args: argparse.Namespace) -> None:
+    """The split is in --shards, else in the checkpoint's data.root (whose absence names both ways out)."""
+    root = args.shards if args.shards is not None else checkpoint_data_root(Path(args.checkpoint))
+    try:
+        manifest = read_manifest(root)
+    except ShardsNotFoundError:
+        if args.shards is not None:
+            raise
+        raise ShardsNotFoundError(
+            f"no --shards given, and the checkpoint's data.root {root} (in {checkpoint_config(Path(args.checkpoint))}) "
+            "holds no manifest.json from here; pass --shards with the folder of the evaluation shards"
+        ) from None
+    shard_urls(root, manifest, args.split)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     # the paths are checked before torch is imported: a mistake costs a fraction of a second
     checkpoint_config(Path(args.checkpoint))
-    shard_urls(args.shards, read_manifest(args.shards), args.split)
+    _check_eval_shards(args)
     from depmatch.evaluation.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.which, args.out, **_eval_overrides(args))
@@ -51,6 +67,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace) -> int:
     checkpoint_config(Path(args.checkpoint))
+    find_images(Path(args.images))
     from depmatch.evaluation.predict import predict_images
 
     predict_images(
@@ -88,7 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on the validation shards: prints per-class IoU and mIoU and "
         "optionally writes them as JSON. Under `accelerate launch` the images are split across processes.",
     )
-    eval_parser.add_argument("--shards", required=True, help="folder with manifest.json and the split's shards")
+    eval_parser.add_argument(
+        "--shards", help="folder with manifest.json and the split's shards (default: the checkpoint's data.root)"
+    )
     eval_parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     eval_parser.add_argument("--out", help="write the results as JSON to this file")
     _add_inference_flags(eval_parser)

@@ -78,7 +78,7 @@ def format_table(miou: float, per_class: list[float], class_names: list[str]) ->
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    shards: str | Path,
+    shards: Optional[str | Path] = None,
     split: str = "val",
     which: str = "auto",
     out: Optional[str | Path] = None,
@@ -86,12 +86,16 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """`depmatch eval`: the JSON report (also written to `out` by the main process).
 
-    Run it under `accelerate launch` to split the images across processes.
+    Run it under `accelerate launch` to split the images across processes. `shards` None reads the
+    shards the model was trained on, the checkpoint's `data.root`.
     `eval_overrides` replace fields of the checkpoint's `eval` config (mode, window, ...).
     """
     accelerator = Accelerator()
     model, config, classes = load_for_inference(checkpoint, which, device=accelerator.device)
     settings = eval_settings(config, **eval_overrides)
+    source = "" if shards is not None else " (the checkpoint's data.root; --shards evaluates others)"
+    shards = config.data.root if shards is None else shards
+    accelerator.print(f"shards: split {split} of {shards}{source}")
     config.data.root = str(shards)
     config.data.val_split = split
     # a mistyped shard folder must be an error, not a freshly synthesised dataset

@@ -29,12 +29,8 @@ AUTOCAST_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.bfloat16, torch.float16)
 
 def eval_settings(config: ExperimentConfig, **overrides: Any) -> EvalConfig:
     """`config.eval` with `overrides` applied and the sliding window defaulting to the
-    training crop, as the Cityscapes protocol prescribes."""
+    training crop, as the Cityscapes protocol prescribes. EvalConfig checks mode and precision."""
     settings = dataclasses.replace(config.eval, **overrides)
-    if settings.mode not in INFERENCE_MODES:
-        raise ValueError(f"unknown inference mode {settings.mode!r} (known: {', '.join(INFERENCE_MODES)})")
-    if settings.precision is not None and settings.precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"eval precision must be one of {', '.join(AUTOCAST_DTYPES)} or None, got {settings.precision!r}")
     return dataclasses.replace(settings, window=settings.window or config.data.crop_size)
 
 

@@ -16,15 +16,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from depmatch.data.normalize import image_to_tensor
-from depmatch.errors import UserError
+from depmatch.evaluation.image_folder import find_images
 from depmatch.evaluation.inference import eval_settings, inference_options, predict_logits
 from depmatch.evaluation.loading import load_for_inference
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class ImagesNotFoundError(UserError, FileNotFoundError):
-    """The folder given to `predict --images` does not exist."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,19 +26,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def find_images(directory: Path) -> list[Path]:
-    """PNG/JPEG files in `directory`, sorted; two files with the same stem are an error
-    because their outputs would overwrite each other."""
-    if not directory.is_dir():
-        raise ImagesNotFoundError(f"{directory} is not a directory; pass --images a folder of .png/.jpg images")
-    images = sorted(path for path in directory.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    stems = [path.stem for path in images]
-    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if duplicates:
-        raise UserError(f"{directory} holds several images named {duplicates[0]}.*; outputs are named by stem")
-    return images
 
 
 def label_image(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> Image.Image:

@@ -1,5 +1,6 @@
 """Base SSS frameworks as small strategies over one trainer, and the DepMatch hook."""
 
+from depmatch.choices import check_choice
 from depmatch.config import ConfigError
 from depmatch.frameworks.base import Framework, Predictions
 from depmatch.frameworks.fixmatch import FixMatch
@@ -10,8 +11,7 @@ FRAMEWORKS = {cls.name: cls for cls in (FixMatch, UniMatch, UniMatchV2)}
 
 
 def build_framework(name: str) -> Framework:
-    if name not in FRAMEWORKS:
-        raise ConfigError(f"unknown framework {name!r}; choose one of {', '.join(FRAMEWORKS)} (train.framework)")
+    check_choice("train.framework", name, tuple(FRAMEWORKS), ConfigError)
     return FRAMEWORKS[name]()
 
 

@@ -15,6 +15,7 @@ from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
 from depmatch.models.hub import HubId, transformers_folder, weights_location
+from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_transformers_backbone, pretrained_source
 
 # Where each backbone sits in the encoder's state dict. DINOv2's runs were saved as `encoder.dinov2.*`
@@ -30,7 +31,7 @@ def _block_list(backbone: nn.Module) -> tuple[nn.Module, str]:
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             parent, _, attribute = name.rpartition(".")
             return backbone.get_submodule(parent), attribute
-    raise ConfigError(f"model.encoder: cannot find the {depth} blocks of {type(backbone).__name__}")
+    refuse_encoder(type(backbone).__name__, f"no module list of its {depth} blocks was found")
 
 
 class TransformersBackboneEncoder(nn.Module):
@@ -126,6 +127,8 @@ def transformers_encoder(model_config: ModelConfig) -> TransformersBackboneEncod
         config = _random_config(model_config)
         layers = _read_blocks(config, model_config)
         backbone = _backbone_class(config)(config)
+    if backbone.config.model_type == "dinov2":  # not dinov2_with_registers: see depmatch/models/positions.py
+        use_dinov2_positions(backbone)
     if model_config.grad_checkpointing:
         # Non-reentrant: the reentrant variant drops gradients when the input needs none (images).
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -16,9 +16,11 @@ import timm
 import torch
 from torch import nn
 
+from depmatch.choices import check_choice
 from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS, timm_name
 from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
+from depmatch.models.positions import is_timm_dinov2, use_dinov2_positions
 from depmatch.models.weights import load_timm_weights, pretrained_source
 
 RESNET_OUTPUT_STRIDES = (8, 16)
@@ -117,6 +119,8 @@ def _timm_vit(config: ModelConfig) -> TimmViTEncoder:
             convert=(lambda state_dict: family_filter(state_dict, vit)) if family_filter else None,
             unused_prefixes=_classifier_prefix(name),
         )
+    if is_timm_dinov2(vit):
+        use_dinov2_positions(vit)
     if config.grad_checkpointing:
         vit.set_grad_checkpointing(True)
     return TimmViTEncoder(vit, intermediate_layers(config, len(vit.feature_info)))
@@ -124,7 +128,10 @@ def _timm_vit(config: ModelConfig) -> TimmViTEncoder:
 
 def _timm_resnet(config: ModelConfig) -> TimmResNetEncoder:
     if config.output_stride not in RESNET_OUTPUT_STRIDES:
-        raise ConfigError(f"model.output_stride: expected one of {RESNET_OUTPUT_STRIDES}, got {config.output_stride}")
+        raise ConfigError(
+            f"model.output_stride: expected one of {', '.join(map(str, RESNET_OUTPUT_STRIDES))}, got "
+            f"{config.output_stride}; 16 dilates the last ResNet stage (UniMatch on Pascal), 8 the last two (on Cityscapes)"
+        )
     net = timm.create_model(
         config.encoder,
         pretrained=False,
@@ -147,8 +154,7 @@ def build_encoder(config: ModelConfig) -> nn.Module:
         from depmatch.models.backbones import transformers_encoder
 
         return transformers_encoder(config)
-    if config.backend != "timm":
-        raise ConfigError(f"model.backend: expected timm or transformers, got {config.backend}")
+    check_choice("model.backend", config.backend, ("timm", "transformers"), ConfigError)
     name = timm_name(config.encoder)
     if config.encoder != "vit_tiny" and not timm.is_model(name):
         refuse_encoder(config.encoder, "it is neither a preset nor a timm model name")

@@ -33,22 +33,28 @@ def refuse_encoder(encoder: str, why: str) -> NoReturn:
     )
 
 
+def default_intermediate_layers(depth: int) -> tuple[int, ...]:
+    """The blocks read when model.intermediate_layers is unset: the published ones for this depth, else evenly spaced."""
+    return PUBLISHED_INTERMEDIATE_LAYERS.get(depth) or tuple(
+        (i + 1) * depth // NUM_FEATURE_MAPS - 1 for i in range(NUM_FEATURE_MAPS)
+    )
+
+
 def intermediate_layers(config: ModelConfig, depth: int) -> tuple[int, ...]:
-    """The four block indices to read: the config's, the published ones for its depth, else evenly spaced."""
+    """The four block indices to read: the config's, else the default for its depth."""
     if depth < NUM_FEATURE_MAPS:
         refuse_encoder(config.encoder, f"it has only {depth} blocks")
-    layers = (
-        config.intermediate_layers
-        or PUBLISHED_INTERMEDIATE_LAYERS.get(depth)
-        or tuple((i + 1) * depth // NUM_FEATURE_MAPS - 1 for i in range(NUM_FEATURE_MAPS))
-    )
+    layers = config.intermediate_layers or default_intermediate_layers(depth)
     # increasing and distinct: a repeated index would leave a DPT level without a feature map of its
     # own (its parameters unused, which DDP refuses), and DPT fuses from shallow to deep
     increasing = all(earlier < later for earlier, later in zip(layers, layers[1:]))
     if len(layers) != NUM_FEATURE_MAPS or not all(0 <= layer < depth for layer in layers) or not increasing:
+        depth_key = " (model.tiny_depth)" if config.encoder == "vit_tiny" else " (model.depth)" if config.depth else ""
         raise ConfigError(
             f"model.intermediate_layers: expected {NUM_FEATURE_MAPS} increasing block indices in [0, {depth}), "
-            f"got {list(layers)}"
+            f"got {list(layers)}; {config.encoder} has {depth} blocks{depth_key}, so use e.g. "
+            f"{list(default_intermediate_layers(depth))}, or leave model.intermediate_layers unset (null) for that "
+            "default of its depth"
         )
     return tuple(layers)
 

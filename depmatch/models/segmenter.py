@@ -74,6 +74,12 @@ class SegmentationModel(nn.Module):
 def build_head(config: ModelConfig, encoder: nn.Module, num_classes: int) -> nn.Module:
     if config.head == "dpt":
         features, out_channels = dpt_widths(encoder.channels[-1])
+        if config.head_out_channels is not None and len(config.head_out_channels) != len(out_channels):
+            raise ConfigError(
+                f"model.head_out_channels: expected {len(out_channels)} widths, one per encoder map, got "
+                f"{list(config.head_out_channels)}; give {len(out_channels)} (e.g. {list(out_channels)} for this encoder), "
+                "or null to scale them with the encoder's width"
+            )
         return DPTHead(
             encoder.channels,
             encoder.reductions,
@@ -83,7 +89,7 @@ def build_head(config: ModelConfig, encoder: nn.Module, num_classes: int) -> nn.
         )
     if config.head == "deeplabv3plus":
         return DeepLabV3PlusHead(encoder.channels, encoder.reductions, num_classes)
-    raise ConfigError(f"model.head: expected dpt or deeplabv3plus, got {config.head}")
+    raise ConfigError(f"model.head: expected one of dpt, deeplabv3plus (ResNets), got {config.head!r}")
 
 
 def build_model(model_config: ModelConfig, num_classes: int) -> SegmentationModel:
