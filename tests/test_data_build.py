@@ -503,7 +503,7 @@ def test_bench_shard_mix_counts_batches_of_one_shard_and_of_list_neighbours():
 
     from depmatch.data.build import shuffled_splits
 
-    bench = load_tool("bench_shard_mix")
+    bench = load_tool("bench_shard_mix", folder="benchmarks")
     listed = list(range(64))
     # buffer 1 passes samples through in shard order, and 4 divides 8: every batch is one shard's
     assert bench.batch_shares(bench.shards_of(listed, 8), 8, buffer=1, batch=4, batches=200, seed=0) == (1.0, 1.0)

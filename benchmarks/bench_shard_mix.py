@@ -12,7 +12,7 @@ come from
   one city, ids sorted by name): what the builder's order decides. In list order the two are
   the same batches.
 
-    PYTHONPATH=. python tools/bench_shard_mix.py --samples 10582 --samples-per-shard 500 --buffers 64 1000
+    PYTHONPATH=. python benchmarks/bench_shard_mix.py --samples 10582 --samples-per-shard 500 --buffers 64 1000
 """
 
 from __future__ import annotations
