@@ -44,7 +44,7 @@ RANK_FILES = {
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    prepare_dataset(load_config(None, [f"data.root={root}", "data.synth.labeled=4", "data.synth.unlabeled=8",
+    prepare_dataset(load_config(None, [f"data.root={root}", "data.synthesize=true", "data.synth.labeled=4", "data.synth.unlabeled=8",
                                        "data.synth.val=2"]))
     return root
 

@@ -220,6 +220,7 @@ def run_overrides(args: argparse.Namespace, framework: str, depth_mode: str, var
         f"data.synth.depth_mode='{depth_mode}'",  # quoted: YAML would read a bare true as a boolean
         # one shard folder per preset, budget and depth mode, so that datasets never clash
         f"data.root=shards/ablate-{preset.shards or args.preset}-l{labeled}-u{args.unlabeled}-{depth_mode}",
+        "data.synthesize=true",
         f"train.steps={args.steps}",
         # evaluate and checkpoint only at the end: the reported number is the final model's
         f"train.eval_every={args.steps}",

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not config.data.synthesize:
+    if not config.data.synthesizes():
         print(f"error: {args.checkpoint}/config.yaml is not a synthetic-scene run: the probes need true depth "
               "and labels of the unlabeled scenes", file=sys.stderr)
         return 2

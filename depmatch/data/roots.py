@@ -142,9 +142,9 @@ def register_store_schemes(root: ShardRoot) -> None:
     DataLoader workers inherit it."""
     if root.kind != "store":
         return
-    from webdataset import gopen
+    from webdataset.gopen import gopen_schemes
 
-    gopen.gopen_schemes[root.text.split("://", 1)[0]] = _fsspec_open
+    gopen_schemes[root.text.split("://", 1)[0]] = _fsspec_open
 
 
 def read_root_manifest(root: ShardRoot) -> dict:
