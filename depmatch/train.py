@@ -82,7 +82,6 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
         synthesize = root.kind == "local" and root.selection is None
         synthesize = ", or set data.synthesize: true to generate the synthetic dataset there" if synthesize else ""
         raise ConfigError(f"data.root: {error}{synthesize}") from None
-    preflight(config, manifest, state.num_processes)
     if num_classes_from_data:
         config.num_classes = manifest["num_classes"]
     elif manifest["num_classes"] != config.num_classes:
@@ -92,6 +91,7 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
         )
     if not config.train.labeled_only:
         check_depth(config, manifest)  # now, not at the first unlabeled batch
+    preflight(config, manifest, state.num_processes)
     return manifest
 
 

@@ -161,7 +161,7 @@ def read_root_manifest(root: ShardRoot) -> dict:
         manifest = json.loads(content)
         splits = manifest["splits"]
         for entry in splits.values():
-            for shard in entry["shards"]:
+            for shard in entry.get("shards", ()):
                 check_shard_name(shard["name"], location, MANIFEST_FIX)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{location} is not a shard manifest ({type(error).__name__}: {error}); rebuild the shards") from None
