@@ -3,13 +3,15 @@ reason that was knowable at its start.
 
 `preflight(config, manifest, world_size)` checks that every split the run reads (the training
 splits and the evaluation split) is in the manifest, that each has the shards its readers
-need, and, for a local root, that every shard of the manifest is there with its recorded size.
+need, and, for a local root, that every shard of the manifest is there with its recorded size
+(for an http root, that curl, which reads the shards, is installed).
 Every process runs it on its own view of the data (node-local copies included), so all ranks
 stop together, before any collective.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from depmatch.config import ConfigError, ExperimentConfig
@@ -56,3 +58,6 @@ def preflight(config: ExperimentConfig, manifest: dict, world_size: int) -> None
     root = ShardRoot.parse(config.data.root)
     if root.kind == "local":
         check_local_shards(root, manifest)
+    if root.kind == "http" and shutil.which("curl") is None:
+        raise ConfigError(f"data.root {root.text}: shards are read over http with curl (as webdataset reads them), "
+                          "which is not installed; install curl, or use a pipe: root")
