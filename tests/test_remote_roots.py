@@ -29,7 +29,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def http_root(synthetic_root):
     """The synthetic shards served by http.server on a free loopback port."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(synthetic_root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -49,12 +49,12 @@ def edit_manifest(root: Path, edit) -> None:
 
 
 def train_and_evaluate(small_config, root: str, output_dir: Path) -> tuple[list[dict], dict]:
-    """Two steps with an evaluation at each, then `depmatch eval` of the checkpoint: the metric log and the report."""
+    """Two steps and an evaluation, then `depmatch eval` of the checkpoint: the metric log and the report."""
     from depmatch.engine.trainer import Trainer
     from depmatch.evaluation.evaluate import evaluate_checkpoint
 
     config = dataclasses.replace(small_config, data=dataclasses.replace(small_config.data, root=root))
-    config.train = dataclasses.replace(config.train, steps=2, log_every=1, eval_every=1, checkpoint_every=2,
+    config.train = dataclasses.replace(config.train, steps=2, log_every=1, eval_every=2, checkpoint_every=2,
                                        output_dir=str(output_dir))
     Trainer(config, dataset=prepare_dataset(config)).train()
     report = evaluate_checkpoint(output_dir / "checkpoints" / "step_00000002", root)
@@ -65,7 +65,7 @@ def train_and_evaluate(small_config, root: str, output_dir: Path) -> tuple[list[
 def test_training_and_evaluation_from_http_and_pipe_roots_match_the_local_folder(small_config, synthetic_root, http_root,
                                                                                 tmp_path):
     local_log, local_report = train_and_evaluate(small_config, str(synthetic_root), tmp_path / "local")
-    assert [record["step"] for record in local_log if "loss" in record] == [1, 2]
+    assert [record["step"] for record in local_log if "loss" in record] == [1, 2] and "miou_student" in local_log[-1]
     for name, root in (("http", http_root), ("pipe", f"pipe:cat {synthetic_root}/{{name}}")):
         log, report = train_and_evaluate(small_config, root, tmp_path / name)
         assert log == local_log, name  # losses and mIoU to the last digit
@@ -145,6 +145,11 @@ def test_the_evaluation_split_is_checked_before_training(small_config):
     with pytest.raises(ConfigError, match=r"data.val_split: split 'test' is not in .*manifest.json \(it has labeled, "
                                           r"unlabeled, val\)"):
         prepare_dataset(small_config)
+
+
+def test_verify_reads_a_url_root(http_root, capsys):
+    assert main(["shards", "verify", http_root]) == 0
+    assert capsys.readouterr().out == f"{http_root}: 40 samples OK\n"
 
 
 def test_a_brace_list_root_reads_only_the_listed_shards(http_root):
