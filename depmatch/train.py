@@ -79,7 +79,7 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
     try:
         manifest = read_manifest(config.data.root)
     except ShardsNotFoundError as error:
-        synthesize = root.kind == "local" and root.selection is None
+        synthesize = config.data.synthesize is None and root.kind == "local" and root.selection is None
         synthesize = ", or set data.synthesize: true to generate the synthetic dataset there" if synthesize else ""
         raise ConfigError(f"data.root: {error}{synthesize}") from None
     if num_classes_from_data:
