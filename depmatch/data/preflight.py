@@ -37,9 +37,9 @@ def check_local_shards(root: ShardRoot, manifest: dict) -> None:
                     f"{path} ({split} split) is missing: it is in {root.location('manifest.json')}; copy it back, or "
                     "rerun the `depmatch shards build` that wrote the folder (it rewrites only what is missing)"
                 )
-            if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            if "size" in shard and path.stat().st_size != shard["size"]:
                 raise ShardsNotFoundError(
-                    f"{path} has {path.stat().st_size} bytes, the manifest records {shard['bytes']}: it is truncated or "
+                    f"{path} has {path.stat().st_size} bytes, the manifest records {shard['size']}: it is truncated or "
                     "was replaced; rerun the `depmatch shards build` that wrote the folder"
                 )
 

@@ -166,8 +166,6 @@ def _manifest(root: Path, plans: list[ShardPlan], manifest_fields: dict) -> dict
         if record is None:
             raise RuntimeError(f"{root / plan.name} is missing or changed after it was written; rerun the build")
         split = splits.setdefault(plan.split, {"shards": [], "total": 0})
-        # bytes: a run's start checks each local shard's size against it (depmatch/data/preflight.py)
-        entry = {key: record[key] for key in ("name", "samples", "sha256")}
-        split["shards"].append({**entry, "bytes": (root / plan.name).stat().st_size})
+        split["shards"].append({key: record[key] for key in ("name", "samples", "sha256")})
         split["total"] += record["samples"]
     return {"builder_version": BUILDER_VERSION, **manifest_fields, "splits": splits}
