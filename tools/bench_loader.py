@@ -1,4 +1,9 @@
-"""Loader throughput per worker: shards vs plain folders read with PIL; and the device's share.
+"""Loader throughput per worker: shards vs plain folders read with PIL, remote roots vs the local
+folder; and the device's share.
+
+Remote roots: the shards below are also read from a loopback HTTP server (`python -m http.server`
+in a process of its own, through curl as webdataset reads them) and through a `pipe:cat ... {name}`
+root, as training reads them, each reported against the local folder.
 
 One Pascal-sized sample (500×375 JPEG image, PNG label, float16 depth) is repeated
 `--samples` times, once as a shard and once as files in folders. Both paths do the
@@ -7,10 +12,6 @@ parameters, two CutMix boxes), in this process, so the figures are samples/s for
 worker. The strong views themselves and the normalisation run on the training device
 (`depmatch.data.photometric`); their cost per sample is timed on `--device` for a batch of
 `--batch` weak views.
-
-The shards are also read through remote roots, as training reads them: from a loopback HTTP
-server (`python -m http.server` in a process of its own, read with curl as webdataset does) and
-through a `pipe:cat ... {name}` root; each is reported against the local folder.
 
     PYTHONPATH=. python tools/bench_loader.py --samples 200 --crop 518 --device cuda
 """
