@@ -199,3 +199,14 @@ def test_a_failure_after_training_began_still_saves_the_trained_steps(small_conf
     with pytest.raises(RuntimeError, match="the evaluation broke"):
         trainer.train()
     assert resume_checkpoint(str(tmp_path), "latest") == tmp_path / "checkpoints" / "step_00000002"
+
+
+def test_an_object_store_without_its_package_is_one_line_naming_the_extra(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed: the root would be read")
+    assert main(["shards", "verify", "s3://bucket/voc"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot read s3://bucket/voc/manifest.json") and error.count("\n") == 1
+    assert error.endswith("pip install 'depmatch[s3]'\n")
