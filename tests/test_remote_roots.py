@@ -161,6 +161,8 @@ def test_a_brace_list_root_reads_only_the_listed_shards(http_root):
     assert manifest["splits"]["labeled"]["total"] == 6
     both = f"{http_root}/{{val-000003,val-000000}}.tar"
     assert shard_urls(both, read_manifest(both), "val") == [f"{http_root}/val-000000.tar", f"{http_root}/val-000003.tar"]
+    with pytest.raises(ShardsNotFoundError, match=r"split 'unlabeled' is not in the shards .* lists \(it has labeled, val\)"):
+        shard_urls(f"{http_root}/{{labeled-000000,val-000003}}.tar", manifest, "unlabeled")
     with pytest.raises(ShardsNotFoundError, match="val-000009.tar, which .*manifest.json does not have"):
         read_manifest(f"{http_root}/{{val-000009,val-000000}}.tar")
 

@@ -53,9 +53,10 @@ def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     """Paths, URLs or pipe commands of the shards of one split, in manifest order."""
     parsed = ShardRoot.parse(root)
     if split not in manifest["splits"]:
+        where, fix = (parsed.location(MANIFEST_NAME), "rebuild the shards with that split") if parsed.selection is None \
+            else (f"the shards {parsed.text} lists", "list shards of that split too")
         raise ShardsNotFoundError(
-            f"split {split!r} is not in {parsed.location(MANIFEST_NAME)} (it has {', '.join(sorted(manifest['splits']))}); "
-            "pick one of those or rebuild the shards with that split"
+            f"split {split!r} is not in {where} (it has {', '.join(sorted(manifest['splits']))}); pick one of those or {fix}"
         )
     register_store_schemes(parsed)
     return [parsed.location(shard["name"]) for shard in manifest["splits"][split]["shards"]]
