@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from depmatch.data.classes import IGNORE_INDEX
 from depmatch.data.codec import (
@@ -76,24 +77,24 @@ def verify_shards(root: str | Path) -> tuple[int, list[str]]:
     parsed = ShardRoot.parse(root)
     with_depth = manifest["depth"]["source"] != "none"
     checked, problems = 0, []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            try:
-                data = parsed.read(shard["name"])
-            except UserError as error:
-                problems.append(f"{shard['name']}: missing or unreadable ({error})")
-                continue
-            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                problems.append(f"{shard['name']}: sha256 differs from the manifest")
-            try:
-                samples = _read_tar(data)
-            except (tarfile.TarError, OSError) as error:
-                problems.append(f"{shard['name']}: not a readable tar ({error})")
-                continue
-            if len(samples) != shard["samples"]:
-                problems.append(f"{shard['name']}: {len(samples)} samples, the manifest says {shard['samples']}")
-            for key, fields in samples.items():
-                checked += 1
-                for problem in check_sample(fields, split != "unlabeled", with_depth, manifest["num_classes"]):
-                    problems.append(f"{shard['name']}: {key}: {problem}")
+    shards = [(split, shard) for split, entry in manifest["splits"].items() for shard in entry["shards"]]
+    for split, shard in tqdm(shards, desc="verify", unit="shard", leave=False):
+        try:
+            data = parsed.read(shard["name"])
+        except UserError as error:
+            problems.append(f"{shard['name']}: missing or unreadable ({error})")
+            continue
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest")
+        try:
+            samples = _read_tar(data)
+        except (tarfile.TarError, OSError) as error:
+            problems.append(f"{shard['name']}: not a readable tar ({error})")
+            continue
+        if len(samples) != shard["samples"]:
+            problems.append(f"{shard['name']}: {len(samples)} samples, the manifest says {shard['samples']}")
+        for key, fields in samples.items():
+            checked += 1
+            for problem in check_sample(fields, split != "unlabeled", with_depth, manifest["num_classes"]):
+                problems.append(f"{shard['name']}: {key}: {problem}")
     return checked, problems
