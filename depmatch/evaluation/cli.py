@@ -88,8 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on the validation shards: prints per-class IoU and mIoU and "
         "optionally writes them as JSON. Under `accelerate launch` the images are split across processes.",
     )
-    eval_parser.add_argument("--shards", required=True, help="folder with manifest.json and the split's shards, or a "
-                             "remote root: http(s)://host/voc, s3://bucket/voc, 'pipe:COMMAND {name}' (docs/shards.md)")
+    eval_parser.add_argument("--shards", required=True, help="folder with manifest.json and the split's shards")
     eval_parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     eval_parser.add_argument("--out", help="write the results as JSON to this file")
     _add_inference_flags(eval_parser)
