@@ -1,4 +1,9 @@
-"""Loader throughput per worker: shards vs plain folders read with PIL; and the device's share.
+"""Loader throughput per worker: shards vs plain folders read with PIL, remote roots vs the local
+folder; and the device's share.
+
+Remote roots: the shards below are also read from a loopback HTTP server (`python -m http.server`
+in a process of its own, through curl as webdataset reads them) and through a `pipe:cat ... {name}`
+root, as training reads them, each reported against the local folder.
 
 One Pascal-sized sample (500×375 JPEG image, PNG label, float16 depth) is repeated
 `--samples` times, once as a shard and once as files in folders. Both paths do the
@@ -15,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +36,7 @@ import webdataset as wds
 
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
+from depmatch.data.roots import ShardRoot
 from depmatch.data.samples import decode_sample, unlabeled_sample
 from depmatch.data.writer import ShardWriter
 
@@ -64,6 +74,33 @@ def _folder_samples(folder: Path, count: int):
         yield {name: (folder / f"{index:06d}.{name}").read_bytes() for name in ("jpg", "label.png", "depth.npy")}
 
 
+@contextmanager
+def _loopback_server(folder: Path):
+    """An http.server process serving `folder` on a free loopback port; its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _root_samples(root: str, names: list[str]):
+    """The samples of shards `names` under `root` (a folder, URL or pipe command), as the loader opens them."""
+    parsed = ShardRoot.parse(root)
+    return wds.tarfile_samples([{"url": parsed.location(name)} for name in names])
+
+
 def _device_seconds_per_sample(crop: int, batch: int, device: str, repeats: int = 20) -> float:
     """Median time per sample of making two strong views and normalising three images on `device`."""
     rng = np.random.default_rng(0)
@@ -92,6 +129,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=518)
     parser.add_argument("--device", default="cpu", help="where the strong views are timed (cpu: all threads)")
     parser.add_argument("--batch", type=int, default=4, help="unlabeled images per step for the device timing")
+    parser.add_argument("--shard-samples", type=int, default=100, help="samples per shard")
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each source; the median is reported")
     args = parser.parse_args()
     device_time = _device_seconds_per_sample(args.crop, args.batch, args.device)
     print(f"strong views + normalisation on {args.device}, batch {args.batch}: {device_time * 1e3:.2f} ms per sample")
@@ -99,17 +138,29 @@ def main() -> None:
     fields = _sample_files(np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        writer = ShardWriter(root / "bench-000000.tar")
-        for index in range(args.samples):
-            writer.write(f"{index:06d}", fields)
-            for name, data in fields.items():
-                (root / f"{index:06d}.{name}").write_bytes(data)
-        writer.commit()
-        for crop, work in ((0, "decode only"), (args.crop, f"loader work of an unlabeled sample, crop {args.crop}")):
-            shard = _timed(wds.tarfile_samples([{"url": str(root / "bench-000000.tar")}]), crop)
-            folder = _timed(_folder_samples(root, args.samples), crop)
-            print(f"{work}: shard {shard:.1f} samples/s, folders {folder:.1f} samples/s (one worker)")
-
+        names = [f"bench-{index:06d}.tar" for index in range(-(-args.samples // args.shard_samples))]
+        for shard, name in enumerate(names):
+            writer = ShardWriter(root / name)
+            for index in range(shard * args.shard_samples, min((shard + 1) * args.shard_samples, args.samples)):
+                writer.write(f"{index:06d}", fields)
+                for field, data in fields.items():
+                    (root / f"{index:06d}.{field}").write_bytes(data)
+            writer.commit()
+        with _loopback_server(root) as url:
+            roots = {"http (loopback)": url, "pipe:cat": f"pipe:cat {root}/{{name}}"}
+            sources = {"shard": lambda: _root_samples(str(root), names), "folders": lambda: _folder_samples(root, args.samples),
+                       **{kind: lambda location=location: _root_samples(location, names) for kind, location in roots.items()}}
+            for crop, work in ((0, "decode only"), (args.crop, f"loader work of an unlabeled sample, crop {args.crop}")):
+                # interleaved repeats, the median of each: a busy machine slows every source alike
+                rates = {kind: [] for kind in sources}
+                for _ in range(args.repeats):
+                    for kind, samples in sources.items():
+                        rates[kind].append(_timed(samples(), crop))
+                shard, folder, *remote = (sorted(values)[len(values) // 2] for values in rates.values())
+                remote = dict(zip(roots, remote))
+                print(f"{work}: shard {shard:.1f} samples/s, folders {folder:.1f} samples/s, "
+                      + ", ".join(f"{kind} {rate:.1f} samples/s ({rate / shard:.2f}× the local shards)"
+                                  for kind, rate in remote.items()) + " (one worker)")
 
 if __name__ == "__main__":
     main()

@@ -76,11 +76,15 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "shards/synthetic"  # folder holding manifest.json and the split shards
+    # folder holding manifest.json and the shards, an http(s):// or s3:// / gs:// prefix, or a `pipe:` command
+    # with {name} for a file's name (docs/shards.md, "Remote roots")
+    root: str = "shards/synthetic"
     labeled_split: str = "labeled"
     unlabeled_split: str = "unlabeled"
     val_split: str = "val"
-    synthesize: bool = True  # build `root` with the synthetic generator when it has no manifest
+    # Generate the synthetic dataset into `root` when it has no matching manifest. null: only into the
+    # embedded default root (a mistyped path is reported, not filled); true: into any local folder.
+    synthesize: Optional[bool] = None
     synth: SynthConfig = field(default_factory=SynthConfig)
     crop_size: int = 98
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -91,6 +95,9 @@ class DataConfig:
     # none | shuffled | random | constant: training depth replaced as it is read, images and labels
     # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
     depth_control: str = "none"
+
+    def synthesizes(self) -> bool:
+        return self.root == DataConfig.root if self.synthesize is None else self.synthesize
 
 
 @dataclass

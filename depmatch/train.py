@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = False) -> dict:
-    """The shards' manifest; the synthetic default is generated on first use.
+    """The shards' manifest, checked for this run (depmatch/data/preflight.py); the synthetic
+    default is generated on first use (`DataConfig.synthesizes`).
 
     `num_classes_from_data`: the config did not set num_classes, so it is taken from the
     manifest; otherwise a config value that differs from the manifest's is an error.
@@ -56,31 +57,41 @@ def prepare_dataset(config: ExperimentConfig, num_classes_from_data: bool = Fals
     disks). No two processes write the same path at once.
     """
     from depmatch.data.loader import check_depth
+    from depmatch.data.preflight import preflight
+    from depmatch.data.roots import ShardRoot
     from depmatch.data.shards import ShardsNotFoundError, read_manifest
     from depmatch.data.synth import ensure_synthetic_shards
     from depmatch.engine.distributed import distributed_state
 
-    root = Path(config.data.root)
+    root = ShardRoot.parse(config.data.root)  # the root as given: a URL or a pipe command is not a path
     state = distributed_state(config.train.collective_timeout)
-    if config.data.synthesize:
+    if config.data.synthesizes():
+        if root.kind != "local" or root.selection is not None:
+            raise ConfigError(
+                f"data.synthesize: true generates the synthetic dataset into a local folder, and data.root is "
+                f"{config.data.root}: set data.synthesize: false to read shards from there"
+            )
         # First the job's main process, then the main process of each other node.
         for builds_now in (state.is_main_process, state.is_local_main_process and not state.is_main_process):
             if builds_now:
-                ensure_synthetic_shards(str(root), config.data.synth, config.num_classes)
+                ensure_synthetic_shards(config.data.root, config.data.synth, config.num_classes)
             state.wait_for_everyone()
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(config.data.root)
     except ShardsNotFoundError as error:
-        raise ConfigError(f"data.root: {error}, or point data.root at a shard folder") from None
+        synthesize = config.data.synthesize is None and root.kind == "local" and root.selection is None
+        synthesize = ", or set data.synthesize: true to generate the synthetic dataset there" if synthesize else ""
+        raise ConfigError(f"data.root: {error}{synthesize}") from None
     if num_classes_from_data:
         config.num_classes = manifest["num_classes"]
     elif manifest["num_classes"] != config.num_classes:
         raise ConfigError(
-            f"num_classes is {config.num_classes} in the config but {manifest['num_classes']} in {root}/manifest.json: "
+            f"num_classes is {config.num_classes} in the config but {manifest['num_classes']} in {root.location('manifest.json')}: "
             "leave num_classes out of the config (it comes from the shards), fix it, or point data.root at the right shards"
         )
     if not config.train.labeled_only:
         check_depth(config, manifest)  # now, not at the first unlabeled batch
+    preflight(config, manifest, state.num_processes)
     return manifest
 
 

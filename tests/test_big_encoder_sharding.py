@@ -44,8 +44,9 @@ RANK_FILES = {
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    prepare_dataset(load_config(None, [f"data.root={root}", "data.synth.labeled=4", "data.synth.unlabeled=8",
-                                       "data.synth.val=2"]))
+    # one sample per shard: the 2 val images make a shard for each of the 2 ranks' readers
+    prepare_dataset(load_config(None, [f"data.root={root}", "data.synthesize=true", "data.synth.labeled=4", "data.synth.unlabeled=8",
+                                       "data.synth.val=2", "data.synth.samples_per_shard=1"]))
     return root
 
 

@@ -51,6 +51,8 @@ def test_synthetic_control_differs_only_in_depth_and_paths():
     for section, key in (("data", "root"), ("train", "output_dir")):
         assert control[section][key] != default[section][key]
         control[section][key] = default[section][key]
+    assert control["data"]["synthesize"] is True  # its root is not the default one, where synthesis is implied
+    control["data"]["synthesize"] = default["data"]["synthesize"]
     control["name"] = default["name"]
     assert control == default
 

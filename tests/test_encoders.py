@@ -262,8 +262,8 @@ def test_a_dinov3_preset_trains_at_its_patch_size(tmp_path):
     from depmatch.train import prepare_dataset
 
     config = load_config(None, [
-        f"data.root={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "data.crop_size=98",
-        "model.encoder=dinov3_s", "model.depth=4", "model.embed_dim=32", "model.num_heads=2",
+        f"data.root={tmp_path / 'shards'}", "data.synthesize=true", f"train.output_dir={tmp_path / 'run'}",
+        "data.crop_size=98", "model.encoder=dinov3_s", "model.depth=4", "model.embed_dim=32", "model.num_heads=2",
         "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
         "data.synth.labeled=4", "data.synth.unlabeled=8", "data.synth.val=2",
     ])

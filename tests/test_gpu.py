@@ -107,7 +107,7 @@ def test_strong_views_on_cuda_match_the_cpu():
 def test_training_steps_on_cuda(tmp_path, precision):
     """A tiny UniMatch V2 + DepMatch run on the GPU: the loss falls, nothing is non-finite.
     In its own process: accelerate keeps one mixed-precision setting per process."""
-    overrides = [f"data.root={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "train.steps=40",
+    overrides = [f"data.root={tmp_path / 'shards'}", "data.synthesize=true", f"train.output_dir={tmp_path / 'run'}", "train.steps=40",
                  "train.log_every=1", "train.eval_every=40", "train.checkpoint_every=40",
                  f"train.mixed_precision={precision}"]  # fmt: skip
     results = train_in_own_process(overrides, "trainer.accelerator.device.type == 'cuda'")

@@ -28,7 +28,7 @@ CHANCE_MIOU = 100 / 6  # six synthetic classes
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    config = load_config(None, [f"data.root={root}"])
+    config = load_config(None, [f"data.root={root}", "data.synthesize=true"])
     prepare_dataset(config)
     return root
 

@@ -183,7 +183,7 @@ def synthetic_files() -> dict[str, str]:
     )
     control_values = {
         "name": "synthetic-control",
-        "data": {"root": "shards/synthetic-control", "synth": {"depth_mode": "random"}},
+        "data": {"root": "shards/synthetic-control", "synthesize": True, "synth": {"depth_mode": "random"}},
         "train": {"output_dir": "runs/synthetic-control"},
     }
     control = (

@@ -79,7 +79,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
 
     preset = PRESETS.get(args.preset)
     overrides = (*(preset.overrides if preset else ()), *args.overrides)
-    synthetic = load_config(args.config, list(overrides)).data.synthesize
+    synthetic = load_config(args.config, list(overrides)).data.synthesizes()
     variants = tuple(args.variants or (preset.variants if preset else DEFAULT_VARIANTS))
     if args.control is not None:
         controls = tuple(args.control)
@@ -133,7 +133,7 @@ def print_scene_stats(args: argparse.Namespace) -> int:
     from depmatch.data.scene_stats import scene_statistics
 
     config = build_plan(args)[0].base_config
-    if not config.data.synthesize:
+    if not config.data.synthesizes():
         raise UserError("--scene-stats measures the synthetic scenes: give --preset or a config with data.synthesize: true")
     data = config.data
     stats = scene_statistics(data.synth, "unlabeled", data.synth.unlabeled, data.crop_size, data.scale_range)

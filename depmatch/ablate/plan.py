@@ -111,14 +111,15 @@ class Plan:
         synth = base.data.synth
         labeled = synth.labeled
         if run.variant == "all_labels":
-            if not base.data.synthesize:
+            if not base.data.synthesizes():
                 raise ConfigError("the all_labels variant needs synthetic scenes (data.synthesize: true); "
                                   "leave it out of --variants")
             labeled = synth.labeled + synth.unlabeled
-        stored = run.depth if base.data.synthesize and run.depth in ("random", "constant") else TRUE_DEPTH
+        stored = run.depth if base.data.synthesizes() and run.depth in ("random", "constant") else TRUE_DEPTH
         overrides = []
-        if base.data.synthesize:
-            overrides += [f"data.synth.labeled={labeled}",
+        if base.data.synthesizes():
+            overrides += ["data.synthesize=true",  # the run's own shard folder, not the default root
+                          f"data.synth.labeled={labeled}",
                           # quoted: YAML would read a bare true as a boolean
                           f'data.synth.depth_mode="{stored}"',
                           # one shard folder per label budget and stored depth, so that datasets never clash
@@ -178,6 +179,7 @@ class Preset:
 # with true and with random depth. docs/ablate.md has the measured outcome.
 DEPTH_VARIANTS_V4 = ("both", "cddp", "cddp_b03", "cddp_similarity", "cddp_distance", "uldr_l05")
 SYNTHETIC_SCENES = (
+    "data.synthesize=true",
     "train.framework=fixmatch",
     "data.synth.scene_version=4",
     "data.synth.easy_walls=true",

@@ -60,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_synth(commands)
     verify = commands.add_parser(
         "verify", help="check checksums, decoding, label values and sizes",
-        description="Check every shard of a dataset folder against its manifest; exit 1 listing each bad sample.",
+        description="Check every shard of a dataset against its manifest; exit 1 listing each bad sample.",
     )
-    verify.add_argument("root", type=Path, metavar="DIR", help="dataset folder holding manifest.json")
+    verify.add_argument("root", metavar="ROOT", help="dataset folder holding manifest.json, or a remote root: "
+                        "http(s)://host/voc, s3://bucket/voc, gs://bucket/voc, 'pipe:COMMAND {name}' (docs/shards.md)")
     verify.set_defaults(func=run_verify)
 
 

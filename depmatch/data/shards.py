@@ -12,23 +12,14 @@ import uuid
 from pathlib import Path
 
 from depmatch import __version__
-from depmatch.errors import UserError
+from depmatch.data.roots import MANIFEST_NAME, ShardRoot, ShardsNotFoundError, read_root_manifest, register_store_schemes
 
-MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
 
 
-class ShardsNotFoundError(UserError, FileNotFoundError):
-    """A shard folder, its manifest or one of its splits does not exist."""
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def is_url(root: str | Path) -> bool:
-    return "://" in str(root) or str(root).startswith("pipe:")
 
 
 def file_sha256(path: Path) -> str:
@@ -53,28 +44,21 @@ def write_json_atomic(path: Path, content: dict) -> None:
 
 
 def read_manifest(root: str | Path) -> dict:
-    """The manifest of a shard dataset: a local folder or a URL prefix readable by webdataset."""
-    location = f"{str(root).rstrip('/')}/{MANIFEST_NAME}"
-    if not is_url(root) and not Path(location).is_file():
-        raise ShardsNotFoundError(
-            f"{location} does not exist: build the shards first "
-            "(`depmatch shards build ...` or `depmatch shards synth --out ...`)"
-        )
-    import webdataset as wds  # here, not at the top: the CLI checks a local manifest before the slow imports
-
-    with wds.gopen(location) as stream:
-        return json.loads(stream.read())
+    """The manifest of a shard dataset at any root (depmatch/data/roots.py), its shard names checked."""
+    return read_root_manifest(ShardRoot.parse(root))
 
 
 def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
-    """Paths (or URLs) of the shards of one split, in manifest order."""
+    """Paths, URLs or pipe commands of the shards of one split, in manifest order."""
+    parsed = ShardRoot.parse(root)
     if split not in manifest["splits"]:
+        where, fix = (parsed.location(MANIFEST_NAME), "rebuild the shards with that split") if parsed.selection is None \
+            else (f"the shards {parsed.text} lists", "list shards of that split too")
         raise ShardsNotFoundError(
-            f"split {split!r} is not in {root}/{MANIFEST_NAME} (it has {', '.join(sorted(manifest['splits']))}); "
-            "pick one of those or rebuild the shards with that split"
+            f"split {split!r} is not in {where} (it has {', '.join(sorted(manifest['splits']))}); pick one of those or {fix}"
         )
-    prefix = str(root).rstrip("/")
-    return [f"{prefix}/{shard['name']}" for shard in manifest["splits"][split]["shards"]]
+    register_store_schemes(parsed)
+    return [parsed.location(shard["name"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def depth_manifest_entry(description: dict) -> dict:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from depmatch.data.classes import IGNORE_INDEX
 from depmatch.data.codec import (
@@ -19,13 +22,15 @@ from depmatch.data.codec import (
     decode_image,
     decode_label,
 )
-from depmatch.data.shards import file_sha256, read_manifest
+from depmatch.data.roots import ShardRoot
+from depmatch.data.shards import read_manifest
+from depmatch.errors import UserError
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+def _read_tar(data: bytes) -> dict[str, dict[str, bytes]]:
     """Samples of a shard by key, fields by name, as webdataset groups them."""
     samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar:
             if member.isfile():
                 key, _, field = member.name.partition(".")
@@ -65,28 +70,31 @@ def check_sample(fields: dict[str, bytes], needs_label: bool, with_depth: bool, 
     return problems
 
 
-def verify_shards(root: Path) -> tuple[int, list[str]]:
-    """(number of samples checked, problems as 'shard: key: problem' lines)."""
+def verify_shards(root: str | Path) -> tuple[int, list[str]]:
+    """(number of samples checked, problems as 'shard: key: problem' lines); `root` is any shard root
+    (a folder, a URL prefix, a pipe command: depmatch/data/roots.py)."""
     manifest = read_manifest(root)
+    parsed = ShardRoot.parse(root)
     with_depth = manifest["depth"]["source"] != "none"
     checked, problems = 0, []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            path = root / shard["name"]
-            if not path.is_file():
-                problems.append(f"{shard['name']}: missing")
-                continue
-            if file_sha256(path) != shard["sha256"]:
-                problems.append(f"{shard['name']}: sha256 differs from the manifest")
-            try:
-                samples = _read_tar(path)
-            except (tarfile.TarError, OSError) as error:
-                problems.append(f"{shard['name']}: not a readable tar ({error})")
-                continue
-            if len(samples) != shard["samples"]:
-                problems.append(f"{shard['name']}: {len(samples)} samples, the manifest says {shard['samples']}")
-            for key, fields in samples.items():
-                checked += 1
-                for problem in check_sample(fields, split != "unlabeled", with_depth, manifest["num_classes"]):
-                    problems.append(f"{shard['name']}: {key}: {problem}")
+    shards = [(split, shard) for split, entry in manifest["splits"].items() for shard in entry["shards"]]
+    for split, shard in tqdm(shards, desc="verify", unit="shard", leave=False):
+        try:
+            data = parsed.read(shard["name"])
+        except UserError as error:
+            problems.append(f"{shard['name']}: missing or unreadable ({error})")
+            continue
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest")
+        try:
+            samples = _read_tar(data)
+        except (tarfile.TarError, OSError) as error:
+            problems.append(f"{shard['name']}: not a readable tar ({error})")
+            continue
+        if len(samples) != shard["samples"]:
+            problems.append(f"{shard['name']}: {len(samples)} samples, the manifest says {shard['samples']}")
+        for key, fields in samples.items():
+            checked += 1
+            for problem in check_sample(fields, split != "unlabeled", with_depth, manifest["num_classes"]):
+                problems.append(f"{shard['name']}: {key}: {problem}")
     return checked, problems

@@ -253,6 +253,7 @@ class Trainer:
         self.student.train()
         batches = self.batch_generator()
         results: dict[str, float] = {}
+        first_step = self.state.step
         try:
             with StopSignals() as stop:
                 while self.state.step < config.steps:
@@ -270,9 +271,10 @@ class Trainer:
                     if stopping:
                         self._report_stop(stop.received)
                         break
-        except RuntimeError as error:
+        except Exception as error:
+            self._save_before_failing(first_step)
             rank, timeout = self.accelerator.process_index, config.collective_timeout
-            explained = explain_collective_failure(error, rank, self.state.step, timeout)
+            explained = explain_collective_failure(error, rank, self.state.step, timeout) if isinstance(error, RuntimeError) else None
             if explained is None:
                 raise
             raise explained from error
@@ -280,6 +282,21 @@ class Trainer:
             log.close()
             self.accelerator.end_training()
         return results
+
+    def _save_before_failing(self, first_step: int) -> None:
+        """Keep the steps of a run that fails after training began: a checkpoint at the last finished
+        step, unless it has one. A failure mid-step leaves the weights of the last finished step (the
+        optimizer steps last). Only a single process saves here: with several, the failing rank may be
+        the only one to get here, and the save is collective."""
+        step, output_dir = self.state.step, self.config.train.output_dir
+        if self.accelerator.num_processes > 1 or step == first_step or checkpoint_path(output_dir, step).exists():
+            return
+        try:
+            self._save({}, new_best=False, checkpoint_due=True)
+            logger.error("the run failed after step %d; saved %s, continue with --resume latest once the cause is "
+                         "fixed", step, checkpoint_path(output_dir, step))
+        except Exception:  # the original failure is the one to report
+            logger.exception("saving a checkpoint after the failure failed too")
 
     def _report_stop(self, received: Optional[str]) -> None:
         self.stopped_by = received or "a stop signal to another rank"

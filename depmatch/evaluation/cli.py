@@ -106,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "optionally writes them as JSON. Under `accelerate launch` the images are split across processes.",
     )
     eval_parser.add_argument(
-        "--shards", help="folder with manifest.json and the split's shards (default: the checkpoint's data.root)"
+        "--shards", help="shard root: a folder with manifest.json, http(s)://host/voc, s3://bucket/voc or "
+        "'pipe:COMMAND {name}' (docs/shards.md); default: the checkpoint's data.root"
     )
     eval_parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     eval_parser.add_argument("--out", help="write the results as JSON to this file")
