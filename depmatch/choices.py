@@ -14,6 +14,7 @@ INFERENCE_PRECISIONS = ("bf16", "fp16")  # eval.precision; None runs fp32
 WEIGHTS_CHOICES = ("auto", "teacher", "student")  # which weights of a checkpoint eval/predict/export use
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode
 PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR's pair sums
+SAMPLING_MODES = ("epoch", "replacement")  # data.sampling
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from depmatch.choices import SAMPLING_MODES
 from depmatch.errors import UserError
 
 
@@ -83,9 +84,16 @@ class DataConfig:
     crop_size: int = 98
     scale_range: tuple[float, float] = (0.5, 2.0)
     workers: int = 0  # loader processes per rank; 0 decodes in the training process
-    shuffle_buffer: int = 64
-    max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
+    # epoch: each epoch gives every training sample to one reader (rank × worker) once; replacement:
+    # each reader draws shards with replacement (resuming then reads through what was consumed)
+    sampling: str = "epoch"
+    shuffle_buffer: Optional[int] = None  # samples shuffled together; null: the split's largest shard
+    max_bad_fraction: float = 0.01  # stop the run when more of the job's samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"data.sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.sampling!r}")
 
 
 @dataclass

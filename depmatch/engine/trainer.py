@@ -11,7 +11,14 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
 from depmatch.config import ExperimentConfig, save_config
-from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
+from depmatch.data.loader import (
+    build_labeled_loader,
+    build_unlabeled_loader,
+    build_val_loader,
+    check_same_layout,
+    data_layout,
+)
+from depmatch.data.stream import CorruptSamples
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import strong_view
 from depmatch.engine.checkpoint import (
@@ -82,10 +89,14 @@ class Trainer:
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
 
         self.state = TrainerState()
+        layout = data_layout(config, self.accelerator.num_processes)
         checkpoint = self._resolve_resume(resume)
         if checkpoint is not None:
             self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
+            check_same_layout(self.state.data_layout, layout)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        self.state.data_layout = layout
+        self.corrupt_samples = CorruptSamples(config.data.max_bad_fraction)
         self.skip_on_device = skips_on_device(self.accelerator, self.optimizer)
         self.accumulated_nonfinite: Optional[torch.Tensor] = None  # this step's micro-steps so far (device skip)
         self.nonfinite = NonFiniteCount(config.train.max_nonfinite_steps)
@@ -118,7 +129,12 @@ class Trainer:
         else:
             unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
         for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
-            yield self.to_device(labeled_batch), self.to_device(unlabeled_batch)
+            yield self.to_device(self.corrupt_samples.add(labeled_batch)), self.to_device(self.corrupt_samples.add(unlabeled_batch))
+
+    def data_counts(self) -> dict[str, int]:
+        """The job's samples read and corrupt ones skipped; stops the run past data.max_bad_fraction."""
+        device = self.accelerator.device
+        return self.corrupt_samples.totals(lambda counts: self.accelerator.reduce(counts.to(device), "sum").cpu())
 
     def to_device(self, batch: dict) -> dict:
         """A loader batch on the training device: the strong views made from the weak one, and every
@@ -249,7 +265,8 @@ class Trainer:
         start_trackers(self.accelerator, self.config)
         unlabeled_images = 0 if config.labeled_only else config.unlabeled_batch_size
         images_per_step = (config.batch_size + unlabeled_images) * config.grad_accum
-        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step)
+        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step,
+                        counters=self.data_counts)
         self.student.train()
         batches = self.batch_generator()
         results: dict[str, float] = {}
