@@ -1,0 +1,134 @@
+"""Epochs over shards: every sample once per epoch across ranks × workers, resume from the block,
+a lost shard stops the run; read on small tar shards of numbered samples."""
+
+import io
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+from torch._utils import ExceptionWrapper
+from torch.utils.data import DataLoader
+
+from depmatch.config import ConfigError
+from depmatch.data import stream
+from depmatch.data.loader import ShardStream, StreamSettings, check_same_layout
+from depmatch.data.stream import ShardError, SplitShards
+
+BATCH = 4
+
+
+def write_shards(folder, sizes) -> SplitShards:
+    """Shards holding samples 0, 1, 2, ... in order, each sample a `.txt` member with its number."""
+    urls, index = [], 0
+    for number, size in enumerate(sizes):
+        path = folder / f"train-{number:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for _ in range(size):
+                data = str(index).encode()
+                info = tarfile.TarInfo(f"s{index:04d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                index += 1
+        urls.append(str(path))
+    return SplitShards("train", tuple(urls), tuple(sizes))
+
+
+def sample_number(sample, rng):
+    return {"number": torch.tensor(int(sample["txt"]))}
+
+
+def rank_batches(shards, rank, count, workers=2, start_step=0, sampling="epoch"):
+    """The sample numbers of `count` batches of one of 2 ranks, read by `workers` DataLoader workers."""
+    settings = StreamSettings(shards, stream_id=1, batch_size=BATCH, seed=5, rank=rank, world_size=2, sampling=sampling,
+                              shuffle_buffer=max(shards.counts), start_step=start_step)
+    loader = DataLoader(ShardStream(settings, sample_number), batch_size=None, num_workers=workers)
+    return [batch["number"].tolist() for batch in islice(loader, count)]
+
+
+@pytest.mark.parametrize("sizes", [(40, 24, 20, 12), (96,)], ids=["uneven-shards", "one-shard"])
+def test_each_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path, sizes):
+    shards = write_shards(tmp_path, sizes)
+    per_rank = 96 // 2 // BATCH  # batches per rank per epoch
+    ranks = [rank_batches(shards, rank, 2 * per_rank) for rank in range(2)]
+    epochs = [[number for batches in ranks for batch in batches[e * per_rank:(e + 1) * per_rank] for number in batch]
+              for e in range(2)]
+    for numbers in epochs:
+        assert sorted(numbers) == list(range(96))
+    assert epochs[0] != epochs[1]
+    assert sorted(set(epochs[0][:8])) != sorted(set(epochs[1][:8]))  # the ranks' shares change, not only their order
+
+
+def test_a_remainder_is_left_out_and_every_rank_gets_as_many_batches(tmp_path):
+    """98 samples for 4 readers: 24 each per epoch, 2 left out; the rest still exactly once."""
+    shards = write_shards(tmp_path, (40, 30, 20, 8))
+    ranks = [rank_batches(shards, rank, 24) for rank in range(2)]
+    for epoch in range(2):
+        numbers = [n for batches in ranks for batch in batches[epoch * 12:(epoch + 1) * 12] for n in batch]
+        assert len(numbers) == len(set(numbers)) == 96 and set(numbers) <= set(range(98))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_is_exact(tmp_path, workers):
+    shards = write_shards(tmp_path, (40, 24, 20, 12))
+    fresh = rank_batches(shards, 1, 30, workers)
+    assert rank_batches(shards, 1, 10, workers, start_step=17) == fresh[17:27]
+
+
+def test_resume_reads_at_most_a_block_whatever_the_step(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path, (40, 24, 20, 12))
+    read = []
+    tar_samples = stream._tar_samples
+
+    def counting(url):
+        for sample in tar_samples(url):
+            read.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(stream, "_tar_samples", counting)
+    for step in (10, 10_000):
+        read.clear()
+        rank_batches(shards, 0, 1, workers=0, start_step=step)
+        # One block (the largest shard) and the samples before it in its first shard.
+        assert len(read) <= 2 * max(shards.counts), step
+
+
+def test_sampling_with_replacement_repeats_samples_within_an_epoch(tmp_path):
+    shards = write_shards(tmp_path, (24, 24, 24, 24))
+    numbers = [n for rank in range(2) for batch in rank_batches(shards, rank, 12, sampling="replacement") for n in batch]
+    assert len(numbers) == 96 and len(set(numbers)) < 96
+    assert rank_batches(shards, 0, 4, sampling="replacement", start_step=3) == rank_batches(shards, 0, 7, sampling="replacement")[3:]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "fewer samples"])
+def test_a_lost_shard_stops_the_run_naming_it(tmp_path, monkeypatch, damage):
+    """1 shard of 4 lost: the error is one line naming it, also from a DataLoader worker."""
+    monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
+    shards = write_shards(tmp_path, (24, 24, 24, 24))
+    lost = tmp_path / "train-000002.tar"
+    if damage == "delete":
+        lost.unlink()
+    elif damage == "truncate":
+        lost.write_bytes(lost.read_bytes()[:5000])
+    else:
+        shards = SplitShards(shards.name, shards.urls, (24, 24, 30, 24))  # the manifest lists more than it holds
+    with pytest.raises(ShardError) as error:
+        for rank in range(2):
+            rank_batches(shards, rank, 24, workers=0)
+    message = str(error.value)
+    assert message.startswith(f"shard {lost} ")
+    expected = "ends after 24 samples but the manifest lists 30" if damage == "fewer samples" else "cannot be read"
+    assert expected in message
+    # Raised in a DataLoader worker, it reaches the training process with the worker's traceback
+    # as its message (torch's ExceptionWrapper); what the user reads is the one line above.
+    with pytest.raises(ShardError) as reraised:
+        ExceptionWrapper((ShardError, error.value, error.value.__traceback__), where="in DataLoader worker process 1").reraise()
+    assert str(reraised.value) == message
+
+
+def test_a_changed_reader_layout_on_resume_is_one_line_naming_it():
+    saved = {"processes": 2, "data.workers": 4, "train.batch_size": 8}
+    check_same_layout(saved, dict(saved))
+    check_same_layout({}, saved)  # a checkpoint that recorded none: nothing to compare
+    with pytest.raises(ConfigError, match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with"):
+        check_same_layout(saved, {**saved, "processes": 1, "data.workers": 2})
