@@ -18,9 +18,9 @@ from depmatch.data.loader import (
     check_same_layout,
     data_layout,
 )
-from depmatch.data.stream import CorruptSamples
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import strong_view
+from depmatch.data.stream import CorruptSamples
 from depmatch.engine.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -47,6 +47,7 @@ from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
 from depmatch.engine.preemption import StopSignals
 from depmatch.engine.trackers import start_trackers
+from depmatch.errors import UserError
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
@@ -287,6 +288,8 @@ class Trainer:
                     if stopping:
                         self._report_stop(stop.received)
                         break
+        except UserError:
+            raise  # a lost shard or too many corrupt samples: its message names it, even one that says "timed out"
         except RuntimeError as error:
             rank, timeout = self.accelerator.process_index, config.collective_timeout
             explained = explain_collective_failure(error, rank, self.state.step, timeout)
