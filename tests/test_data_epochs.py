@@ -132,3 +132,10 @@ def test_a_changed_reader_layout_on_resume_is_one_line_naming_it():
     check_same_layout({}, saved)  # a checkpoint that recorded none: nothing to compare
     with pytest.raises(ConfigError, match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with"):
         check_same_layout(saved, {**saved, "processes": 1, "data.workers": 2})
+
+
+def test_an_unknown_sampling_is_one_line_naming_the_choices():
+    from depmatch.config import load_config
+
+    with pytest.raises(ConfigError, match="data.sampling must be one of epoch, replacement, got 'shuffled'"):
+        load_config(None, ["data.sampling=shuffled"])
