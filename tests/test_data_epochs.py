@@ -13,19 +13,20 @@ from torch.utils.data import DataLoader
 from depmatch.config import ConfigError
 from depmatch.data import stream
 from depmatch.data.loader import ShardStream, StreamSettings, check_same_layout
-from depmatch.data.stream import ShardError, SplitShards
+from depmatch.data.stream import CorruptSamples, ShardError, SplitShards
 
 BATCH = 4
 
 
-def write_shards(folder, sizes) -> SplitShards:
-    """Shards holding samples 0, 1, 2, ... in order, each sample a `.txt` member with its number."""
+def write_shards(folder, sizes, corrupt=()) -> SplitShards:
+    """Shards holding samples 0, 1, 2, ... in order, each sample a `.txt` member with its number
+    (or, for the numbers in `corrupt`, text that is no number)."""
     urls, index = [], 0
     for number, size in enumerate(sizes):
         path = folder / f"train-{number:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for _ in range(size):
-                data = str(index).encode()
+                data = b"bad" if index in corrupt else str(index).encode()
                 info = tarfile.TarInfo(f"s{index:04d}.txt")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -100,6 +101,20 @@ def test_sampling_with_replacement_repeats_samples_within_an_epoch(tmp_path):
     assert rank_batches(shards, 0, 4, sampling="replacement", start_step=3) == rank_batches(shards, 0, 7, sampling="replacement")[3:]
 
 
+def test_a_corrupt_sample_is_skipped_and_counted_in_its_batch(tmp_path):
+    shards = write_shards(tmp_path, (24, 24, 24, 24), corrupt=(30,))
+    budget = CorruptSamples(max_fraction=0.5)
+    numbers = []
+    for rank in range(2):
+        settings = StreamSettings(shards, stream_id=1, batch_size=BATCH, seed=5, rank=rank, world_size=2, sampling="epoch",
+                                  shuffle_buffer=24, start_step=0)
+        for batch in islice(ShardStream(settings, sample_number), 12):  # one epoch, one reader per rank
+            numbers += budget.add(batch)["number"].tolist()
+    # Sample 30's slot is filled by the next one of its reader, the first of that reader's next epoch.
+    assert len(numbers) == 96 and set(numbers) == set(range(96)) - {30}
+    assert budget.totals(lambda counts: counts) == {"samples_read": 97, "samples_skipped": 1}
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate", "fewer samples"])
 def test_a_lost_shard_stops_the_run_naming_it(tmp_path, monkeypatch, damage):
     """1 shard of 4 lost: the error is one line naming it, also from a DataLoader worker."""
@@ -130,7 +145,8 @@ def test_a_changed_reader_layout_on_resume_is_one_line_naming_it():
     saved = {"processes": 2, "data.workers": 4, "train.batch_size": 8}
     check_same_layout(saved, dict(saved))
     check_same_layout({}, saved)  # a checkpoint that recorded none: nothing to compare
-    with pytest.raises(ConfigError, match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with"):
+    with pytest.raises(ConfigError, match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with the "
+                       r"checkpoint's values \(2 processes --set data.workers=4\)"):
         check_same_layout(saved, {**saved, "processes": 1, "data.workers": 2})
 
 

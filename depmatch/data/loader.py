@@ -143,12 +143,16 @@ def data_layout(cfg: ExperimentConfig, world_size: int) -> dict:
 def check_same_layout(saved: Optional[dict], current: dict) -> None:
     """A resumed run continues the data exactly only with the layout of the checkpoint; any other
     is a different data order, so it stops instead of training on silently repeated samples."""
-    changed = [f"{name} {saved[name]} -> {current[name]}" for name in current if saved and name in saved and saved[name] != current[name]]
+    changed = [name for name in current if saved and name in saved and saved[name] != current[name]]
     if changed:
+        changes = ", ".join(f"{name} {saved[name]} -> {current[name]}" for name in changed)
+        fixes = " ".join(
+            f"{saved[name]} processes" if name == "processes" else f"--set {name}={'null' if saved[name] is None else saved[name]}"
+            for name in changed
+        )
         raise ConfigError(
-            f"the checkpoint's data positions hold for its own readers and batches, and this run changes "
-            f"{', '.join(changed)}; resume with the checkpoint's values (--set data.workers=..., the same number "
-            "of processes), or start a new run"
+            f"the checkpoint's data positions hold for its own readers and batches, and this run changes {changes}; "
+            f"resume with the checkpoint's values ({fixes}), or start a new run"
         )
 
 
