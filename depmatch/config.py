@@ -90,6 +90,9 @@ class DataConfig:
     shuffle_buffer: Optional[int] = None  # samples shuffled together; null: the split's largest shard
     max_bad_fraction: float = 0.01  # stop the run when more of the job's samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
+    # none | shuffled | random | constant: training depth replaced as it is read, images and labels
+    # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
+    depth_control: str = "none"
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:

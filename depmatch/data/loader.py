@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from depmatch.config import ConfigError, ExperimentConfig
+from depmatch.data.depth_controls import checked_control, group_transform
 from depmatch.data.samples import collate, labeled_sample, unlabeled_sample, val_sample
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import (
@@ -60,6 +61,7 @@ class StreamSettings:
     sampling: str  # data.sampling (epoch | replacement) for training, SINGLE_PASS for val
     shuffle_buffer: int
     start_step: int
+    depth_control: str = "none"  # data.depth_control, applied to the training streams
 
 
 class ShardStream(IterableDataset):
@@ -76,9 +78,10 @@ class ShardStream(IterableDataset):
         if s.sampling == SINGLE_PASS:
             return single_pass_samples(s.shards, reader, readers)
         start = batches_before(s.start_step, role, workers) * s.batch_size
+        transform = group_transform(s.depth_control, s.seed)
         if s.sampling == "replacement":
-            return resampled_samples(s.shards, s.seed, s.stream_id, s.rank, role, s.shuffle_buffer, start)
-        return epoch_samples(s.shards, s.seed, s.stream_id, reader, readers, s.shuffle_buffer, start)
+            return resampled_samples(s.shards, s.seed, s.stream_id, s.rank, role, s.shuffle_buffer, start, transform)
+        return epoch_samples(s.shards, s.seed, s.stream_id, reader, readers, s.shuffle_buffer, start, transform)
 
     def __iter__(self):
         s = self.settings
@@ -118,13 +121,31 @@ def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, b
         # At least a shard by default, so that a block mixes samples from more than one shard.
         shuffle_buffer=cfg.data.shuffle_buffer or max(shards.counts),
         start_step=start_step,
+        depth_control="none" if sampling == SINGLE_PASS else checked_control(cfg.data.depth_control),
     )
+    check_pairs(settings, world_size * max(workers, 1))
     # batch_size=None: each worker yields whole batches, which is what makes batch k come from worker k % W.
     # Its own generator: making an iterator would otherwise draw from the global RNG, which a
     # resumed run restores before it builds the loaders, so resumed and unbroken runs would part.
     # Pinned batches let the trainer's non_blocking copies overlap the step on a GPU.
     return DataLoader(ShardStream(settings, prepare), batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def check_pairs(settings: StreamSettings, readers: int) -> None:
+    """The shuffled depth control pairs samples within a group: every group needs two."""
+    if settings.depth_control != "shuffled":
+        return
+    if settings.sampling == "replacement":
+        smallest = min(settings.shards.counts)
+    else:
+        smallest = min(settings.shuffle_buffer, settings.shards.total // readers)
+    if smallest < 2:
+        raise ConfigError(
+            f"data.depth_control: shuffled pairs samples within a shuffle block (or a shard drawn with replacement), "
+            f"and the {settings.shards.name} split would give a block of one; raise data.shuffle_buffer or lower "
+            "ranks × data.workers (with replacement: rebuild with 2 or more samples per shard)"
+        )
 
 
 def data_layout(cfg: ExperimentConfig, world_size: int) -> dict:

@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -171,26 +171,40 @@ def epoch_layout(shards: SplitShards, seed: int, stream: int, epoch: int) -> tup
     return rng.permutation(len(shards.urls)).tolist(), int(rng.integers(shards.total))
 
 
+# A group of raw samples read together (a shuffle block, a drawn shard) and a seed of its own ->
+# the group with its depth replaced (depmatch/data/depth_controls.py); None leaves samples as read.
+GroupTransform = Optional[Callable[[list[dict], int], list[dict]]]
+
+
 def epoch_samples(
-    shards: SplitShards, seed: int, stream: int, reader: int, readers: int, buffer: int, start: int
+    shards: SplitShards, seed: int, stream: int, reader: int, readers: int, buffer: int, start: int,
+    transform: GroupTransform = None,
 ) -> Iterator[tuple[int, dict]]:
-    """(position, raw sample) of one reader's epochs, forever, from position `start` on."""
+    """(position, raw sample) of one reader's epochs, forever, from position `start` on.
+
+    An epoch's n samples form max(1, n // buffer) blocks of `buffer` samples, the last one
+    taking the remainder too, so that no block is smaller than the buffer (nor than 2, a
+    pairing transform's need, whenever the buffer and n are at least 2).
+    """
     per_epoch = shards.total // readers
+    blocks = max(1, per_epoch // buffer)
     epoch, offset = divmod(start, per_epoch)
-    first_block = offset // buffer
+    first_block = min(offset // buffer, blocks - 1)
     while True:
         order, rotation = epoch_layout(shards, seed, stream, epoch)
         begin = rotation + reader * per_epoch + first_block * buffer
         # The rotated sequence wraps around: the order twice covers any range that starts in the first.
         raw = read_range(shards, order + order, begin, rotation + (reader + 1) * per_epoch)
-        block = first_block
-        while samples := list(islice(raw, buffer)):
+        for block in range(first_block, blocks):
+            samples = list(islice(raw, buffer if block < blocks - 1 else None))
+            block_seed = derive_seed(seed, stream, epoch, reader, block)
+            if transform is not None:
+                samples = transform(samples, block_seed)
             base = epoch * per_epoch + block * buffer
-            permutation = np.random.default_rng([seed, stream, epoch, reader, block]).permutation(len(samples))
+            permutation = np.random.default_rng(block_seed).permutation(len(samples))
             for index, shuffled_index in enumerate(permutation.tolist()):
                 if base + index >= start:
                     yield base + index, samples[shuffled_index]
-            block += 1
         epoch, first_block = epoch + 1, 0
 
 
@@ -215,15 +229,16 @@ def shuffled(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> I
 
 
 def resampled_samples(shards: SplitShards, seed: int, stream: int, rank: int, worker: int, buffer: int,
-                      start: int) -> Iterator[tuple[int, dict]]:
+                      start: int, transform: GroupTransform = None) -> Iterator[tuple[int, dict]]:
     """(position, raw sample) of shards drawn with replacement, forever; resuming reads through the
-    first `start` samples."""
+    first `start` samples. `transform` gets each drawn shard whole, with a seed of the shard's own."""
     rng = random.Random(derive_seed(seed, stream, rank, worker))
 
     def draws() -> Iterator[dict]:
         while True:
             shard = rng.randrange(len(shards.urls))
-            yield from read_shard(shards.urls[shard], 0, shards.counts[shard], shards.counts[shard])
+            samples = read_shard(shards.urls[shard], 0, shards.counts[shard], shards.counts[shard])
+            yield from samples if transform is None else transform(list(samples), derive_seed(seed, stream, shard))
 
     return islice(enumerate(shuffled(draws(), buffer, rng)), start, None)
 
