@@ -7,11 +7,11 @@ every reader, hence every rank, gets the same number of samples per epoch (no ra
 another at an epoch's end), and the total mod R samples at the end of the epoch's sequence
 (fewer than R, other ones each epoch) are left out of that epoch. A reader's range may begin or
 end inside a shard, so fewer shards than readers is fine: they share the shard. The reader shuffles
-its range in consecutive blocks of `buffer` samples, each permuted by a generator seeded by
-(seed, split, epoch, reader, block). A reader's stream is thus a pure function of those
-numbers, and the sample at position p (counted from the run's start) is found arithmetically:
-epoch p // n, block (p mod n) // buffer. Resuming reads from that block's start, at most one
-buffer's worth of samples, whatever the step.
+its range in consecutive blocks of `buffer` samples (the last one also takes the remainder), each
+permuted by a generator seeded by (seed, split, epoch, reader, block). A reader's stream is thus a
+pure function of those numbers, and the sample at position p (counted from the run's start) is
+found arithmetically: epoch p // n, block (p mod n) // buffer (or the last). Resuming reads from
+that block's start, less than two buffers' worth of samples, whatever the step.
 
 Replacement (`data.sampling: replacement`): each reader draws shards with replacement and
 shuffles through a rolling buffer, all from a generator seeded by (seed, split, rank, worker).
