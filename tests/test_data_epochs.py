@@ -90,8 +90,9 @@ def test_resume_reads_at_most_a_block_whatever_the_step(tmp_path, monkeypatch):
     for step in (10, 10_000):
         read.clear()
         rank_batches(shards, 0, 1, workers=0, start_step=step)
-        # One block (the largest shard) and the samples before it in its first shard.
-        assert len(read) <= 2 * max(shards.counts), step
+        # The samples before the block in its first shard, and the block up to the position: the
+        # buffer is the largest shard, and the epoch's last block is under two buffers.
+        assert len(read) < 3 * max(shards.counts), step
 
 
 def test_sampling_with_replacement_repeats_samples_within_an_epoch(tmp_path):
