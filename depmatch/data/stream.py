@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from depmatch.config import ConfigError
 from depmatch.errors import UserError
@@ -107,8 +108,6 @@ def batches_before(step: int, worker: int, workers: int) -> int:
 
 
 def _tar_samples(url: str) -> Iterator[dict]:
-    import webdataset as wds  # here: the CLI imports this module before it needs webdataset
-
     return wds.tarfile_samples([{"url": url}])
 
 
@@ -118,15 +117,16 @@ def read_shard(url: str, first: int, end: int, expected: int) -> Iterator[dict]:
     done = first
     for attempt in range(SHARD_RETRIES + 1):
         try:
-            for index, sample in enumerate(_tar_samples(url)):
-                if index < done:
+            held = 0
+            for held, sample in enumerate(_tar_samples(url), start=1):
+                if held <= done:
                     continue
                 yield sample
                 done += 1
                 if done == end:
                     return
             raise ShardError(
-                f"shard {url} ends after {done} samples but the manifest lists {expected}: it is truncated or "
+                f"shard {url} ends after {held} samples but the manifest lists {expected}: it is truncated or "
                 "was replaced; rebuild it (`depmatch shards verify` lists every damaged shard)"
             )
         except ShardError:
