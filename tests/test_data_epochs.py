@@ -2,8 +2,10 @@
 a lost shard stops the run; read on small tar shards of numbered samples."""
 
 import io
+import json
 import tarfile
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ from torch.utils.data import DataLoader
 
 from depmatch.config import ConfigError
 from depmatch.data import stream
-from depmatch.data.loader import ShardStream, StreamSettings, check_same_layout
-from depmatch.data.stream import CorruptSamples, ShardError, SplitShards
+from depmatch.data.loader import UNLABELED_STREAM, ShardStream, StreamSettings, check_same_layout
+from depmatch.data.shards import read_manifest, shard_urls
+from depmatch.data.stream import CorruptSamples, ShardError, SplitShards, split_shards
 
 BATCH = 4
 
@@ -156,3 +159,32 @@ def test_an_unknown_sampling_is_one_line_naming_the_choices():
 
     with pytest.raises(ConfigError, match="data.sampling must be one of epoch, replacement, got 'shuffled'"):
         load_config(None, ["data.sampling=shuffled"])
+
+
+def test_training_stops_on_a_lost_shard_with_its_name(synthetic_root, tmp_path, monkeypatch):
+    """The trainer reports the lost shard itself, not as a failed collective, and writes no step past it."""
+    from depmatch.engine.trainer import Trainer
+    from test_compile import small_config
+
+    monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
+    root = tmp_path / "shards"
+    config = small_config(tmp_path / "run", f"data.root={root}", "data.synthesize=false", "train.steps=20",
+                          "train.checkpoint_every=20", "train.log_every=1")
+    # The shard of the 7th unlabeled sample of the first epoch (one reader, batches of 2).
+    manifest = read_manifest(synthetic_root)
+    unlabeled = split_shards(manifest, "unlabeled", shard_urls(synthetic_root, manifest, "unlabeled"))
+    order, rotation = stream.epoch_layout(unlabeled, config.train.seed, UNLABELED_STREAM, 0)
+    [(lost, offset, _)] = stream.pieces(unlabeled.counts, order * 2, rotation + 6, rotation + 7)
+    steps_before = (6 - offset) // 2  # the steps whose samples all come before the lost shard
+    lost_name = Path(unlabeled.urls[lost]).name
+    root.mkdir()
+    for path in synthetic_root.iterdir():
+        if path.is_file() and path.name != lost_name:
+            (root / path.name).symlink_to(path)
+    with pytest.raises(ShardError, match=f"^shard {root}/{lost_name} cannot be read"):
+        Trainer(config).train()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # The steps before the loss were logged with the job's counts: 2 labeled + 2 unlabeled per step.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps_before + 1))
+    assert [(r["samples_read"], r["samples_skipped"]) for r in records] == [(4 * r["step"], 0) for r in records]
