@@ -188,3 +188,9 @@ def test_training_stops_on_a_lost_shard_with_its_name(synthetic_root, tmp_path, 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps_before + 1))
     assert [(r["samples_read"], r["samples_skipped"]) for r in records] == [(4 * r["step"], 0) for r in records]
+
+
+def test_a_manifest_without_sample_counts_is_one_line():
+    manifest = {"splits": {"val": {"shards": [{"name": "val-000000.tar", "samples": 4}, {"name": "val-000001.tar"}]}}}
+    with pytest.raises(ShardError, match=r"the manifest's val shards need a positive integer `samples` each \(got \[4, None\]\)"):
+        stream.check_enough_samples(manifest, "val", 2)

@@ -72,15 +72,25 @@ class SplitShards:
         return sum(self.counts)
 
 
+def sample_counts(manifest: dict, split: str) -> tuple[int, ...]:
+    """The manifest's sample count of each shard of `split`, checked: the readers' shares are cut from them."""
+    counts = tuple(shard.get("samples") for shard in manifest["splits"][split]["shards"])
+    if not all(isinstance(count, int) and count > 0 for count in counts):
+        raise ShardError(
+            f"the manifest's {split} shards need a positive integer `samples` each (got {list(counts)}); "
+            "rebuild the shards with `depmatch shards build`, which records them"
+        )
+    return counts
+
+
 def split_shards(manifest: dict, split: str, urls: Sequence[str]) -> SplitShards:
     """`urls` (one per shard of the split, in manifest order) with the manifest's sample counts."""
-    counts = tuple(int(shard["samples"]) for shard in manifest["splits"][split]["shards"])
-    return SplitShards(split, tuple(urls), counts)
+    return SplitShards(split, tuple(urls), sample_counts(manifest, split))
 
 
 def check_enough_samples(manifest: dict, split: str, readers: int) -> None:
     """Every reader (rank × DataLoader worker) of a split needs at least one of its samples."""
-    total = sum(int(shard["samples"]) for shard in manifest["splits"][split]["shards"])
+    total = sum(sample_counts(manifest, split))
     if total < readers:
         raise ConfigError(
             f"the {split} split has {total} sample(s) but ranks × workers = {readers} readers need at least one each; "
