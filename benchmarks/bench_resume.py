@@ -6,7 +6,7 @@ step. Both are timed on the synthetic set of the default config (built into a te
 folder), for the labeled and the unlabeled loader together, with the config's batch sizes,
 loading in this process (`--workers 0`) unless told otherwise.
 
-    PYTHONPATH=. python tools/bench_resume.py [--steps 10 10000] [--workers 0] [--repeats 3]
+    PYTHONPATH=. python benchmarks/bench_resume.py [--steps 10 10000] [--workers 0] [--repeats 3]
 """
 
 from __future__ import annotations
