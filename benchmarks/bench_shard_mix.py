@@ -21,9 +21,8 @@ import argparse
 import random
 from typing import Iterator
 
-from depmatch.config import DataConfig
 from depmatch.data.build import shuffled_splits
-from depmatch.data.stream import resampled, shuffled
+from depmatch.data.stream import shuffled
 
 
 def shards_of(order: list[int], samples_per_shard: int) -> list[list[int]]:
@@ -37,8 +36,8 @@ def batch_shares(shards: list[list[int]], samples_per_shard: int, buffer: int, b
     names = [str(index) for index in range(len(shards))]
 
     def samples() -> Iterator[dict]:
-        for drawn in resampled(names, rng):
-            shard = int(drawn["url"])
+        while True:  # shards drawn with replacement, as data.sampling: replacement draws them
+            shard = int(rng.choice(names))
             for position in shards[shard]:
                 yield {"shard": shard, "block": position // samples_per_shard}
 
@@ -56,8 +55,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10582, help="ids in the split (Pascal's train_aug: 10582)")
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--buffers", type=int, nargs="+", default=[DataConfig().shuffle_buffer],
-                        help="shuffle buffer sizes to measure (default: data.shuffle_buffer's default)")
+    parser.add_argument("--buffers", type=int, nargs="+",
+                        help="shuffle buffer sizes to measure (default: one shard, as data.shuffle_buffer's default)")
     parser.add_argument("--batches", type=int, default=20000)
     parser.add_argument("--shuffle-seed", type=int, default=0)
     args = parser.parse_args()
@@ -68,7 +67,7 @@ def main() -> None:
     print(f"{args.samples} ids, {args.samples_per_shard} per shard, batches of {args.batch}, {args.batches} batches")
     print(f"{'order':<12} {'buffer':>7} {'one shard':>10} {'one run of neighbours':>22}")
     for name, order in orders.items():
-        for buffer in args.buffers:
+        for buffer in args.buffers or [args.samples_per_shard]:
             one_shard, one_block = batch_shares(shards_of(order, args.samples_per_shard), args.samples_per_shard, buffer,
                                                 args.batch, args.batches, seed=0)
             print(f"{name:<12} {buffer:>7} {one_shard:>9.1%} {one_block:>21.1%}")

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from depmatch.choices import CDDP_TARGETS, check_choice
+from depmatch.choices import CDDP_TARGETS, SAMPLING_MODES, check_choice
 from depmatch.errors import UserError
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 
@@ -89,8 +89,11 @@ class DataConfig:
     crop_size: int = 98
     scale_range: tuple[float, float] = (0.5, 2.0)
     workers: int = 0  # loader processes per rank; 0 decodes in the training process
-    shuffle_buffer: int = 64
-    max_bad_fraction: float = 0.01  # stop the run when more samples than this are corrupt
+    # epoch: each epoch gives every training sample to one reader (rank × worker) once; replacement:
+    # each reader draws shards with replacement (resuming then reads through what was consumed)
+    sampling: str = "epoch"
+    shuffle_buffer: Optional[int] = None  # samples shuffled together; null: the split's largest shard
+    max_bad_fraction: float = 0.01  # stop the run when more of the job's samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
     # none | shuffled | random | constant: training depth replaced as it is read, images and labels
     # untouched (depmatch/data/depth_controls.py); `depmatch ablate` sets it for its control runs
@@ -98,6 +101,9 @@ class DataConfig:
 
     def synthesizes(self) -> bool:
         return self.root == DataConfig.root if self.synthesize is None else self.synthesize
+
+    def __post_init__(self):
+        check_choice("data.sampling", self.sampling, SAMPLING_MODES, ConfigError)
 
 
 @dataclass

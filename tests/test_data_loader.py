@@ -1,4 +1,5 @@
 import io
+import json
 import tarfile
 from itertools import islice
 
@@ -9,7 +10,7 @@ import torch
 from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
 from depmatch.data.photometric import NUM_PARAMS
 from depmatch.data.shards import read_manifest, shard_urls
-from depmatch.data.stream import BadSampleBudget, batches_before
+from depmatch.data.stream import SKIPPED_KEY, CorruptDataError, CorruptSamples, batches_before
 
 
 def _batches(loader, count):
@@ -94,10 +95,22 @@ def test_val_labels_are_the_stored_labels(small_config):
     assert torch.equal(batch["label"][0], torch.from_numpy(label).long())
 
 
-def test_fewer_val_shards_than_readers_is_an_error(small_config):
-    small_config.data.workers = 2
-    with pytest.raises(ValueError, match="4 shard.*ranks × workers = 6"):
+def test_fewer_val_samples_than_readers_is_an_error(small_config):
+    small_config.data.workers = 3
+    with pytest.raises(ValueError, match="val split has 8 sample.*ranks × workers = 9 readers"):
         build_val_loader(small_config, 0, 3)
+
+
+def test_one_val_shard_is_shared_by_readers(small_config, tmp_path):
+    """Fewer shards than readers: readers split a shard, each val sample still read once."""
+    manifest = read_manifest(small_config.data.root)
+    first = manifest["splits"]["val"]["shards"][0]
+    manifest["splits"]["val"] = {"shards": [first], "total": first["samples"]}
+    (tmp_path / first["name"]).write_bytes(open(f"{small_config.data.root}/{first['name']}", "rb").read())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    small_config.data.root = str(tmp_path)
+    keys = [batch["key"][0] for rank in range(2) for batch in build_val_loader(small_config, rank, 2)]
+    assert keys == ["val_000000", "val_000001"]
 
 
 def _corrupt_first_sample(shard, tmp_path):
@@ -134,16 +147,28 @@ def test_corrupt_sample_is_skipped_and_logged(dataset_with_a_corrupt_val_sample,
     assert any(bad_key in record.getMessage() for record in caplog.records)
 
 
-def test_too_many_corrupt_samples_stop_the_run():
-    budget = BadSampleBudget(max_fraction=0.05)
-    for _ in range(95):
-        budget.record_good()
-    for _ in range(4):
-        budget.record_bad("shard key", ValueError("broken"))  # 4 of 99: under the minimum count, then under 5 %
-    assert (budget.bad, budget.seen) == (4, 99)
-    budget.record_bad("shard key", ValueError("broken"))  # 5 of 100 is not more than 5 %
-    with pytest.raises(RuntimeError, match="6 of 101 samples were corrupt"):
-        budget.record_bad("shard key", ValueError("broken"))
+def test_skipped_samples_are_counted_in_their_batch(dataset_with_a_corrupt_val_sample):
+    cfg, _ = dataset_with_a_corrupt_val_sample
+    budget = CorruptSamples(max_fraction=0.5)
+    for batch in build_val_loader(cfg, 0, 1):
+        assert SKIPPED_KEY not in budget.add(batch)
+    assert budget.totals(lambda counts: counts) == {"samples_read": 8, "samples_skipped": 1}
+
+
+def test_too_many_corrupt_samples_in_the_job_stop_the_run():
+    """The budget is the job's: the counts of every rank are summed before the fraction is checked."""
+    rank_budgets = [CorruptSamples(max_fraction=0.05) for _ in range(2)]
+    for rank, budget in enumerate(rank_budgets):
+        for _ in range(25):
+            budget.add({"image": torch.zeros(2, 1), SKIPPED_KEY: torch.tensor(rank)})  # 50 read, 25 skipped on rank 1
+
+    # Rank 0 alone saw nothing bad, but the job has 25 corrupt of 125 (more than 5 %): both ranks stop.
+    for budget, other in zip(rank_budgets, rank_budgets[::-1]):
+        with pytest.raises(CorruptDataError, match="25 of 125 samples were corrupt"):
+            budget.totals(lambda counts: counts + torch.tensor([other.read, other.skipped]))
+    small = CorruptSamples(max_fraction=0.05)
+    small.add({"image": torch.zeros(2, 1), SKIPPED_KEY: torch.tensor(5)})
+    assert small.totals(lambda counts: counts) == {"samples_read": 7, "samples_skipped": 5}  # under 100: no verdict
 
 
 def test_no_depth_shards(tmp_path, small_config):

@@ -1,14 +1,14 @@
-"""data.depth_control: shuffled depth is a derangement within each shard, the same for the same seed,
-resized to the image, and leaves images and labels untouched; random and constant keep the depth's range."""
+"""data.depth_control: shuffled depth is a derangement within each group read together, the same for the
+same seed, resized to the image, and leaves images and labels untouched; random and constant keep the
+depth's range."""
 
 import numpy as np
 import torch
 import pytest
-import webdataset as wds
 
 from depmatch.config import ConfigError
 from depmatch.data.codec import DEPTH_FIELD, LABEL_FIELD, decode_depth, encode_depth, encode_png
-from depmatch.data.depth_controls import checked_control, derangement, shuffled_depth, training_samples
+from depmatch.data.depth_controls import checked_control, derangement, group_transform, paired_depth
 from depmatch.data.loader import build_unlabeled_loader
 
 
@@ -17,14 +17,6 @@ def raw_sample(index, size=(4, 6)):
     image = np.full((*size, 3), index, np.uint8)
     return {"__key__": f"{index:04d}", "png": encode_png(image), LABEL_FIELD: encode_png(image[..., 0]),
             DEPTH_FIELD: encode_depth(np.full(size, float(index), np.float32))}
-
-
-def shard(path, samples):
-    """`samples` written to the tar shard `path`; its {"url": ...} item."""
-    with wds.TarWriter(str(path)) as writer:
-        for sample in samples:
-            writer.write(sample)
-    return {"url": str(path)}
 
 
 def depth_values(samples):
@@ -43,40 +35,43 @@ def test_derangement_has_no_fixed_point_and_is_a_permutation(count):
     assert derangement(count, 1).tolist() == derangement(count, 1).tolist()
 
 
-def test_shuffled_depth_pairs_within_each_shard_deterministically_and_leaves_images_and_labels(tmp_path):
-    raw = [raw_sample(i) for i in range(9)]
-    shards = [shard(tmp_path / "s0.tar", raw[:5]), shard(tmp_path / "s1.tar", raw[5:])]
-    urls = [item["url"] for item in shards]
-    first = list(shuffled_depth(shards, 0, urls))
-    partners = depth_values(first)
-    assert sorted(partners[:5]) == [0, 1, 2, 3, 4] and sorted(partners[5:]) == [5, 6, 7, 8]  # same shard
+def test_shuffled_depth_pairs_within_the_group_deterministically_and_leaves_images_and_labels():
+    raw = [raw_sample(i) for i in range(5)]
+    paired = paired_depth(raw, 0)
+    partners = depth_values(paired)
+    assert sorted(partners) == [0, 1, 2, 3, 4]
     assert all(partner != index for index, partner in enumerate(partners))  # no image keeps its own depth
-    assert depth_values(shuffled_depth(shards, 0, urls)) == partners  # the same seed, the same pairs
-    assert depth_values(shuffled_depth(shards, 1, urls)) != partners
-    assert [without_depth(sample) for sample in first] == [without_depth(sample) for sample in raw]
-    # a shard read twice in a row (resampled) pairs the same both times
-    assert depth_values(shuffled_depth([shards[0], shards[0]], 0, urls)) == partners[:5] * 2
+    assert depth_values(paired_depth(raw, 0)) == partners  # the same seed, the same pairs
+    assert depth_values(paired_depth(raw, 1)) != partners
+    assert [without_depth(sample) for sample in paired] == [without_depth(sample) for sample in raw]
 
 
-def test_shuffled_depth_is_resized_to_the_image_and_a_lone_sample_borrows(tmp_path):
-    pair = shard(tmp_path / "s0.tar", [raw_sample(0, size=(4, 6)), raw_sample(1, size=(8, 10))])
-    lone = shard(tmp_path / "s1.tar", [raw_sample(2)])
-    small, large, alone = shuffled_depth([pair, lone], 0, [pair["url"], lone["url"]])
+def test_shuffled_depth_is_resized_to_the_image():
+    small, large = paired_depth([raw_sample(0, size=(4, 6)), raw_sample(1, size=(8, 10))], 0)
     assert decode_depth(small[DEPTH_FIELD]).shape == (4, 6) and decode_depth(large[DEPTH_FIELD]).shape == (8, 10)
-    assert depth_values([small, large, alone]) == [1.0, 0.0, 0.0]  # the lone one: the next shard's first
+    assert depth_values([small, large]) == [1.0, 0.0]
 
 
-def test_random_and_constant_keep_the_images_depth_range(tmp_path):
+def test_random_and_constant_keep_the_images_depth_range():
     depth = np.linspace(2.0, 5.0, 24, dtype=np.float32).reshape(4, 6)
-    item = shard(tmp_path / "s.tar", [{**raw_sample(0), DEPTH_FIELD: encode_depth(depth)}])
-    [constant] = training_samples([item], "constant", 0, [], None)
+    sample = {**raw_sample(0), DEPTH_FIELD: encode_depth(depth)}
+    [constant] = group_transform("constant", 0)([sample], 7)
     assert np.allclose(decode_depth(constant[DEPTH_FIELD]), depth.mean(), atol=1e-2)
-    [random] = training_samples([item], "random", 0, [], None)
+    [random] = group_transform("random", 0)([sample], 7)
     values = decode_depth(random[DEPTH_FIELD])
     assert values.shape == depth.shape and 2.0 - 1e-2 <= values.min() and values.max() <= 5.0 + 1e-2
     assert not np.allclose(values, depth, atol=0.1)
+    assert depth_values(group_transform("random", 0)([sample], 8)) == depth_values([random])  # per sample, not per group
+    assert group_transform("none", 0) is None
     with pytest.raises(ConfigError, match="data.depth_control"):
         checked_control("swapped")
+
+
+def test_a_block_of_one_sample_is_refused_under_the_shuffled_control(small_config):
+    small_config.data.depth_control = "shuffled"
+    small_config.data.shuffle_buffer = 1
+    with pytest.raises(ConfigError, match="shuffled pairs samples within a shuffle block.*raise data.shuffle_buffer"):
+        build_unlabeled_loader(small_config, 0, 1)
 
 
 def test_the_loader_serves_another_images_depth_under_the_shuffled_control(small_config):

@@ -138,9 +138,9 @@ def test_a_missing_or_truncated_shard_stops_the_run_at_its_start(small_config, s
 
 
 def test_the_evaluation_split_is_checked_before_training(small_config):
-    """4 val shards: 5 readers cannot each take one, and a split the manifest lacks is named, both at the start."""
-    small_config.data.workers = 5
-    with pytest.raises(ConfigError, match=r"the val split has 4 shard\(s\) but ranks × workers = 5 readers"):
+    """8 val samples: 9 readers cannot each take one, and a split the manifest lacks is named, both at the start."""
+    small_config.data.workers = 9
+    with pytest.raises(ConfigError, match=r"the val split has 8 sample\(s\) but ranks × workers = 9 readers"):
         prepare_dataset(small_config)
     small_config.data.workers = 0
     small_config.data.val_split = "test"

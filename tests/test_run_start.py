@@ -40,7 +40,7 @@ def test_given_keys_are_those_of_the_file_and_the_overrides(tmp_path):
 
 
 def test_num_classes_comes_from_the_manifest_unless_the_config_sets_it(tmp_path):
-    splits = {split: {**entry, "shards": [{"name": f"{split}-000000.tar"}]} for split, entry in MANIFEST["splits"].items()}
+    splits = {split: {**entry, "shards": [{"name": f"{split}-000000.tar", "samples": 1}]} for split, entry in MANIFEST["splits"].items()}
     (tmp_path / "manifest.json").write_text(json.dumps({**MANIFEST, "splits": splits}))
     for split in splits:
         (tmp_path / f"{split}-000000.tar").touch()  # the run's start checks that the shards are there

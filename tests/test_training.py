@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_in_own_process
-from depmatch.config import load_config
+from depmatch.config import ConfigError, load_config
 from depmatch.engine.trainer import Trainer
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.data.loader import build_val_loader
@@ -109,6 +109,11 @@ def test_resume_is_exact(shards, tmp_path, caplog):
     for name in ("student.safetensors", "teacher.safetensors"):
         for key, value in final("straight", name).items():
             assert torch.equal(value, final("interrupted", name)[key]), (name, key)
+    # The job's sample counts since the resume: 4 steps of 4 labeled and 4 unlabeled images, none corrupt.
+    assert (got[-1]["samples_read"], got[-1]["samples_skipped"]) == (4 * 8, 0)
+    # The data positions of the checkpoint hold for 0 workers: 2 is a different order, refused by name.
+    with pytest.raises(ConfigError, match="this run changes data.workers 0 -> 2; resume with"):
+        Trainer(tiny_config(shards, tmp_path / "interrupted", *common, "data.workers=2"), resume="latest")
 
 
 FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")

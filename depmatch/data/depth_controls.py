@@ -9,32 +9,29 @@ tells a loss that helps through depth from one that helps through its extra term
 
 Images and labels are never touched; only the `depth.npy` field of a raw sample changes.
 
-Shuffled pairs images within each shard: the shard's raw samples are held while it is read, and
-sample i takes the depth of sample π(i), with π a random cyclic permutation (Sattolo's
-algorithm, so no image keeps its own depth) seeded by (train.seed, the shard's file name).
-Pairing inside a shard keeps the stream a stream: no second pass over the split and no map of
-every key held in memory, at the cost of one shard of raw samples per reader; the same seed
-gives the same pairs in every pass, on every rank and after a resume. A shard of a single
-sample takes the first image's depth of the next shard of the split instead, so that no image
-of a split of two or more keeps its own depth.
+Shuffled pairs images within each group of raw samples the loader holds anyway: a shuffle
+block of an epoch, or a shard drawn with replacement (depmatch/data/stream.py). Sample i takes
+the depth of sample π(i), with π a random cyclic permutation (Sattolo's algorithm, so no image
+keeps its own depth) seeded by the group's seed. Pairing inside a group keeps the stream a
+stream: no second pass over the split and no map of every key held in memory; the same seed
+gives the same pairs on every rank and after a resume, and an epoch pairs differently from the
+next. The loader refuses a layout that would leave a group of one sample.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from functools import partial
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 
 from depmatch.config import ConfigError
 from depmatch.data.codec import DEPTH_FIELD, decode_depth, encode_depth, image_field
-from depmatch.data.stream import derive_seed
 
 DEPTH_CONTROLS = ("none", "shuffled", "random", "constant")
 RANDOM_GRID = (4, 6)  # the random field's coarse grid (rows, columns), as the synthetic scenes' random control
@@ -57,11 +54,6 @@ def derangement(count: int, seed: int) -> np.ndarray:
     return partner
 
 
-def shard_seed(seed: int, url: str) -> int:
-    """The pairing seed of one shard: its file name, not its folder, so a moved dataset pairs the same."""
-    return derive_seed(seed, zlib.crc32(Path(url).name.encode()))
-
-
 def image_size(sample: dict) -> tuple[int, int]:
     """(height, width) of a raw sample's image, from its header alone."""
     with Image.open(io.BytesIO(sample[image_field(sample)])) as image:
@@ -82,31 +74,11 @@ def with_depth(sample: dict, depth: bytes) -> dict:
     return {**sample, DEPTH_FIELD: depth}
 
 
-def _first_depth_after(url: str, urls: Sequence[str]) -> bytes | None:
-    """The depth of the first sample of the shard after `url` in the split (cyclically); None without one."""
-    ordered = sorted(urls)
-    if len(ordered) < 2 or url not in ordered:
-        return None
-    following = ordered[(ordered.index(url) + 1) % len(ordered)]
-    return next(iter(wds.tarfile_samples([{"url": following}])))[DEPTH_FIELD]
-
-
-def shuffled_depth(shards: Iterable[dict], seed: int, urls: Sequence[str], handler=None) -> Iterator[dict]:
-    """The samples of `shards` ({"url": ...} items), each with the depth of its partner in its shard.
-
-    Each shard is read whole before its first sample is given, and the next shard is asked for only
-    when the last sample has been taken, as webdataset's reader does: the shard and shuffle draws
-    of the stream come in the same order with and without the control.
-    """
-    for shard in shards:
-        group = list(wds.tarfile_samples([shard], handler=handler))
-        if len(group) == 1:
-            borrowed = _first_depth_after(shard["url"], urls)
-            yield group[0] if borrowed is None else with_depth(group[0], depth_for(group[0], borrowed))
-            continue
-        partner = derangement(len(group), shard_seed(seed, shard["url"]))
-        for sample, other in zip(group, partner):
-            yield with_depth(sample, depth_for(sample, group[other][DEPTH_FIELD]))
+def paired_depth(group: list[dict], seed: int) -> list[dict]:
+    """The shuffled control: each sample with the depth of its partner in a random cyclic
+    permutation of its group, so that none keeps its own (a group has two samples or more)."""
+    partner = derangement(len(group), seed)
+    return [with_depth(sample, depth_for(sample, group[other][DEPTH_FIELD])) for sample, other in zip(group, partner)]
 
 
 def uninformative_depth(depth: np.ndarray, control: str, rng: np.random.Generator) -> np.ndarray:
@@ -118,16 +90,19 @@ def uninformative_depth(depth: np.ndarray, control: str, rng: np.random.Generato
     return np.array(Image.fromarray(coarse).resize(depth.shape[::-1], Image.BILINEAR))
 
 
-def training_samples(shards: Iterable[dict], control: str, seed: int, urls: Sequence[str], handler) -> Iterable[dict]:
-    """The raw samples of a training stream's shards, with `control`'s depth in place of their own."""
-    if control == "shuffled":
-        return shuffled_depth(shards, seed, urls, handler)
-    raw = wds.tarfile_samples(shards, handler=handler)
-    if control == "none":
-        return raw
-    return (
+def uninformative_group(group: list[dict], _group_seed: int, control: str, seed: int) -> list[dict]:
+    """The random or constant control, drawn per sample from (train.seed, its key): the same in every epoch."""
+    return [
         with_depth(sample, encode_depth(uninformative_depth(
-            decode_depth(sample[DEPTH_FIELD]), control,
-            np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]))))
-        for sample in raw
-    )
+            decode_depth(sample[DEPTH_FIELD]), control, np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]))))
+        for sample in group
+    ]
+
+
+def group_transform(control: str, seed: int) -> Optional[Callable[[list[dict], int], list[dict]]]:
+    """`control` as a function of (group of raw samples, the group's seed); None for none."""
+    if control == "none":
+        return None
+    if control == "shuffled":
+        return paired_depth
+    return partial(uninformative_group, control=control, seed=seed)

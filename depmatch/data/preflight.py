@@ -17,7 +17,7 @@ from pathlib import Path
 from depmatch.config import ConfigError, ExperimentConfig
 from depmatch.data.roots import ShardRoot, ShardsNotFoundError
 from depmatch.data.shards import shard_urls
-from depmatch.data.stream import check_enough_shards
+from depmatch.data.stream import check_enough_samples
 
 
 def splits_read(config: ExperimentConfig) -> dict[str, bool]:
@@ -50,11 +50,12 @@ def preflight(config: ExperimentConfig, manifest: dict, world_size: int) -> None
     for key, one_pass in splits_read(config).items():
         split = getattr(config.data, key)
         try:
-            urls = shard_urls(config.data.root, manifest, split)
+            shard_urls(config.data.root, manifest, split)
         except ShardsNotFoundError as error:
             raise ConfigError(f"data.{key}: {error}") from None
-        if one_pass:
-            check_enough_shards(urls, readers, split)
+        # Epochs and the single pass of evaluation give each reader a share of the samples.
+        if one_pass or config.data.sampling == "epoch":
+            check_enough_samples(manifest, split, readers)
     root = ShardRoot.parse(config.data.root)
     if root.kind == "local":
         check_local_shards(root, manifest)

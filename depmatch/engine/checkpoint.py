@@ -47,6 +47,8 @@ class TrainerState:
     best_miou: float = -1.0
     best_step: int = -1
     best_model: str = ""  # student | teacher
+    # The loaders' layout (depmatch.data.loader.data_layout) the step's data position holds for
+    data_layout: dict = dataclasses.field(default_factory=dict)
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:

@@ -11,9 +11,16 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
 from depmatch.config import ExperimentConfig, save_config
-from depmatch.data.loader import build_labeled_loader, build_unlabeled_loader, build_val_loader
+from depmatch.data.loader import (
+    build_labeled_loader,
+    build_unlabeled_loader,
+    build_val_loader,
+    check_same_layout,
+    data_layout,
+)
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import strong_view
+from depmatch.data.stream import CorruptSamples
 from depmatch.engine.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -40,6 +47,7 @@ from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
 from depmatch.engine.preemption import StopSignals
 from depmatch.engine.trackers import start_trackers
+from depmatch.errors import UserError
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
@@ -82,10 +90,14 @@ class Trainer:
         self.online_depth = OnlineDepth(model_path, self.accelerator.device) if model_path else None
 
         self.state = TrainerState()
+        layout = data_layout(config, self.accelerator.num_processes)
         checkpoint = self._resolve_resume(resume)
         if checkpoint is not None:
             self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
+            check_same_layout(self.state.data_layout, layout)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        self.state.data_layout = layout
+        self.corrupt_samples = CorruptSamples(config.data.max_bad_fraction)
         self.skip_on_device = skips_on_device(self.accelerator, self.optimizer)
         self.accumulated_nonfinite: Optional[torch.Tensor] = None  # this step's micro-steps so far (device skip)
         self.nonfinite = NonFiniteCount(config.train.max_nonfinite_steps)
@@ -118,7 +130,12 @@ class Trainer:
         else:
             unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
         for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
-            yield self.to_device(labeled_batch), self.to_device(unlabeled_batch)
+            yield self.to_device(self.corrupt_samples.add(labeled_batch)), self.to_device(self.corrupt_samples.add(unlabeled_batch))
+
+    def data_counts(self) -> dict[str, int]:
+        """The job's samples read and corrupt ones skipped; stops the run past data.max_bad_fraction."""
+        device = self.accelerator.device
+        return self.corrupt_samples.totals(lambda counts: self.accelerator.reduce(counts.to(device), "sum").cpu())
 
     def to_device(self, batch: dict) -> dict:
         """A loader batch on the training device: the strong views made from the weak one, and every
@@ -249,7 +266,8 @@ class Trainer:
         start_trackers(self.accelerator, self.config)
         unlabeled_images = 0 if config.labeled_only else config.unlabeled_batch_size
         images_per_step = (config.batch_size + unlabeled_images) * config.grad_accum
-        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step)
+        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step,
+                        counters=self.data_counts)
         self.student.train()
         batches = self.batch_generator()
         results: dict[str, float] = {}
@@ -274,7 +292,9 @@ class Trainer:
         except Exception as error:
             self._save_before_failing(first_step)
             rank, timeout = self.accelerator.process_index, config.collective_timeout
-            explained = explain_collective_failure(error, rank, self.state.step, timeout) if isinstance(error, RuntimeError) else None
+            # A data error (a lost shard) names its cause, even one whose message says "timed out".
+            collective = isinstance(error, RuntimeError) and not isinstance(error, UserError)
+            explained = explain_collective_failure(error, rank, self.state.step, timeout) if collective else None
             if explained is None:
                 raise
             raise explained from error
