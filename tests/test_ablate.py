@@ -14,7 +14,7 @@ from depmatch.cli import main
 from depmatch.ablate.report import Rule, decisions, labeled_only_bound, markdown, mean_std, summarize, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.synth.labeled=2",
+TINY = ("data.synthesize=true", "data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.synth.labeled=2",
         "data.synth.unlabeled=4", "data.crop_size=28", "train.batch_size=1", "train.unlabeled_batch_size=1",
         "model.tiny_embed_dim=24", "train.framework=fixmatch")
 
