@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="processes per command (median and max reported)")
     args = parser.parse_args(argv)
     rows = [("python -c pass", ["-c", "pass"])]
-    rows += [(f"depmatch {' '.join(words)} --help".replace("  ", " "), ["-c", PROBE, *words, "--help"])
-             for words in ([], *([name] for name in COMMANDS), ["shards", "build"])]
-    print(f"| command | median s | max s | torch imported |\n| --- | --- | --- | --- |")
+    rows += [
+        (f"depmatch {' '.join(words)} --help".replace("  ", " "), ["-c", PROBE, *words, "--help"])
+        for words in ([], *([name] for name in COMMANDS), ["shards", "build"])
+    ]
+    print("| command | median s | max s | torch imported |\n| --- | --- | --- | --- |")
     for label, command in rows:
         times, torch_seen = [], ""
         for _ in range(args.runs):

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 import webdataset as wds
+from PIL import Image
 
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
@@ -80,8 +79,11 @@ def _loopback_server(folder: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
-                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -148,9 +150,15 @@ def main() -> None:
             writer.commit()
         with _loopback_server(root) as url:
             roots = {"http (loopback)": url, "pipe:cat": f"pipe:cat {root}/{{name}}"}
-            sources = {"shard": lambda: _root_samples(str(root), names), "folders": lambda: _folder_samples(root, args.samples),
-                       **{kind: lambda location=location: _root_samples(location, names) for kind, location in roots.items()}}
-            for crop, work in ((0, "decode only"), (args.crop, f"loader work of an unlabeled sample, crop {args.crop}")):
+            sources = {
+                "shard": lambda: _root_samples(str(root), names),
+                "folders": lambda: _folder_samples(root, args.samples),
+                **{kind: lambda location=location: _root_samples(location, names) for kind, location in roots.items()},
+            }
+            for crop, work in (
+                (0, "decode only"),
+                (args.crop, f"loader work of an unlabeled sample, crop {args.crop}"),
+            ):
                 # interleaved repeats, the median of each: a busy machine slows every source alike
                 rates = {kind: [] for kind in sources}
                 for _ in range(args.repeats):
@@ -158,9 +166,15 @@ def main() -> None:
                         rates[kind].append(_timed(samples(), crop))
                 shard, folder, *remote = (sorted(values)[len(values) // 2] for values in rates.values())
                 remote = dict(zip(roots, remote))
-                print(f"{work}: shard {shard:.1f} samples/s, folders {folder:.1f} samples/s, "
-                      + ", ".join(f"{kind} {rate:.1f} samples/s ({rate / shard:.2f}× the local shards)"
-                                  for kind, rate in remote.items()) + " (one worker)")
+                print(
+                    f"{work}: shard {shard:.1f} samples/s, folders {folder:.1f} samples/s, "
+                    + ", ".join(
+                        f"{kind} {rate:.1f} samples/s ({rate / shard:.2f}× the local shards)"
+                        for kind, rate in remote.items()
+                    )
+                    + " (one worker)"
+                )
+
 
 if __name__ == "__main__":
     main()

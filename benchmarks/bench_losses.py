@@ -45,11 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 # Run as a script from a checkout, installed or not; the loop reference is the tests' oracle, in tests/.
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
+
 from depmatch.bench.ops import OpCounter  # noqa: E402
 from depmatch.bench.step import peak_memory_gib  # noqa: E402
 from depmatch.losses import cddp_loss, uldr_loss  # noqa: E402
 from depmatch.losses.cddp_uldr import PAIR_BACKENDS, _grid_labels, _resize_continuous, pair_backend  # noqa: E402
-from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference  # noqa: E402
 
 # Vectorised losses under each pair-sum backend, the kernels with the rest of both losses
 # compiled, the loop reference, the original code.
@@ -260,13 +261,17 @@ def main() -> int:
         args.json.write_text(json.dumps(result))
         return 0
 
-    names = args.implementations or (["triton", "blocked", "reference"] if device.type == "cuda" else ["compact", "reference"])
+    names = args.implementations or (
+        ["triton", "blocked", "reference"] if device.type == "cuda" else ["compact", "reference"]
+    )
     names += ["original"] if args.original else []
     slow = ("reference", "original")
     results, failed = [], []
     for name in names:
         try:
-            results.append(run_in_subprocess(name, args, args.reference_repeats or args.repeats if name in slow else args.repeats))
+            results.append(
+                run_in_subprocess(name, args, args.reference_repeats or args.repeats if name in slow else args.repeats)
+            )
         except subprocess.CalledProcessError as error:  # keep the others' figures (the original may run out of memory)
             print(f"{name} failed (exit status {error.returncode}); its error is above", file=sys.stderr)
             failed.append(name)
@@ -291,7 +296,9 @@ def main() -> int:
     }
     for r in results[1:]:
         r.pop("inputs")
-    print(f"{args.device} ({summary['machine']}), torch {torch.__version__}, B={args.batch} per view × {args.views} views")
+    print(
+        f"{args.device} ({summary['machine']}), torch {torch.__version__}, B={args.batch} per view × {args.views} views"
+    )
     print(f"inputs: {summary['inputs']}")
     print(table(results, args.views))
     differences = (f"{r['implementation']} {r['loss_relative_difference']:.1e}" for r in results[1:])
@@ -299,8 +306,10 @@ def main() -> int:
     if "speedup_vs_reference" in first:
         summary["speedup"] = first["speedup_vs_reference"]
         summary["target_met"] = summary["speedup"] >= TARGET_SPEEDUP
-        print(f"{first['implementation']}: {summary['speedup']:.1f}× the loop reference "
-              f"(target {TARGET_SPEEDUP:.0f}×: {verdict(summary['target_met'])})")
+        print(
+            f"{first['implementation']}: {summary['speedup']:.1f}× the loop reference "
+            f"(target {TARGET_SPEEDUP:.0f}×: {verdict(summary['target_met'])})"
+        )
     if device.type == "cuda":
         per_view_ms = 1e3 * first["median_s"] / args.views
         summary["kernel_time_target_met"] = per_view_ms <= KERNEL_TARGET_MS

@@ -43,9 +43,11 @@ def main() -> None:
     config.data.workers = args.workers
     with tempfile.TemporaryDirectory() as scratch:
         config.data.root = str(ensure_synthetic_shards(scratch, config.data.synth, config.num_classes))
-        print(f"synthetic set: {config.data.synth.labeled} labeled, {config.data.synth.unlabeled} unlabeled, "
-              f"{config.data.synth.samples_per_shard} per shard; batch {config.train.batch_size} + "
-              f"{config.train.unlabeled_batch_size}, data.workers={args.workers}")
+        print(
+            f"synthetic set: {config.data.synth.labeled} labeled, {config.data.synth.unlabeled} unlabeled, "
+            f"{config.data.synth.samples_per_shard} per shard; batch {config.train.batch_size} + "
+            f"{config.train.unlabeled_batch_size}, data.workers={args.workers}"
+        )
         for sampling in SAMPLING_MODES:
             config.data.sampling = sampling
             for step in args.steps:

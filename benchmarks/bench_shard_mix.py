@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from depmatch.data.build import shuffled_splits
 from depmatch.data.stream import shuffled
@@ -29,8 +29,9 @@ def shards_of(order: list[int], samples_per_shard: int) -> list[list[int]]:
     return [order[start : start + samples_per_shard] for start in range(0, len(order), samples_per_shard)]
 
 
-def batch_shares(shards: list[list[int]], samples_per_shard: int, buffer: int, batch: int, batches: int,
-                 seed: int) -> tuple[float, float]:
+def batch_shares(
+    shards: list[list[int]], samples_per_shard: int, buffer: int, batch: int, batches: int, seed: int
+) -> tuple[float, float]:
     """(share of batches from one shard, share of batches from one run of neighbouring list ids)."""
     rng = random.Random(seed)
     names = [str(index) for index in range(len(shards))]
@@ -55,21 +56,30 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10582, help="ids in the split (Pascal's train_aug: 10582)")
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--buffers", type=int, nargs="+",
-                        help="shuffle buffer sizes to measure (default: one shard, as data.shuffle_buffer's default)")
+    parser.add_argument(
+        "--buffers",
+        type=int,
+        nargs="+",
+        help="shuffle buffer sizes to measure (default: one shard, as data.shuffle_buffer's default)",
+    )
     parser.add_argument("--batches", type=int, default=20000)
     parser.add_argument("--shuffle-seed", type=int, default=0)
     args = parser.parse_args()
 
     listed = list(range(args.samples))
-    orders = {"list order": listed,
-              "shuffled": shuffled_splits({"unlabeled": listed}, args.shuffle_seed)["unlabeled"]}
+    orders = {"list order": listed, "shuffled": shuffled_splits({"unlabeled": listed}, args.shuffle_seed)["unlabeled"]}
     print(f"{args.samples} ids, {args.samples_per_shard} per shard, batches of {args.batch}, {args.batches} batches")
     print(f"{'order':<12} {'buffer':>7} {'one shard':>10} {'one run of neighbours':>22}")
     for name, order in orders.items():
         for buffer in args.buffers or [args.samples_per_shard]:
-            one_shard, one_block = batch_shares(shards_of(order, args.samples_per_shard), args.samples_per_shard, buffer,
-                                                args.batch, args.batches, seed=0)
+            one_shard, one_block = batch_shares(
+                shards_of(order, args.samples_per_shard),
+                args.samples_per_shard,
+                buffer,
+                args.batch,
+                args.batches,
+                seed=0,
+            )
             print(f"{name:<12} {buffer:>7} {one_shard:>9.1%} {one_block:>21.1%}")
 
 

@@ -55,14 +55,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 
 import torch  # noqa: E402
-
 from bench_losses import PASCAL, LossShape  # noqa: E402
 from bench_losses import measure as measure_losses  # noqa: E402
+from perf_targets import summary_markdown, summary_rows  # noqa: E402
+
 from depmatch.bench.cli import deepspeed_precision, launch_environment, shipped_deepspeed_config  # noqa: E402
 from depmatch.bench.presets import peak_tflops  # noqa: E402
 from depmatch.bench.profile import profile_steps, synchronize  # noqa: E402
 from depmatch.bench.step import build_step, count_flops  # noqa: E402
-from perf_targets import summary_markdown, summary_rows  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 ITEMS = ("losses", "step", "mfu", "zero2", "peer")
@@ -70,7 +70,12 @@ ITEMS = ("losses", "step", "mfu", "zero2", "peer")
 # hangs costs its item, not the suite. --cap-scale stretches them for a slower GPU.
 CAPS = {"losses": 30, "step": 140, "mfu": 110, "zero2": 40, "peer": 50}
 OPTIONAL_CAPS = {"mfu": 90, "zero2": 80, "peer": 45}
-TINY_MODEL = ("model.tiny_embed_dim=24", "model.tiny_heads=1", "model.head_features=8", "model.head_out_channels=[8,8,8,8]")
+TINY_MODEL = (
+    "model.tiny_embed_dim=24",
+    "model.tiny_heads=1",
+    "model.head_features=8",
+    "model.head_out_channels=[8,8,8,8]",
+)
 ENCODERS = {"S": "dinov2_s", "B": "dinov2_b", "L": "dinov2_l", "G": "dinov2_g"}
 PEER_ENCODER = "small"  # UniMatch V2's name for DINOv2-S: the peer runs the S step
 
@@ -94,7 +99,7 @@ class Plan:
     cap_scale: float = 1.0  # × CAPS and OPTIONAL_CAPS: a CPU takes longer even at tiny shapes
 
     @classmethod
-    def for_run(cls, tiny: bool) -> "Plan":
+    def for_run(cls, tiny: bool) -> Plan:
         if not tiny:
             return cls(tiny=False)
         return cls(tiny=True, crop=28, batch=2, warmup=0, steps=1, profiled=1,
@@ -159,13 +164,15 @@ def time_and_profile(step, warmup: int, steps: int, profiled: int, top: int = 25
 def compiled_context(plan: Plan, compiled: bool):
     """Tiny on the CPU, a compiled configuration runs its forwards eagerly: inductor's C++ build takes
     minutes per graph there (tests/test_compile.py covers compilation). On a GPU: as it is."""
-    return torch.compiler.set_stance("force_eager") if compiled and plan.tiny and not ON_GPU else contextlib.nullcontext()
+    return (
+        torch.compiler.set_stance("force_eager") if compiled and plan.tiny and not ON_GPU else contextlib.nullcontext()
+    )
 
 
 # ---------------------------------------------------------------------------------------- items
 
 
-def losses_tasks(run: "Run") -> list:
+def losses_tasks(run: Run) -> list:
     device = torch.device("cuda" if ON_GPU else "cpu")
     original = run.peer / "um2_snapshot" / "depmatch" / "DepMatch.py" if run.peer else None
 
@@ -188,8 +195,8 @@ def losses_tasks(run: "Run") -> list:
     return [task(name) for name in ("triton", "blocked", "original")]
 
 
-def step_task(run: "Run", item: str, role: str, depmatch: bool, compiled: bool, scope: str = "step",
-              flops: bool = False, optional: bool = False) -> "Task":  # fmt: skip
+def step_task(run: Run, item: str, role: str, depmatch: bool, compiled: bool, scope: str = "step",
+              flops: bool = False, optional: bool = False) -> Task:  # fmt: skip
     name = f"{role} {'student' if scope == 'student' else 'on' if depmatch else 'off'} {'compiled' if compiled else 'eager'}"
 
     def go() -> dict:
@@ -214,12 +221,12 @@ def step_task(run: "Run", item: str, role: str, depmatch: bool, compiled: bool, 
     return Task(item, name, go, identity=identity, kind=1 if compiled else 0, optional=optional)
 
 
-def step_tasks(run: "Run") -> list:
+def step_tasks(run: Run) -> list:
     return [step_task(run, "step", role, depmatch, compiled)
             for role in ("S", "B") for compiled in (False, True) for depmatch in (False, True)]  # fmt: skip
 
 
-def mfu_tasks(run: "Run") -> list:
+def mfu_tasks(run: Run) -> list:
     return [
         step_task(run, "mfu", "L", False, True, scope="student", flops=True),
         step_task(run, "mfu", "L", False, True, flops=True),
@@ -228,7 +235,7 @@ def mfu_tasks(run: "Run") -> list:
     ]
 
 
-def zero2_task(run: "Run", role: str, compiled: bool, optional: bool = False) -> "Task":
+def zero2_task(run: Run, role: str, compiled: bool, optional: bool = False) -> Task:
     """`role` off and on under ZeRO-2 in one child process launched as `accelerate launch
     --config_file launch/zero2-8gpu.yaml` would be, with one process. Eager is the required pair:
     DeepSpeed holds the weights in bf16, so the compiled graphs differ from the plain step's and
@@ -246,14 +253,18 @@ def zero2_task(run: "Run", role: str, compiled: bool, optional: bool = False) ->
         log = run.out / f"zero2-{role}-{mode}.log"
         try:
             with log.open("w") as handle:
-                subprocess.run(command, env=launch_environment("2", precision), stdout=handle, stderr=subprocess.STDOUT, check=True)
+                subprocess.run(
+                    command, env=launch_environment("2", precision), stdout=handle, stderr=subprocess.STDOUT, check=True
+                )
         except subprocess.CalledProcessError as error:
             raise RuntimeError(f"the ZeRO-2 child exited with {error.returncode}: {tail(log)}") from None
         finally:  # what it measured before a cut or a failure still counts
             run.zero2_rows(role, compiled, results)
         return {"status": "ok", "configurations": 2}
 
-    return Task("zero2", f"{role} off+on {mode}", go, identity={"role": role, "compile": compiled}, kind=2, optional=optional)
+    return Task(
+        "zero2", f"{role} off+on {mode}", go, identity={"role": role, "compile": compiled}, kind=2, optional=optional
+    )
 
 
 def zero2_worker(specs: list[dict], results: Path, tiny: bool) -> int:
@@ -269,7 +280,7 @@ def zero2_worker(specs: list[dict], results: Path, tiny: bool) -> int:
     return 0
 
 
-def peer_task(run: "Run", name: str, arguments: list[str], optional: bool = False) -> "Task":
+def peer_task(run: Run, name: str, arguments: list[str], optional: bool = False) -> Task:
     def go() -> dict:
         if run.peer is None:
             return {"status": "not given: UniMatch V2's own step runs with --unimatch-v2 DIR"}
@@ -293,7 +304,7 @@ def peer_task(run: "Run", name: str, arguments: list[str], optional: bool = Fals
     return Task("peer", name, go, kind=2, optional=optional)
 
 
-def peer_tasks(run: "Run") -> list:
+def peer_tasks(run: Run) -> list:
     return [
         peer_task(run, "unimatch_v2 fp32", ["--precision", "fp32"]),
         peer_task(run, "unimatch_v2 bf16", ["--precision", "bf16"]),
@@ -332,7 +343,10 @@ class Run:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": os.environ.get("DEPMATCH_COMMIT") or git_commit(),  # the variable where the tree has no .git
             "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
-            **{name: package_version(name) for name in ("torch", "timm", "transformers", "accelerate", "deepspeed", "triton")},
+            **{
+                name: package_version(name)
+                for name in ("torch", "timm", "transformers", "accelerate", "deepspeed", "triton")
+            },
             "tiny": plan.tiny,
             "crop": plan.crop,
             "batch_per_view": plan.batch,
@@ -366,13 +380,15 @@ class Run:
                 self.add(task, status=f"skipped: {max(left, 0):.0f} s of the {item} item's {cap:.0f} s cap left")
                 continue
             began = time.monotonic()
-            print(f"[{item}] {task.name} ({left:.0f} s left in the item, {self.remaining():.0f} s in the run)", flush=True)
+            print(
+                f"[{item}] {task.name} ({left:.0f} s left in the item, {self.remaining():.0f} s in the run)", flush=True
+            )
             try:
                 with deadline(left):
                     values = task.go()
             except Cut as cut:
                 values = {"status": str(cut)}
-            except (Exception, SystemExit) as error:  # noqa: BLE001: a failure is a row, and the run goes on
+            except (Exception, SystemExit) as error:  # a failure is a row, and the run goes on
                 values = {"status": f"failed: {type(error).__name__}: {error}"[:600]}
                 traceback.print_exc()
             finally:
@@ -396,20 +412,28 @@ class Run:
             if cap > self.remaining():
                 for task in required:
                     left = max(self.remaining(), 0)
-                    self.add(task, status=f"skipped: its item's cap of {cap:.0f} s exceeds the {left:.0f} s left in the budget")
+                    self.add(
+                        task,
+                        status=f"skipped: its item's cap of {cap:.0f} s exceeds the {left:.0f} s left in the budget",
+                    )
                 continue
             self.run_tasks(required, cap, item)
         for item, task in deferred:  # what the required items left, in item order
             cap = OPTIONAL_CAPS[item] * self.plan.cap_scale
             if cap > self.remaining():
-                self.add(task, status=f"skipped (optional): needs {cap:.0f} s, {max(self.remaining(), 0):.0f} s left in the budget")
+                self.add(
+                    task,
+                    status=f"skipped (optional): needs {cap:.0f} s, {max(self.remaining(), 0):.0f} s left in the budget",
+                )
                 continue
             self.run_tasks([task], cap, item)
 
     def write(self) -> None:
         summary = summary_rows(self.rows, self.environment)
         (self.out / "perf.json").write_text(json.dumps({"environment": self.environment, "rows": self.rows}, indent=1))
-        (self.out / "summary.json").write_text(json.dumps({"environment": self.environment, "targets": summary}, indent=1))
+        (self.out / "summary.json").write_text(
+            json.dumps({"environment": self.environment, "targets": summary}, indent=1)
+        )
         (self.out / "summary.md").write_text(summary_markdown(summary, self.rows, self.environment))
         if self.pack:
             with tarfile.open(self.pack, "w:gz") as archive:
@@ -436,15 +460,21 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for the whole suite: an item whose time limit no longer fits is skipped "
                              "(default: no limit)")  # fmt: skip
-    parser.add_argument("--cap-scale", type=float, default=None,
-                        help="× every item's time limit (default 1, tiny 4): more for a GPU slower than an H100")
+    parser.add_argument(
+        "--cap-scale",
+        type=float,
+        default=None,
+        help="× every item's time limit (default 1, tiny 4): more for a GPU slower than an H100",
+    )
     parser.add_argument("--items", nargs="+", default=list(ITEMS), choices=ITEMS, help="a subset, e.g. to rerun one")
     parser.add_argument("--unimatch-v2", metavar="DIR", default=None,
                         help="a folder with unimatch_v2_step.py and its snapshot um2_snapshot/: times UniMatch V2's own "
                              "step (item peer) and the original DepMatch functions (item losses)")  # fmt: skip
     parser.add_argument("--pack", default=None, help="a .tar.gz rewritten after every configuration")
     parser.add_argument("--pack-dir", default=None, help="the folder --pack holds (default: --out)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for MFU (default: known cards)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's bf16 peak, for MFU (default: known cards)"
+    )
     parser.add_argument("--worker-zero2", nargs=2, metavar=("SPECS", "RESULTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64  # each configuration compiles new module instances of the same code

@@ -27,7 +27,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = DepthAnythingForDepthEstimation(config)
     model.save_pretrained(args.out)
-    DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(args.out)
+    DPTImageProcessor(
+        size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14
+    ).save_pretrained(args.out)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, random)")
 
 

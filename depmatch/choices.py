@@ -23,6 +23,8 @@ def check_choice(key: str, value: str, choices: tuple[str, ...], error: type[Exc
     """Raise `error` naming `key` and the choices when `value` is not one of them."""
     if value not in choices:
         raise error(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 SAMPLING_MODES = ("epoch", "replacement")  # data.sampling
 
 

@@ -12,7 +12,6 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from depmatch import __version__
 from depmatch.errors import run_reporting_user_errors
@@ -30,14 +29,17 @@ COMMANDS = {
     "eval": Command("depmatch.evaluation.cli", "mIoU and per-class IoU of a checkpoint on a shard split"),
     "predict": Command("depmatch.evaluation.cli", "label maps and overlays for a folder of images"),
     "export": Command("depmatch.evaluation.cli", "a standalone model directory from a checkpoint"),
-    "ablate": Command("depmatch.ablate.cli", "does depth help on your data? variants × seeds × depth controls, one report"),
+    "ablate": Command(
+        "depmatch.ablate.cli", "does depth help on your data? variants × seeds × depth controls, one report"
+    ),
     "bench": Command(
-        "depmatch.bench.cli", "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU and profile"
+        "depmatch.bench.cli",
+        "encoder-swap benchmark: step time, images/s, peak memory, FLOPs, MFU, optional mIoU and profile",
     ),
 }
 
 
-def _named_command(argv: list[str]) -> Optional[str]:
+def _named_command(argv: list[str]) -> str | None:
     """The subcommand in `argv`: the first word that is not an option (the top-level options take no
     value). None when `--help` comes first: the top-level help lists the commands by their lines here."""
     for word in argv:
@@ -49,10 +51,18 @@ def _named_command(argv: list[str]) -> Optional[str]:
 
 
 def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the traceback of an error instead of its one-line message")
-    parser.add_argument("--verbose", action="store_true", default=default,
-                        help="keep the INFO and warning lines of accelerate, DeepSpeed and the model libraries")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an error instead of its one-line message",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="keep the INFO and warning lines of accelerate, DeepSpeed and the model libraries",
+    )
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser):
@@ -65,7 +75,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
             yield from _leaf_parsers(child)
 
 
-def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser of `depmatch`; the command named in `argv` gets its full parser, the others a stub."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -88,7 +98,7 @@ def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     from depmatch.logs import quiet_third_party_logs

@@ -15,13 +15,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
-from depmatch.choices import CDDP_TARGETS, SAMPLING_MODES, check_choice
+from depmatch.choices import (
+    CDDP_TARGETS,
+    INFERENCE_MODES,
+    INFERENCE_PRECISIONS,
+    LABELED_LOSSES,
+    SAMPLING_MODES,
+    check_choice,
+)
 from depmatch.errors import UserError
-from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, LABELED_LOSSES
 
 
 class ConfigError(UserError, ValueError):
@@ -42,9 +48,13 @@ _YAMLLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
 )
 
 
@@ -84,7 +94,7 @@ class DataConfig:
     val_split: str = "val"
     # Generate the synthetic dataset into `root` when it has no matching manifest. null: only into the
     # embedded default root (a mistyped path is reported, not filled); true: into any local folder.
-    synthesize: Optional[bool] = None
+    synthesize: bool | None = None
     synth: SynthConfig = field(default_factory=SynthConfig)
     crop_size: int = 98
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -92,7 +102,7 @@ class DataConfig:
     # epoch: each epoch gives every training sample to one reader (rank × worker) once; replacement:
     # each reader draws shards with replacement (resuming then reads through what was consumed)
     sampling: str = "epoch"
-    shuffle_buffer: Optional[int] = None  # samples shuffled together; null: the split's largest shard
+    shuffle_buffer: int | None = None  # samples shuffled together; null: the split's largest shard
     max_bad_fraction: float = 0.01  # stop the run when more of the job's samples than this are corrupt
     require_depth: bool = True  # DepMatch needs depth in the unlabeled shards
     # none | shuffled | random | constant: training depth replaced as it is read, images and labels
@@ -111,13 +121,15 @@ class ModelConfig:
     # vit_tiny | dinov2_{s,b,l,g} | dinov3_{s,b,l,h,7b} | timm ViT name (vit_small_patch16_224, ...) | resnet50 | ...
     encoder: str = "vit_tiny"
     backend: str = "timm"  # timm | transformers (its Backbone classes: Dinov2Backbone, DINOv3ViTBackbone, ...)
-    pretrained: Optional[str] = None  # local file or folder, or hub id (facebook/dinov2-small, timm/...); None needs random_init
+    pretrained: str | None = (
+        None  # local file or folder, or hub id (facebook/dinov2-small, timm/...); None needs random_init
+    )
     random_init: bool = True  # explicit opt-in to untrained encoder weights
     head: str = "dpt"  # dpt | deeplabv3plus
     # DPT fusion width (64/128/256/384 for DINOv2 S/B/L/G); null: scaled with the encoder's width (docs/models.md)
-    head_features: Optional[int] = 32
-    head_out_channels: Optional[tuple[int, ...]] = (32, 64, 128, 128)  # null: scaled with the encoder's width
-    intermediate_layers: Optional[tuple[int, ...]] = None  # None: method.md §6 defaults per size
+    head_features: int | None = 32
+    head_out_channels: tuple[int, ...] | None = (32, 64, 128, 128)  # null: scaled with the encoder's width
+    intermediate_layers: tuple[int, ...] | None = None  # None: method.md §6 defaults per size
     drop_path: float = 0.0
     output_stride: int = 16  # resnet only: 8 or 16, the last stages dilated instead of strided (as UniMatch)
     grad_checkpointing: bool = False  # recompute encoder blocks in backward: less memory, ~30% slower
@@ -126,9 +138,9 @@ class ModelConfig:
     tiny_depth: int = 4
     tiny_heads: int = 3
     # A shape-reduced preset or timm ViT, randomly initialised (tests, memory checks): fewer blocks, narrower
-    depth: Optional[int] = None
-    embed_dim: Optional[int] = None
-    num_heads: Optional[int] = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
 
 
 @dataclass
@@ -178,7 +190,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     poly_power: float = 0.9
     grad_clip: float = 0.0  # 0 disables clipping
-    fused: Optional[bool] = None  # fused AdamW kernels; None: on CUDA unless DeepSpeed offloads the optimizer
+    fused: bool | None = None  # fused AdamW kernels; None: on CUDA unless DeepSpeed offloads the optimizer
 
 
 @dataclass
@@ -198,12 +210,14 @@ class TrainConfig:
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 200000
     cutmix_prob: float = 0.5
-    mixed_precision: Optional[str] = None  # no | fp16 | bf16; None leaves it to the launch config
+    mixed_precision: str | None = None  # no | fp16 | bf16; None leaves it to the launch config
     seed: int = 0
     output_dir: str = "runs/synthetic"
     log_every: int = 10
-    log_with: tuple[str, ...] = ("tensorboard",)  # accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml
-    run_name: Optional[str] = None  # the run's name in the trackers; None: the experiment's name
+    log_with: tuple[str, ...] = (
+        "tensorboard",
+    )  # accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml
+    run_name: str | None = None  # the run's name in the trackers; None: the experiment's name
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_last: int = 2
@@ -212,7 +226,7 @@ class TrainConfig:
     # ranks before the run ends with an error: a hung or stopped rank ends the job instead of
     # stalling it. Above the slowest legitimate wait (rank 0 writing a checkpoint, a first compile).
     collective_timeout: float = 600.0
-    online_depth_model: Optional[str] = None  # Depth Anything folder or hub id: depth per step (slow, as the reference)
+    online_depth_model: str | None = None  # Depth Anything folder or hub id: depth per step (slow, as the reference)
     compile: bool = False  # torch.compile the student's and teacher's forwards (docs/training.md)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
 
@@ -224,11 +238,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     mode: str = "resize"  # resize (Pascal protocol) | sliding (Cityscapes protocol)
-    window: Optional[int] = None  # sliding window size; None uses data.crop_size
+    window: int | None = None  # sliding window size; None uses data.crop_size
     stride_ratio: float = 2 / 3
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    precision: Optional[str] = None  # bf16 | fp16: autocast dtype for inference; None runs fp32
+    precision: str | None = None  # bf16 | fp16: autocast dtype for inference; None runs fp32
 
     def __post_init__(self):
         # read at the first evaluation: checked now, so that a wrong value stops the run before it starts
@@ -306,13 +320,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             example = _list_example(key, args)
-            raise ConfigError(f"{key}: expected a list, got {value!r}; write a YAML list such as {example} "
-                              f"(--set {key}={example.replace(' ', '')})")
+            raise ConfigError(
+                f"{key}: expected a list, got {value!r}; write a YAML list such as {example} "
+                f"(--set {key}={example.replace(' ', '')})"
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}; give a list of exactly {len(args)}, "
-                              f"such as {_list_example(key, args)}")
+            raise ConfigError(
+                f"{key}: expected {len(args)} values, got {len(value)}; give a list of exactly {len(args)}, "
+                f"such as {_list_example(key, args)}"
+            )
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -389,7 +407,7 @@ def _read_yaml_file(path: Path) -> dict:
     return loaded
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
     """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML).
 
     An error names where the bad key came from: the file, or the override.
@@ -411,7 +429,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return _build(ExperimentConfig, values)
 
 
-def given_keys(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> set[str]:
+def given_keys(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> set[str]:
     """The dotted keys that the YAML file and the overrides set, as opposed to the defaults."""
     values: dict = _read_yaml_file(Path(path)) if path is not None else {}
     for assignment in overrides:

@@ -9,7 +9,7 @@ it). Every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 USER_ERROR_STATUS = 2  # the status argparse gives a command-line mistake
 

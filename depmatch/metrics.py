@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """Pixel counts K×K (long, on the inputs' device): row = target class, column = predicted class.
 
     `pred` and `target` are integer tensors of the same shape; target pixels equal to
@@ -27,7 +29,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     counts = torch.bincount(pair_index, minlength=num_classes * num_classes)
     # bincount grows past K*K only when a label or prediction is outside [0, K)
     if counts.numel() != num_classes * num_classes:
-        raise ValueError(f"a label or prediction lies outside [0, {num_classes}) and is not the ignore index {ignore_index}")
+        raise ValueError(
+            f"a label or prediction lies outside [0, {num_classes}) and is not the ignore index {ignore_index}"
+        )
     return counts.view(num_classes, num_classes)
 
 
@@ -40,6 +44,8 @@ def miou_from_confusion(confusion: torch.Tensor) -> tuple[float, torch.Tensor]:
     return per_class.nanmean().item(), per_class
 
 
-def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> tuple[float, torch.Tensor]:
+def miou(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> tuple[float, torch.Tensor]:
     """(mIoU, per-class IoU) in percent for one prediction/target pair; see `miou_from_confusion`."""
     return miou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))

@@ -31,29 +31,41 @@ def distribution(accelerator) -> str:
         stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
         backend = f"DeepSpeed ZeRO-{stage}" + (" (parameters sharded)" if is_zero3(accelerator) else "")
     processes = accelerator.num_processes
-    return (f"{processes} process{'es' if processes > 1 else ''} ({backend}), device {accelerator.device}, "
-            f"mixed precision {accelerator.mixed_precision}")
+    return (
+        f"{processes} process{'es' if processes > 1 else ''} ({backend}), device {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}"
+    )
 
 
 def run_summary(config: ExperimentConfig, manifest: dict, model: nn.Module, accelerator) -> str:
     """The lines printed before training: config and output folders, split sizes, model size, distribution."""
     data, train = config.data, config.train
     totals = {split: entry["total"] for split, entry in manifest["splits"].items()}
-    counts = ", ".join(f"{totals.get(split, 0)} {role}" for role, split in
-                       (("labeled", data.labeled_split), ("unlabeled", data.unlabeled_split), ("val", data.val_split)))
+    counts = ", ".join(
+        f"{totals.get(split, 0)} {role}"
+        for role, split in (
+            ("labeled", data.labeled_split),
+            ("unlabeled", data.unlabeled_split),
+            ("val", data.val_split),
+        )
+    )
     others = [split for split in manifest.get("eval_splits", []) if split != data.val_split]
     encoder = getattr(model, "encoder", None)
     encoder_size = f", encoder {_millions(parameter_count(encoder))}" if encoder is not None else ""
     weights = config.model.pretrained or "random initialisation"
-    depmatch = (f"DepMatch on (lambda_cddp {config.depmatch.lambda_cddp}, lambda_uldr {config.depmatch.lambda_uldr})"
-                if config.depmatch.enabled else "DepMatch off")
+    depmatch = (
+        f"DepMatch on (lambda_cddp {config.depmatch.lambda_cddp}, lambda_uldr {config.depmatch.lambda_uldr})"
+        if config.depmatch.enabled
+        else "DepMatch off"
+    )
     output = Path(train.output_dir)
     lines = [
         f"config       {output / 'config.yaml'} (the resolved config: file, --set overrides and the shards' num_classes)",
         f"output       {output} (checkpoints/, best/, metrics.jsonl)",
         f"data         {data.root}: {counts}" + (f" (also evaluable: {', '.join(others)})" if others else ""),
         f"classes      {config.num_classes} from {manifest.get('dataset', 'the manifest')}: "
-        + ", ".join(manifest.get("classes", [])[:6]) + (", ..." if len(manifest.get("classes", [])) > 6 else ""),
+        + ", ".join(manifest.get("classes", [])[:6])
+        + (", ..." if len(manifest.get("classes", [])) > 6 else ""),
         f"model        {config.model.encoder} ({config.model.backend}) + {config.model.head}: "
         f"{_millions(parameter_count(model))} parameters{encoder_size}; weights: {weights}",
         f"training     {train.framework}, {depmatch}, {train.steps} steps of {train.batch_size} labeled + "

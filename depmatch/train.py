@@ -102,12 +102,17 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_trackers(config.train.log_with)  # before the shards are generated or checked
-    manifest = prepare_dataset(config, num_classes_from_data="num_classes" not in given_keys(args.config, args.overrides))
+    manifest = prepare_dataset(
+        config, num_classes_from_data="num_classes" not in given_keys(args.config, args.overrides)
+    )
     trainer = Trainer(config, resume=args.resume, dataset=manifest)
     if trainer.accelerator.is_main_process:
         from depmatch.run_summary import run_summary
 
-        print(run_summary(config, manifest, trainer.accelerator.unwrap_model(trainer.student), trainer.accelerator), flush=True)
+        print(
+            run_summary(config, manifest, trainer.accelerator.unwrap_model(trainer.student), trainer.accelerator),
+            flush=True,
+        )
     results = trainer.train()
     if trainer.stopped_by is not None:
         # 0, not an error: under torchrun a failing worker would be restarted (--max_restarts) while
@@ -116,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if trainer.accelerator.is_main_process:
         summary = ", ".join(f"{name} {value:.2f}" for name, value in results.items())
         print(f"final mIoU ({config.data.val_split}): {summary}")
-        print(f"checkpoints: {Path(config.train.output_dir) / 'checkpoints'}  best: {Path(config.train.output_dir) / 'best'}")
+        print(
+            f"checkpoints: {Path(config.train.output_dir) / 'checkpoints'}  best: {Path(config.train.output_dir) / 'best'}"
+        )
     return 0
 
 

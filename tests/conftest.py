@@ -63,11 +63,22 @@ def tiny_depth_anything(tmp_path) -> Path:
     import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
-                                 fusion_hidden_size=16, head_hidden_size=8)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=56,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
     model_dir = tmp_path / "tiny-depth-anything"
     torch.manual_seed(0)
     model = DepthAnythingForDepthEstimation(config)
@@ -75,7 +86,9 @@ def tiny_depth_anything(tmp_path) -> Path:
         model.head.conv3.weight.mul_(1e7)
         model.head.conv3.bias.fill_(3.0)
     model.save_pretrained(model_dir)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(model_dir)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(
+        model_dir
+    )
     return model_dir
 
 
@@ -138,7 +151,9 @@ def train_in_own_process(overrides: list[str], check: str, env: dict | None = No
         f"assert {check}; print(json.dumps(trainer.train()))"
     )
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

@@ -20,21 +20,21 @@ import os
 
 import pytest
 import torch
-
-from depmatch.losses import cddp_uldr
-from depmatch.bench.ops import OpCounter
-from depmatch.losses import cddp_loss, uldr_loss
-from depmatch.losses.cddp_uldr import pair_backend
 from loss_reference import cddp_loss_reference
 from test_losses import cddp_loop, make_inputs, uldr_loop, uneven_inputs
 
+from depmatch.bench.ops import OpCounter
+from depmatch.losses import cddp_loss, cddp_uldr, uldr_loss
+from depmatch.losses.cddp_uldr import pair_backend
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from the start of the process (see the docstring)", allow_module_level=True)
 
 from depmatch.losses import kernels  # noqa: E402  (after the check: the decorators read the variable)
 
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # σ of very negative x in NumPy
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:overflow encountered in exp:RuntimeWarning"
+)  # σ of very negative x in NumPy
 
 CDDP_KWARGS = dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)
 ULDR_KWARGS = dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)
@@ -179,7 +179,9 @@ def test_without_gradient_same_value():
     with pair_backend("triton"), torch.no_grad():
         cddp = cddp_loss(features.float(), depth, probs, pseudo_label, ignore, size=(5, 7), **CDDP_KWARGS)
         uldr = uldr_loss(logits.float(), depth, pseudo_label, ignore, size=(5, 7), **ULDR_KWARGS)
-    torch.testing.assert_close(cddp.double(), cddp_loop(features, depth, probs, pseudo_label, ignore, (5, 7), **CDDP_KWARGS))
+    torch.testing.assert_close(
+        cddp.double(), cddp_loop(features, depth, probs, pseudo_label, ignore, (5, 7), **CDDP_KWARGS)
+    )
     torch.testing.assert_close(uldr.double(), uldr_loop(logits, depth, pseudo_label, ignore, (5, 7), **ULDR_KWARGS))
 
 
@@ -201,7 +203,9 @@ def test_bfloat16_inputs_are_computed_in_float32():
         (triton_value, triton_grad), (torch_value, torch_grad) = grads
         assert triton_value.dtype == torch.float32 and triton_grad.dtype == torch.bfloat16
         torch.testing.assert_close(triton_value, torch_value, rtol=1e-5, atol=1e-12)
-        torch.testing.assert_close(triton_grad.float(), torch_grad.float(), rtol=2e-2, atol=1e-2 * torch_grad.abs().max().item())
+        torch.testing.assert_close(
+            triton_grad.float(), torch_grad.float(), rtol=2e-2, atol=1e-2 * torch_grad.abs().max().item()
+        )
 
 
 def test_float64_falls_back_to_the_blocked_path():

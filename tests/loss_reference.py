@@ -34,7 +34,9 @@ def _distance(difference: torch.Tensor) -> torch.Tensor:
     """C×n×m feature differences -> n×m Euclidean distances, with a zero (not NaN) gradient at 0."""
     squared = difference.pow(2).sum(0)
     positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared))
+    return torch.where(
+        positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared)
+    )
 
 
 def _gap(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

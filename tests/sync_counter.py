@@ -43,7 +43,12 @@ def _copy_to_host(func, args, kwargs) -> bool:
     name = func.overloadpacket.__name__
     if name == "_to_copy":
         source, target = args[0], kwargs.get("device")
-        return target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu" and not kwargs.get("non_blocking")
+        return (
+            target is not None
+            and torch.device(target).type == "cpu"
+            and source.device.type != "cpu"
+            and not kwargs.get("non_blocking")
+        )
     if name == "copy_":
         target, source = args[0], args[1]
         non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)

@@ -10,27 +10,53 @@ import pytest
 
 from depmatch.ablate.cli import read_records
 from depmatch.ablate.plan import PRESETS, Plan, Run
-from depmatch.cli import main
 from depmatch.ablate.report import Rule, decisions, labeled_only_bound, markdown, mean_std, summarize, write_report
+from depmatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("data.synthesize=true", "data.synth.height=28", "data.synth.width=28", "data.synth.val=2", "data.synth.labeled=2",
-        "data.synth.unlabeled=4", "data.crop_size=28", "train.batch_size=1", "train.unlabeled_batch_size=1",
-        "model.tiny_embed_dim=24", "train.framework=fixmatch")
+TINY = (
+    "data.synthesize=true",
+    "data.synth.height=28",
+    "data.synth.width=28",
+    "data.synth.val=2",
+    "data.synth.labeled=2",
+    "data.synth.unlabeled=4",
+    "data.crop_size=28",
+    "train.batch_size=1",
+    "train.unlabeled_batch_size=1",
+    "model.tiny_embed_dim=24",
+    "train.framework=fixmatch",
+)
 
 
 @pytest.mark.slow
 def test_a_tiny_ablation_records_resumes_refuses_a_change_and_reports_its_records(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
-    argv = ["--out", out, "--seeds", "2", "--variants", "base", "both", "--control", "shuffled", "--steps", "2",
-            "--no-estimate", *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)]]
+    argv = [
+        "--out",
+        out,
+        "--seeds",
+        "2",
+        "--variants",
+        "base",
+        "both",
+        "--control",
+        "shuffled",
+        "--steps",
+        "2",
+        "--no-estimate",
+        *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)],
+    ]
     monkeypatch.chdir(tmp_path)
     assert main(["ablate", *map(str, argv)]) == 0
     printed = capsys.readouterr().out
     assert "6 runs planned, 0 done before, 6 to train" in printed
     assert all(f"[{n}/6] fixmatch-" in printed for n in range(1, 7))  # a progress line per run
-    keys = {f"fixmatch-{depth}-{variant}-s{seed}" for seed in (0, 1)
-            for depth, variant in (("true", "base"), ("true", "both"), ("shuffled", "both"))}
+    keys = {
+        f"fixmatch-{depth}-{variant}-s{seed}"
+        for seed in (0, 1)
+        for depth, variant in (("true", "base"), ("true", "both"), ("shuffled", "both"))
+    }
     assert {path.stem for path in (out / "records").glob("*.json")} == keys
     records = read_records(out / "records")
     control = next(r for r in records if r["depth_mode"] == "shuffled")
@@ -62,17 +88,44 @@ def test_a_tiny_ablation_records_resumes_refuses_a_change_and_reports_its_record
 
 
 def test_the_plan_puts_each_control_where_it_acts():
-    real = Plan(config=None, overrides=("data.synthesize=false", "data.root=shards/real"), variants=("base", "both"),
-                controls=("shuffled", "random"), control_variants=("both",), seeds=(0, 1), out="runs/x", steps=7)
+    real = Plan(
+        config=None,
+        overrides=("data.synthesize=false", "data.root=shards/real"),
+        variants=("base", "both"),
+        controls=("shuffled", "random"),
+        control_variants=("both",),
+        seeds=(0, 1),
+        out="runs/x",
+        steps=7,
+    )
     assert [(run.depth, run.variant, run.seed) for run in real.runs()[:4]] == [
-        ("true", "base", 0), ("true", "both", 0), ("shuffled", "both", 0), ("random", "both", 0)]
+        ("true", "base", 0),
+        ("true", "both", 0),
+        ("shuffled", "both", 0),
+        ("random", "both", 0),
+    ]
     config = real.run_config(Run("random", "both", 1))
     assert (config.data.depth_control, config.data.root, config.train.seed) == ("random", "shards/real", 1)
-    assert (config.train.steps, config.train.eval_every, config.train.output_dir) == (7, 7, "runs/x/runs/unimatch_v2-random-both-s1")
-    synthetic = Plan(config=None, overrides=("data.synthesize=true", "data.root=shards/s"), variants=("base",), controls=("random", "shuffled"),
-                     control_variants=("uldr",), seeds=(0,), out="o")
+    assert (config.train.steps, config.train.eval_every, config.train.output_dir) == (
+        7,
+        7,
+        "runs/x/runs/unimatch_v2-random-both-s1",
+    )
+    synthetic = Plan(
+        config=None,
+        overrides=("data.synthesize=true", "data.root=shards/s"),
+        variants=("base",),
+        controls=("random", "shuffled"),
+        control_variants=("uldr",),
+        seeds=(0,),
+        out="o",
+    )
     stored = synthetic.run_config(Run("random", "uldr", 0))  # synthetic scenes keep random depth in their shards
-    assert (stored.data.synth.depth_mode, stored.data.depth_control, stored.depmatch.lambda_cddp) == ("random", "none", 0)
+    assert (stored.data.synth.depth_mode, stored.data.depth_control, stored.depmatch.lambda_cddp) == (
+        "random",
+        "none",
+        0,
+    )
     shuffled = synthetic.run_config(Run("shuffled", "uldr", 0))
     assert (shuffled.data.synth.depth_mode, shuffled.data.depth_control) == ("true", "shuffled")
     assert stored.data.root != shuffled.data.root == synthetic.run_config(Run("true", "base", 0)).data.root
@@ -82,36 +135,70 @@ def test_the_plan_puts_each_control_where_it_acts():
 
 def test_the_synthetic_presets_are_the_scene_version_4_plan():
     preset = PRESETS["synthetic-cpu"]
-    plan = Plan(config=None, overrides=preset.overrides, variants=preset.variants, controls=preset.controls,
-                control_variants=preset.control_variants, seeds=(0, 1, 2), out="o", steps=preset.steps)
+    plan = Plan(
+        config=None,
+        overrides=preset.overrides,
+        variants=preset.variants,
+        controls=preset.controls,
+        control_variants=preset.control_variants,
+        seeds=(0, 1, 2),
+        out="o",
+        steps=preset.steps,
+    )
     runs = plan.runs()
     # FixMatch; labeled_only, base, all_labels and six depth variants with true depth, the six with random; 3 seeds
     assert len(runs) == (3 + 6 + 6) * 3 and plan.framework == "fixmatch"
     configs = {run.variant: plan.run_config(run) for run in runs if run.depth == "true" and run.seed == 0}
     assert all(config.data.synth.scene_version == 4 for config in configs.values())
-    assert (configs["both"].data.crop_size, configs["both"].train.steps, configs["both"].model.head_features) == (98, 1000, 16)
+    assert (configs["both"].data.crop_size, configs["both"].train.steps, configs["both"].model.head_features) == (
+        98,
+        1000,
+        16,
+    )
     assert configs["all_labels"].data.synth.labeled == 162 and configs["labeled_only"].data.synth.labeled == 2
     assert configs["cddp_b03"].depmatch.cddp.inter_weight == 0.3 and configs["cddp"].depmatch.cddp.inter_weight == 0.0
     assert [configs[v].depmatch.cddp.target for v in ("cddp", "cddp_similarity", "cddp_distance")] == [
-        "paper", "similarity", "distance"]
+        "paper",
+        "similarity",
+        "distance",
+    ]
     assert (configs["uldr_l05"].depmatch.lambda_cddp, configs["uldr_l05"].depmatch.lambda_uldr) == (0.0, 0.5)
     gpu = PRESETS["synthetic-gpu"]
     assert (gpu.steps, gpu.jobs, gpu.variants, gpu.controls) == (240, 8, preset.variants, preset.controls)
-    on_gpu = Plan(config=None, overrides=gpu.overrides, variants=gpu.variants, controls=gpu.controls,
-                  control_variants=gpu.control_variants, seeds=(0,), out="o", steps=gpu.steps).run_config(runs[0])
+    on_gpu = Plan(
+        config=None,
+        overrides=gpu.overrides,
+        variants=gpu.variants,
+        controls=gpu.controls,
+        control_variants=gpu.control_variants,
+        seeds=(0,),
+        out="o",
+        steps=gpu.steps,
+    ).run_config(runs[0])
     assert (on_gpu.model.encoder, on_gpu.data.crop_size, on_gpu.train.mixed_precision) == ("dinov2_s", 224, "bf16")
     assert on_gpu.data.synth.scene_version == 4 and on_gpu.data.root != configs["base"].data.root
 
 
 def record(variant, seed, miou, per_class, depth_mode="true", seconds=10.0):
-    return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "reported_miou": miou,
-            "per_class": per_class, "classes": ["a", "b"], "reported": "student", "wall_seconds": seconds}
+    return {
+        "depth_mode": depth_mode,
+        "variant": variant,
+        "seed": seed,
+        "reported_miou": miou,
+        "per_class": per_class,
+        "classes": ["a", "b"],
+        "reported": "student",
+        "wall_seconds": seconds,
+    }
 
 
 def test_summary_by_hand():
     records = [record("base", s, m, [m, m]) for s, m in enumerate((50.0, 52.0, 54.0))]
-    records += [record("both", 0, 51.0, [42.0, math.nan]), record("both", 1, 55.0, [50.0, 60.0]),
-                record("both", 2, 56.0, [52.0, 60.0])]
+    records += [
+        record("both", 0, 51.0, [42.0, math.nan]),
+        record("both", 1, 55.0, [50.0, 60.0]),
+        record("both", 2, 56.0, [52.0, 60.0]),
+    ]
     records += [record("both", 0, 50.0, [0.0, 0.0], "shuffled"), record("both", 1, 52.0, [0.0, 0.0], "shuffled")]
     mean, std = mean_std([50.0, 52.0, 54.0, math.nan])
     assert (mean, std) == (52.0, 2.0) and math.isnan(mean_std([7.0])[1])
@@ -125,9 +212,16 @@ def test_summary_by_hand():
 
 
 def box_record(variant, seed, boxes, depth_mode="true", rank=0.5, probe=60.0):
-    return {"depth_mode": depth_mode, "variant": variant, "seed": seed, "per_class": [90.0, *boxes],
-            "classes": ["sky", "box_near", "box_far"], "reported_miou": 50.0, "wall_seconds": 1.0,
-            "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0} for when in ("start", "end")}}
+    return {
+        "depth_mode": depth_mode,
+        "variant": variant,
+        "seed": seed,
+        "per_class": [90.0, *boxes],
+        "classes": ["sky", "box_near", "box_far"],
+        "reported_miou": 50.0,
+        "wall_seconds": 1.0,
+        "probes": {when: {"depth_rank": rank, "linear_probe": probe, "confusion": 10.0} for when in ("start", "end")},
+    }
 
 
 def test_decision_rule_by_hand(tmp_path):
@@ -175,8 +269,16 @@ def test_the_synthetic_cpu_preset_trains_the_cited_scene_version_4_runs():
     from depmatch.config import load_config
 
     preset = PRESETS["synthetic-cpu"]
-    plan = Plan(config=None, overrides=preset.overrides, variants=preset.variants, controls=preset.controls,
-                control_variants=preset.control_variants, seeds=(0, 1, 2), out="o", steps=preset.steps)
+    plan = Plan(
+        config=None,
+        overrides=preset.overrides,
+        variants=preset.variants,
+        controls=preset.controls,
+        control_variants=preset.control_variants,
+        seeds=(0, 1, 2),
+        out="o",
+        steps=preset.steps,
+    )
     records = read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs")
     assert sorted(r["key"] for r in records) == sorted(run.key("fixmatch") for run in plan.runs())
     for record in records[::3]:  # one seed of each (depth, variant): records are sorted by cell, then seed
@@ -198,8 +300,16 @@ def test_the_estimate_counts_every_run_and_adds_up_its_timings(monkeypatch):
         return {"build_seconds": 2.0, "step_ms": timings[run.variant], "end_seconds": 3.0}
 
     monkeypatch.setattr(estimate, "time_cell", time_cell)
-    plan = Plan(config=None, overrides=(), variants=("base", "both"), controls=("shuffled",),
-                control_variants=("both",), seeds=(0, 1), out="o", steps=10)
+    plan = Plan(
+        config=None,
+        overrides=(),
+        variants=("base", "both"),
+        controls=("shuffled",),
+        control_variants=("both",),
+        seeds=(0, 1),
+        out="o",
+        steps=10,
+    )
     result = estimate.estimate(plan, plan.runs(), jobs=2, warmup=0, timed=1)
     assert measured == [("true", "base"), ("true", "both"), ("shuffled", "both")]
     # runs of 2 + 10 × 0.1 + 3 = 6 s (base) and 2 + 10 × 0.3 + 3 = 8 s (both): 2 × 6 + 4 × 8 = 44 s
@@ -211,20 +321,47 @@ def test_the_estimate_counts_every_run_and_adds_up_its_timings(monkeypatch):
 def test_runs_side_by_side_each_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
     """--jobs 2: two spawned processes (the GPU preset's path, here on the CPU), each run's output in its log."""
     monkeypatch.chdir(tmp_path)
-    argv = ["ablate", "--out", str(tmp_path / "a"), "--seeds", "1", "--variants", "base", "uldr", "--control",
-            "--steps", "1", "--jobs", "2", "--threads", "1", "--no-estimate",
-            *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)]]
+    argv = [
+        "ablate",
+        "--out",
+        str(tmp_path / "a"),
+        "--seeds",
+        "1",
+        "--variants",
+        "base",
+        "uldr",
+        "--control",
+        "--steps",
+        "1",
+        "--jobs",
+        "2",
+        "--threads",
+        "1",
+        "--no-estimate",
+        *[word for setting in (*TINY, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("started fixmatch-true-") == 2 and "[2/2] fixmatch-true-" in printed
-    assert {path.stem for path in (tmp_path / "a" / "logs").glob("*.log")} == {"fixmatch-true-base-s0", "fixmatch-true-uldr-s0"}
+    assert {path.stem for path in (tmp_path / "a" / "logs").glob("*.log")} == {
+        "fixmatch-true-base-s0",
+        "fixmatch-true-uldr-s0",
+    }
     records = read_records(tmp_path / "a" / "records")
     assert [r["variant"] for r in records] == ["base", "uldr"] and records[1]["config"]["depmatch.lambda_cddp"] == 0
 
 
 def test_scene_stats_measures_the_plans_synthetic_scenes(capsys):
-    tiny = ["--set", "data.synth.unlabeled=6", "--set", "data.synth.scene_version=4", "--set", "data.synth.height=48",
-            "--set", "data.synth.width=64"]
+    tiny = [
+        "--set",
+        "data.synth.unlabeled=6",
+        "--set",
+        "data.synth.scene_version=4",
+        "--set",
+        "data.synth.height=48",
+        "--set",
+        "data.synth.width=64",
+    ]
     assert main(["ablate", "--scene-stats", *tiny]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["scene_version"] == 4 and stats["scenes"] == 6 and 0 <= stats["both_on_grid"] <= 100

@@ -24,8 +24,16 @@ def test_peak_tflops_lookup():
 
 @pytest.mark.parametrize("encoder", sorted(ENCODER_PRESETS))
 def test_every_preset_makes_a_valid_config(encoder, tmp_path):
-    spec = {"encoder": encoder, "framework": "fixmatch", "depmatch": False, "precision": "bf16", "crop": 518,
-            "batch": 4, "output_dir": str(tmp_path), "num_classes": 21}
+    spec = {
+        "encoder": encoder,
+        "framework": "fixmatch",
+        "depmatch": False,
+        "precision": "bf16",
+        "crop": 518,
+        "batch": 4,
+        "output_dir": str(tmp_path),
+        "num_classes": 21,
+    }
     config = load_config(None, overrides_for(spec))
     assert config.model.encoder == ENCODER_PRESETS[encoder]["encoder"]
     assert config.train.mixed_precision == "bf16"
@@ -34,19 +42,55 @@ def test_every_preset_makes_a_valid_config(encoder, tmp_path):
 
 
 def test_markdown_table_formats_and_drops_empty_columns():
-    result = {"encoder": "dinov2_s", "framework": "unimatch_v2", "depmatch": True, "precision": "bf16", "zero": "2",
-              "crop": 518, "batch": 4, "step_time_s": 0.5, "images_per_s": 16.0, "peak_memory_gib": 12.345,
-              "tflop_per_step": 3.0, "achieved_tflops": 6.0, "mfu": 0.25, "miou_student": None}
+    result = {
+        "encoder": "dinov2_s",
+        "framework": "unimatch_v2",
+        "depmatch": True,
+        "precision": "bf16",
+        "zero": "2",
+        "crop": 518,
+        "batch": 4,
+        "step_time_s": 0.5,
+        "images_per_s": 16.0,
+        "peak_memory_gib": 12.345,
+        "tflop_per_step": 3.0,
+        "achieved_tflops": 6.0,
+        "mfu": 0.25,
+        "miou_student": None,
+    }
     lines = markdown_table([result]).splitlines()
     assert lines[0].split(" | ")[-1] == "MFU |"
     assert "mIoU" not in lines[0]
-    assert lines[2] == "| dinov2_s | unimatch_v2 | True | bf16 | 2 | 518 | 4 | 0.500 | 16.0 | 12.35 | 3.000 | 6.00 | 25.0% |"
+    assert (
+        lines[2]
+        == "| dinov2_s | unimatch_v2 | True | bf16 | 2 | 518 | 4 | 0.500 | 16.0 | 12.35 | 3.000 | 6.00 | 25.0% |"
+    )
 
 
 @pytest.mark.slow
 def test_bench_measures_a_tiny_configuration(tmp_path):
-    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", "vit_tiny", "--depmatch", "on",
-               "--crop", "28", "--batch", "2", "--steps", "1", "--warmup", "0", "--profile", "1", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "depmatch",
+        "bench",
+        "--encoders",
+        "vit_tiny",
+        "--depmatch",
+        "on",
+        "--crop",
+        "28",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     (result,) = json.loads((tmp_path / "bench.json").read_text())
@@ -66,7 +110,11 @@ def test_bench_measures_a_tiny_configuration(tmp_path):
     "zero,stage,offload", [("0", None, None), ("2", "2", None), ("3", "3", None), ("3-offload", "3", "cpu")]
 )
 def test_zero_choice_becomes_a_one_process_deepspeed_launch(zero, stage, offload, monkeypatch):
-    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
+    for name in (
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+    ):
         monkeypatch.delenv(name, raising=False)
     env = launch_environment(zero, "bf16")
     assert env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == stage
@@ -110,8 +158,26 @@ def test_op_counter_counts_each_dispatched_op():
 @pytest.mark.slow
 def test_bench_counts_the_ops_of_a_step(tmp_path):
     """--count-ops: one row per configuration with the step's op counts, DepMatch adding ops."""
-    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", "vit_tiny", "--depmatch", "off", "on",
-               "--count-ops", "--crop", "28", "--batch", "2", "--warmup", "0", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "depmatch",
+        "bench",
+        "--encoders",
+        "vit_tiny",
+        "--depmatch",
+        "off",
+        "on",
+        "--count-ops",
+        "--crop",
+        "28",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     off, on = json.loads((tmp_path / "bench.json").read_text())
@@ -124,15 +190,25 @@ def test_bench_counts_the_ops_of_a_step(tmp_path):
 def test_encoder_names_beyond_the_presets_make_configs():
     from depmatch.bench.presets import encoder_settings, unknown_encoder
 
-    assert encoder_settings("dinov3_7b") == {"encoder": "dinov3_7b", "head": "dpt", "head_features": 384,
-                                             "head_out_channels": [1536, 1536, 1536, 1536]}
+    assert encoder_settings("dinov3_7b") == {
+        "encoder": "dinov3_7b",
+        "head": "dpt",
+        "head_features": 384,
+        "head_out_channels": [1536, 1536, 1536, 1536],
+    }
     assert encoder_settings("dinov3_h")["head_out_channels"] == [320, 640, 1280, 1280]
     assert encoder_settings("transformers:dinov3_s") == {**ENCODER_PRESETS["dinov3_s"], "backend": "transformers"}
     assert encoder_settings("vit_small_patch16_224.augreg_in21k") == {
-        "encoder": "vit_small_patch16_224.augreg_in21k", "head": "dpt", "head_features": None, "head_out_channels": None}
+        "encoder": "vit_small_patch16_224.augreg_in21k",
+        "head": "dpt",
+        "head_features": None,
+        "head_out_channels": None,
+    }
     assert encoder_settings("facebook/dinov3-vits16-pretrain-lvd1689m")["backend"] == "transformers"
     assert encoder_settings("resnet34") == {"encoder": "resnet34", "head": "deeplabv3plus"}
-    assert [unknown_encoder(name) for name in ("dinov3_s", "transformers:dinov2_b", "eva02_small_patch14_224")] == [None] * 3
+    assert [unknown_encoder(name) for name in ("dinov3_s", "transformers:dinov2_b", "eva02_small_patch14_224")] == [
+        None
+    ] * 3
     assert "--encoders: dinov9_s is neither a preset" in unknown_encoder("dinov9_s")
 
 
@@ -141,20 +217,53 @@ def test_bench_times_a_mix_of_families_at_their_patch_sizes(tmp_path):
     """Presets, a timm name and a transformers backbone in one run, shape-reduced (random init): each row
     runs the real model at a crop rounded to its patch size, and more blocks cost more FLOPs."""
     encoders = ["vit_tiny", "dinov3_s", "vit_small_patch16_224.augreg_in21k", "transformers:dinov3_s"]
-    command = [sys.executable, "-m", "depmatch", "bench", "--encoders", *encoders, "--depmatch", "on", "--crop", "28",
-               "--batch", "1", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
-               "--set", "model.depth=4", "--set", "model.embed_dim=32", "--set", "model.num_heads=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "depmatch",
+        "bench",
+        "--encoders",
+        *encoders,
+        "--depmatch",
+        "on",
+        "--crop",
+        "28",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "model.depth=4",
+        "--set",
+        "model.embed_dim=32",
+        "--set",
+        "model.num_heads=2",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["encoder"]: r for r in json.loads((tmp_path / "bench.json").read_text())}
     assert sorted(results) == sorted(encoders)
     assert {name: r["crop"] for name, r in results.items()} == {
-        "vit_tiny": 28, "dinov3_s": 32, "vit_small_patch16_224.augreg_in21k": 32, "transformers:dinov3_s": 32}
+        "vit_tiny": 28,
+        "dinov3_s": 32,
+        "vit_small_patch16_224.augreg_in21k": 32,
+        "transformers:dinov3_s": 32,
+    }
     assert all(r["tflop_per_step"] > 0 and r["step_time_s"] > 0 for r in results.values())
     # the same DINOv3 architecture through timm and transformers: the same FLOPs to within the attention's
     # implementation details (RoPE, fused attention count alike; a few percent at most)
-    timm_flops, transformers_flops = results["dinov3_s"]["tflop_per_step"], results["transformers:dinov3_s"]["tflop_per_step"]
+    timm_flops, transformers_flops = (
+        results["dinov3_s"]["tflop_per_step"],
+        results["transformers:dinov3_s"]["tflop_per_step"],
+    )
     assert transformers_flops == pytest.approx(timm_flops, rel=0.05)
-    bad = subprocess.run([sys.executable, "-m", "depmatch", "bench", "--encoders", "dinov9_s", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "depmatch", "bench", "--encoders", "dinov9_s", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --encoders: dinov9_s is neither a preset")

@@ -18,26 +18,36 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import BACKENDS, launch_two_processes
 
 from depmatch.config import load_config
 from depmatch.models import build_model
 from depmatch.train import prepare_dataset
-from test_training import BACKENDS, launch_two_processes
 
 pytestmark = pytest.mark.slow
 
 WIDTH = int(os.environ.get("DEPMATCH_7B_WIDTH", "512"))
-SHRUNK_7B = ["model.encoder=dinov3_7b", f"model.embed_dim={WIDTH}", "model.depth=4", "model.grad_checkpointing=true",
-             # a small head, so that the encoder's blocks are what is sharded and measured
-             "model.head_features=32", "model.head_out_channels=[32,64,128,128]",
-             "data.crop_size=32", "train.batch_size=1", "train.unlabeled_batch_size=1"]
+SHRUNK_7B = [
+    "model.encoder=dinov3_7b",
+    f"model.embed_dim={WIDTH}",
+    "model.depth=4",
+    "model.grad_checkpointing=true",
+    # a small head, so that the encoder's blocks are what is sharded and measured
+    "model.head_features=32",
+    "model.head_out_channels=[32,64,128,128]",
+    "data.crop_size=32",
+    "train.batch_size=1",
+    "train.unlabeled_batch_size=1",
+]
 # timm's DINOv3 (Eva) is made of EvaBlock: one FSDP2 unit per block
 FSDP2_EVA = [arg.replace("Block", "EvaBlock") if arg == "Block" else arg for arg in BACKENDS["fsdp2"][0]]
 # The files each rank writes of its own shard: (weights, optimizer state) per rank.
 RANK_FILES = {
     "fsdp2": ("pytorch_model_fsdp_0/__{rank}_0.distcp", "optimizer_0/__{rank}_0.distcp"),
-    "zero3": ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-              "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+    "zero3": (
+        "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+        "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+    ),
 }
 
 
@@ -45,8 +55,19 @@ RANK_FILES = {
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     # one sample per shard: the 2 val images make a shard for each of the 2 ranks' readers
-    prepare_dataset(load_config(None, [f"data.root={root}", "data.synthesize=true", "data.synth.labeled=4", "data.synth.unlabeled=8",
-                                       "data.synth.val=2", "data.synth.samples_per_shard=1"]))
+    prepare_dataset(
+        load_config(
+            None,
+            [
+                f"data.root={root}",
+                "data.synthesize=true",
+                "data.synth.labeled=4",
+                "data.synth.unlabeled=8",
+                "data.synth.val=2",
+                "data.synth.samples_per_shard=1",
+            ],
+        )
+    )
     return root
 
 
@@ -55,7 +76,9 @@ def overrides(*settings):
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
-def test_a_shape_reduced_7b_shards_and_under_fsdp2_resumes_exactly_and_exports_one_file(shards, tmp_path, backend, monkeypatch):
+def test_a_shape_reduced_7b_shards_and_under_fsdp2_resumes_exactly_and_exports_one_file(
+    shards, tmp_path, backend, monkeypatch
+):
     monkeypatch.setitem(BACKENDS, "fsdp2", (FSDP2_EVA, BACKENDS["fsdp2"][1]))
     # tests/fsdp_on_cpu.py runs as a script, with tests/ first on its path: import this tree's depmatch
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
@@ -87,16 +110,31 @@ def test_a_shape_reduced_7b_shards_and_under_fsdp2_resumes_exactly_and_exports_o
     shutil.rmtree(resumed_dir / "best", ignore_errors=True)
     (resumed_dir / "metrics.jsonl").unlink()
     resumed = launch_two_processes(shards, resumed_dir, backend, *overrides(), "--resume", "latest", checkpoint_every=2)
-    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if r.get("step", 0) > 2 and "loss" in r]
+    assert [r["loss"] for r in resumed if "loss" in r] == [
+        r["loss"] for r in straight if r.get("step", 0) > 2 and "loss" in r
+    ]
     final = lambda run: load_file(tmp_path / run / "checkpoints" / "step_00000004" / "student.safetensors")  # noqa: E731
     straight_final, resumed_final = final("straight"), final("resumed")
     assert all(torch.equal(value, resumed_final[name]) for name, value in straight_final.items())
 
     # export: one safetensors file, the consolidated student, loading into the model its config describes
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "depmatch", "export", "--checkpoint",
-                    str(tmp_path / "straight" / "checkpoints" / "step_00000004"), "--out", str(out), "--which", "student"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "depmatch",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "straight" / "checkpoints" / "step_00000004"),
+            "--out",
+            str(out),
+            "--which",
+            "student",
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert sorted(path.name for path in out.glob("*.safetensors")) == ["model.safetensors"]
     exported = load_file(out / "model.safetensors")
     config = load_config(out / "config.yaml")

@@ -53,7 +53,9 @@ def config_in(tmp_path, keep_last=3) -> ExperimentConfig:
 
 def save_at(config, step, accelerator=None):
     weights = {"weight": torch.full((3,), float(step))}
-    return save_checkpoint(accelerator or SavedStateOfTwoRanks(), None, weights, None, TrainerState(step=step), config, CLASSES)
+    return save_checkpoint(
+        accelerator or SavedStateOfTwoRanks(), None, weights, None, TrainerState(step=step), config, CLASSES
+    )
 
 
 def test_the_marker_lists_every_file_with_its_size_and_sha256(tmp_path):
@@ -97,7 +99,9 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_p
 def test_only_damaged_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
     config = config_in(tmp_path)
     (save_at(config, 2) / "optimizer.bin").unlink()
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint under .*step_00000002: optimizer.bin is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"no complete checkpoint under .*step_00000002: optimizer.bin is missing"
+    ):
         latest_checkpoint(tmp_path)
     assert resume_checkpoint(tmp_path / "elsewhere", "latest") is None  # nothing at all: start from scratch
 

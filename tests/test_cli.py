@@ -55,16 +55,21 @@ def test_help_lists_the_options_without_importing_torch(argv):
 
 
 def test_an_unknown_set_key_names_the_override_and_the_closest_key():
-    line = assert_one_line_error(depmatch("train", "--set", "train.stepz=3"), "--set train.stepz=3",
-                                 "unknown config key train.stepz", "did you mean train.steps?")
+    line = assert_one_line_error(
+        depmatch("train", "--set", "train.stepz=3"),
+        "--set train.stepz=3",
+        "unknown config key train.stepz",
+        "did you mean train.steps?",
+    )
     assert "known: batch_size" in line
 
 
 def test_an_unknown_key_in_a_config_file_names_the_file(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("train:\n  stepz: 3\n")
-    assert_one_line_error(depmatch("train", "--config", config), f"{config}: unknown config key train.stepz",
-                          "fix it in the file")
+    assert_one_line_error(
+        depmatch("train", "--config", config), f"{config}: unknown config key train.stepz", "fix it in the file"
+    )
 
 
 def test_a_yaml_syntax_error_names_the_file(tmp_path):
@@ -78,38 +83,52 @@ def test_debug_shows_the_traceback():
     assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["eval", "--shards", "shards"], ["predict", "--images", "x", "--out", "y"],
-                                     ["export", "--out", "y"]])
+@pytest.mark.parametrize(
+    "command", [["eval", "--shards", "shards"], ["predict", "--images", "x", "--out", "y"], ["export", "--out", "y"]]
+)
 def test_a_checkpoint_folder_that_does_not_exist(tmp_path, command):
     missing = tmp_path / "runs/x/checkpoints/step_00000100"
-    assert_one_line_error(depmatch(command[0], "--checkpoint", missing, *command[1:]), f"{missing}: no such folder",
-                          "pass a training checkpoint")
+    assert_one_line_error(
+        depmatch(command[0], "--checkpoint", missing, *command[1:]),
+        f"{missing}: no such folder",
+        "pass a training checkpoint",
+    )
     assert not (tmp_path / "y").exists()
 
 
 def test_a_folder_that_is_not_a_checkpoint(tmp_path):
-    assert_one_line_error(depmatch("export", "--checkpoint", tmp_path, "--out", tmp_path / "y"),
-                          f"{tmp_path / 'config.yaml'} does not exist", "is not a checkpoint")
+    assert_one_line_error(
+        depmatch("export", "--checkpoint", tmp_path, "--out", tmp_path / "y"),
+        f"{tmp_path / 'config.yaml'} does not exist",
+        "is not a checkpoint",
+    )
 
 
 def test_eval_with_a_missing_shard_folder(checkpoint_without_weights, tmp_path):
     missing = tmp_path / "shards/camvid"
-    assert_one_line_error(depmatch("eval", "--checkpoint", checkpoint_without_weights, "--shards", missing),
-                          f"{missing}/manifest.json does not exist", "depmatch shards build")
+    assert_one_line_error(
+        depmatch("eval", "--checkpoint", checkpoint_without_weights, "--shards", missing),
+        f"{missing}/manifest.json does not exist",
+        "depmatch shards build",
+    )
 
 
 def test_eval_without_shards_whose_checkpoint_data_root_is_gone(checkpoint_without_weights):
     # the checkpoint's config.yaml sets no data.root: the default's, shards/synthetic, which the test's cwd lacks
-    assert_one_line_error(depmatch("eval", "--checkpoint", checkpoint_without_weights, cwd=checkpoint_without_weights),
-                          "no --shards given, and the checkpoint's data.root shards/synthetic",
-                          str(checkpoint_without_weights / "config.yaml"), "pass --shards")
+    assert_one_line_error(
+        depmatch("eval", "--checkpoint", checkpoint_without_weights, cwd=checkpoint_without_weights),
+        "no --shards given, and the checkpoint's data.root shards/synthetic",
+        str(checkpoint_without_weights / "config.yaml"),
+        "pass --shards",
+    )
 
 
 def test_eval_of_a_split_the_build_does_not_hold(checkpoint_without_weights, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"labeled": {}, "val": {}}}))
     assert_one_line_error(
         depmatch("eval", "--checkpoint", checkpoint_without_weights, "--shards", tmp_path, "--split", "test"),
-        "split 'test' is not in", "it has labeled, val",
+        "split 'test' is not in",
+        "it has labeled, val",
     )
 
 
@@ -118,7 +137,8 @@ def test_predict_on_an_empty_folder(checkpoint_without_weights, tmp_path):
     folder.mkdir()
     assert_one_line_error(
         depmatch("predict", "--checkpoint", checkpoint_without_weights, "--images", folder, "--out", tmp_path / "out"),
-        f"{folder} holds no images (files ending .png, .jpg, .jpeg", "pass --images",
+        f"{folder} holds no images (files ending .png, .jpg, .jpeg",
+        "pass --images",
     )
     assert not (tmp_path / "out").exists()
 
@@ -129,8 +149,18 @@ def test_verify_of_a_missing_folder(tmp_path):
 
 def test_build_with_a_missing_list(tmp_path):
     assert_one_line_error(
-        depmatch("shards", "build", "pascal", "--source", tmp_path, "--out", tmp_path / "out",
-                 "--labeled-list", tmp_path / "missing.txt", "--no-depth"),
+        depmatch(
+            "shards",
+            "build",
+            "pascal",
+            "--source",
+            tmp_path,
+            "--out",
+            tmp_path / "out",
+            "--labeled-list",
+            tmp_path / "missing.txt",
+            "--no-depth",
+        ),
         f"{tmp_path / 'missing.txt'}: split list not found",
     )
     assert not (tmp_path / "out").exists()
@@ -138,15 +168,21 @@ def test_build_with_a_missing_list(tmp_path):
 
 def test_train_with_a_missing_shard_folder(tmp_path):
     missing = tmp_path / "shards"
-    assert_one_line_error(depmatch("train", "--set", f"data.root={missing}", "--set", "data.synthesize=false"),
-                          "data.root", f"{missing}/manifest.json does not exist")
+    assert_one_line_error(
+        depmatch("train", "--set", f"data.root={missing}", "--set", "data.synthesize=false"),
+        "data.root",
+        f"{missing}/manifest.json does not exist",
+    )
 
 
 def test_a_num_classes_that_contradicts_the_manifest_names_both(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 11, "splits": {}}))
     assert_one_line_error(
-        depmatch("train", "--set", f"data.root={tmp_path}", "--set", "data.synthesize=false", "--set", "num_classes=12"),
-        "num_classes is 12 in the config but 11 in", f"{tmp_path}/manifest.json",
+        depmatch(
+            "train", "--set", f"data.root={tmp_path}", "--set", "data.synthesize=false", "--set", "num_classes=12"
+        ),
+        "num_classes is 12 in the config but 11 in",
+        f"{tmp_path}/manifest.json",
     )
 
 
@@ -161,15 +197,36 @@ def test_camvid_from_build_to_predict_with_the_shipped_config(camvid, camvid_seg
     labeled = tmp_path / "labeled.txt"
     labeled.write_text("\n".join((camvid / "train.txt").read_text().split()[::8]) + "\n")
     shards, run = tmp_path / "shards", tmp_path / "run"
-    built = depmatch("shards", "build", "camvid", "--source", camvid_segnet, "--labeled-list", labeled,
-                     "--out", shards, "--no-depth")
+    built = depmatch(
+        "shards", "build", "camvid", "--source", camvid_segnet, "--labeled-list", labeled, "--out", shards, "--no-depth"
+    )
     assert built.returncode == 0, built.stderr
-    tiny = ["model.encoder=vit_tiny", "model.pretrained=null", "model.random_init=true", "model.head_features=32",
-            "model.head_out_channels=[32,64,128,128]", "model.intermediate_layers=null", "depmatch.enabled=false",
-            "data.require_depth=false", "data.crop_size=56", "data.workers=0", "train.steps=1", "train.eval_every=1",
-            "train.checkpoint_every=1", "train.batch_size=2", "train.unlabeled_batch_size=2", f"train.output_dir={run}"]
-    trained = depmatch("train", "--config", ROOT / "configs/camvid.yaml", "--set", f"data.root={shards}",
-                       *(word for override in tiny for word in ("--set", override)))
+    tiny = [
+        "model.encoder=vit_tiny",
+        "model.pretrained=null",
+        "model.random_init=true",
+        "model.head_features=32",
+        "model.head_out_channels=[32,64,128,128]",
+        "model.intermediate_layers=null",
+        "depmatch.enabled=false",
+        "data.require_depth=false",
+        "data.crop_size=56",
+        "data.workers=0",
+        "train.steps=1",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
+        "train.batch_size=2",
+        "train.unlabeled_batch_size=2",
+        f"train.output_dir={run}",
+    ]
+    trained = depmatch(
+        "train",
+        "--config",
+        ROOT / "configs/camvid.yaml",
+        "--set",
+        f"data.root={shards}",
+        *(word for override in tiny for word in ("--set", override)),
+    )
     assert trained.returncode == 0, trained.stderr
     summary = trained.stdout.split("\n")
     assert f"data         {shards}: 3 labeled, 21 unlabeled, 8 val" in summary
@@ -194,8 +251,16 @@ def test_shards_without_depth_for_depmatch_fail_before_training(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 11, "depth": {"source": "none"}, "splits": {}}))
     run = tmp_path / "run"
     assert_one_line_error(
-        depmatch("train", "--set", f"data.root={tmp_path}", "--set", "data.synthesize=false",
-                 "--set", f"train.output_dir={run}"),
-        "was built without depth (--no-depth)", "data.require_depth: false",
+        depmatch(
+            "train",
+            "--set",
+            f"data.root={tmp_path}",
+            "--set",
+            "data.synthesize=false",
+            "--set",
+            f"train.output_dir={run}",
+        ),
+        "was built without depth (--no-depth)",
+        "data.require_depth: false",
     )
     assert not run.exists()

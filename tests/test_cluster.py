@@ -41,7 +41,13 @@ def start(shards, output_dir, *overrides: str, env: dict | None = None) -> subpr
                 "train.unlabeled_batch_size=2", "train.mixed_precision=no", f"train.output_dir={output_dir}",
                 f"train.steps={STEPS}", f"train.eval_every={STEPS}", "train.checkpoint_every=2", "train.keep_last=20",
                 "train.log_every=1", *overrides]  # fmt: skip
-    command = ["bash", "launch/multinode.sh", *[arg for item in settings for arg in ("--set", item)], "--resume", "latest"]
+    command = [
+        "bash",
+        "launch/multinode.sh",
+        *[arg for item in settings for arg in ("--set", item)],
+        "--resume",
+        "latest",
+    ]
     # A port of its own: other tests on this machine may hold the default 29500.
     launch = {"NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
               "GPUS_PER_NODE": "2", "LAUNCH_CONFIG": "launch/ddp-4gpu.yaml", "ACCELERATE_USE_CPU": "true"}  # fmt: skip
@@ -115,7 +121,9 @@ def assert_same_run(output_dir, reference) -> None:
             assert torch.equal(have[key], value), (name, key)
 
 
-def test_a_stop_signal_to_one_rank_checkpoints_both_and_the_resumed_run_is_identical(synthetic_root, tmp_path, uninterrupted):
+def test_a_stop_signal_to_one_rank_checkpoints_both_and_the_resumed_run_is_identical(
+    synthetic_root, tmp_path, uninterrupted
+):
     """SIGUSR1 (SLURM's warning before the time limit) to the launcher and rank 1, not rank 0: the launcher
     ignores it, both ranks stop after the same step, save a complete checkpoint there and exit 0;
     `--resume latest` then finishes the run to the same losses and bit-identical weights."""
@@ -167,7 +175,6 @@ def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_roo
     log = (tmp_path / "launch.log").read_text()
     assert "rank 0: a collective operation (gradient all-reduce, barrier or stop agreement) after step" in log
     assert "did not complete within train.collective_timeout=5 s, so another rank is hung" in log
-
 
 
 def test_sigterm_to_every_process_of_the_job_checkpoints_both_ranks_and_exits_0(synthetic_root, tmp_path):

@@ -81,7 +81,9 @@ def test_compiled_steps_equal_eager_steps_and_never_recompile(tmp_path, monkeypa
     got = run_steps(compiled, raw_batches, 2, after_first=lambda: graphs_after_first_step.update(counters["stats"]))
     for want, have in zip(expected, got):
         assert have == pytest.approx(want, rel=1e-5, abs=1e-7)
-    for name, (want, have) in zip(["student", "teacher"], [(eager.student, compiled.student), (eager.teacher.model, compiled.teacher.model)]):
+    for name, (want, have) in zip(
+        ["student", "teacher"], [(eager.student, compiled.student), (eager.teacher.model, compiled.teacher.model)]
+    ):
         for (key, value), other in zip(want.state_dict().items(), have.state_dict().values()):
             torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
     assert list(compiled.student.state_dict()) == list(eager.student.state_dict())

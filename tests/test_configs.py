@@ -109,15 +109,19 @@ def test_multinode_scripts_are_valid_bash():
 
 
 def test_generated_configs_are_up_to_date(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_configs.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_configs.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     generated = {path.relative_to(tmp_path): path.read_text() for path in tmp_path.rglob("*.yaml")}
     # The dataset folders are wholly generated; next to the generated files at the top, hand-written ones may live.
     generated_folders = {path.parent for path in generated} - {Path(".")}
     committed = {
         path.relative_to(REPO / "configs"): path.read_text()
         for path in (REPO / "configs").rglob("*.yaml")
-        if path.relative_to(REPO / "configs") in generated or path.parent.relative_to(REPO / "configs") in generated_folders
+        if path.relative_to(REPO / "configs") in generated
+        or path.parent.relative_to(REPO / "configs") in generated_folders
     }
     stale = sorted(map(str, committed.keys() - generated.keys()))
     missing = sorted(map(str, generated.keys() - committed.keys()))
@@ -161,39 +165,52 @@ def test_cddp_target_is_checked_when_the_config_loads():
         load_config(overrides=["depmatch.cddp.target=cos"])
 
 
-@pytest.mark.parametrize("path,unlabeled,gpus,batch,epochs,steps", [
-    # floor(ceil(10490 / 4) / 4) = floor(2623 / 4) = 655; × 60
-    ("pascal/unimatch_v2-depmatch-dinov2_s-92.yaml", 10582 - 92, 4, 4, 60, 39300),
-    # floor(ceil(9118 / 4) / 4) = floor(2280 / 4) = 570; × 60
-    ("pascal/unimatch_v2-base-dinov2_b-1464.yaml", 10582 - 1464, 4, 4, 60, 34200),
-    # floor(ceil(2789 / 8) / 2) = floor(349 / 2) = 174; × 180
-    ("cityscapes/unimatch_v2-depmatch-dinov2_s-1_16.yaml", 2975 - 186, 8, 2, 180, 31320),
-])
+@pytest.mark.parametrize(
+    "path,unlabeled,gpus,batch,epochs,steps",
+    [
+        # floor(ceil(10490 / 4) / 4) = floor(2623 / 4) = 655; × 60
+        ("pascal/unimatch_v2-depmatch-dinov2_s-92.yaml", 10582 - 92, 4, 4, 60, 39300),
+        # floor(ceil(9118 / 4) / 4) = floor(2280 / 4) = 570; × 60
+        ("pascal/unimatch_v2-base-dinov2_b-1464.yaml", 10582 - 1464, 4, 4, 60, 34200),
+        # floor(ceil(2789 / 8) / 2) = floor(349 / 2) = 174; × 180
+        ("cityscapes/unimatch_v2-depmatch-dinov2_s-1_16.yaml", 2975 - 186, 8, 2, 180, 31320),
+    ],
+)
 def test_steps_are_unimatch_v2s_whole_batches_per_epoch(path, unlabeled, gpus, batch, epochs, steps):
     """UniMatch V2 runs len(unlabeled loader) × epochs iterations: a DistributedSampler over the
     unlabeled set and a loader that drops the last partial batch."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     images = range(unlabeled)
-    loader = DataLoader(images, batch_size=batch, drop_last=True,
-                        sampler=DistributedSampler(images, num_replicas=gpus, rank=0))
+    loader = DataLoader(
+        images, batch_size=batch, drop_last=True, sampler=DistributedSampler(images, num_replicas=gpus, rank=0)
+    )
     assert len(loader) * epochs == steps
     config = load_config(REPO / "configs" / path)
     assert config.train.steps == steps
     assert config.train.eval_every == config.train.checkpoint_every == steps // epochs  # once per epoch
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.steps=3k", "train.steps: expected int, got '3k'; write a whole number such as 300"),
-    ("optim.betas=0.9", "optim.betas: expected a list, got 0.9; write a YAML list such as [0.9, 0.999] "
-                        "(--set optim.betas=[0.9,0.999])"),
-    ("data.scale_range=[1]", "data.scale_range: expected 2 values, got 1; give a list of exactly 2, such as [0.5, 2.0]"),
-    ("train.compile=yes", "train.compile: expected bool, got 'yes'; write true or false"),
-    # read when the first evaluation or step runs, so checked when the config is read
-    ("eval.mode=slide", "eval.mode must be one of resize, sliding, got 'slide'"),
-    ("eval.precision=fp8", "eval.precision must be one of bf16, fp16, got 'fp8'"),
-    ("train.labeled_loss=OHEM", "train.labeled_loss must be one of ce, ohem, got 'OHEM'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.steps=3k", "train.steps: expected int, got '3k'; write a whole number such as 300"),
+        (
+            "optim.betas=0.9",
+            "optim.betas: expected a list, got 0.9; write a YAML list such as [0.9, 0.999] "
+            "(--set optim.betas=[0.9,0.999])",
+        ),
+        (
+            "data.scale_range=[1]",
+            "data.scale_range: expected 2 values, got 1; give a list of exactly 2, such as [0.5, 2.0]",
+        ),
+        ("train.compile=yes", "train.compile: expected bool, got 'yes'; write true or false"),
+        # read when the first evaluation or step runs, so checked when the config is read
+        ("eval.mode=slide", "eval.mode must be one of resize, sliding, got 'slide'"),
+        ("eval.precision=fp8", "eval.precision must be one of bf16, fp16, got 'fp8'"),
+        ("train.labeled_loss=OHEM", "train.labeled_loss must be one of ce, ohem, got 'OHEM'"),
+    ],
+)
 def test_a_wrong_value_names_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])

@@ -61,7 +61,10 @@ def _write_list(path: Path, ids) -> Path:
 
 def test_round_trip_image_label_depth(tmp_path):
     arrays = _folder_tree(tmp_path, [(30, 40), (40, 30), (30, 40)])
-    lists = {"labeled": _write_list(tmp_path / "l.txt", ["im0", "im1"]), "val": _write_list(tmp_path / "v.txt", ["im2"])}
+    lists = {
+        "labeled": _write_list(tmp_path / "l.txt", ["im0", "im1"]),
+        "val": _write_list(tmp_path / "v.txt", ["im2"]),
+    }
     source = folder("toy", tmp_path / "images", tmp_path / "labels", lists, num_classes=4)
     out = build_shards(source, DepthDirectory(tmp_path / "depth"), tmp_path / "shards", samples_per_shard=1)
 
@@ -112,7 +115,10 @@ def test_pascal_layout(tmp_path):
     ids = ["2007_000032", "2007_000039", "2008_000123"]
     for stem in ids:
         _save(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), tmp_path / "JPEGImages" / f"{stem}.jpg")
-        _save(rng.choice([0, 5, 20, 255], size=(24, 32)).astype(np.uint8), tmp_path / "SegmentationClassAug" / f"{stem}.png")
+        _save(
+            rng.choice([0, 5, 20, 255], size=(24, 32)).astype(np.uint8),
+            tmp_path / "SegmentationClassAug" / f"{stem}.png",
+        )
     lists = {
         "labeled": _write_list(tmp_path / "labeled.txt", ids[:1]),
         "unlabeled": _write_list(tmp_path / "unlabeled.txt", ids[1:]),
@@ -125,10 +131,13 @@ def test_pascal_layout(tmp_path):
     assert manifest["depth"] == {"source": "none"}
     labeled = _read_shards(out, "labeled")["2007_000032"]
     assert labeled["jpg"] == (tmp_path / "JPEGImages" / "2007_000032.jpg").read_bytes()
-    assert np.array_equal(decode_label(labeled["label.png"]),
-                          np.array(Image.open(tmp_path / "SegmentationClassAug" / "2007_000032.png")))
+    assert np.array_equal(
+        decode_label(labeled["label.png"]), np.array(Image.open(tmp_path / "SegmentationClassAug" / "2007_000032.png"))
+    )
     unlabeled = _read_shards(out, "unlabeled")
-    assert sorted(unlabeled) == ids[1:] and all("label.png" not in s and "depth.npy" not in s for s in unlabeled.values())
+    assert sorted(unlabeled) == ids[1:] and all(
+        "label.png" not in s and "depth.npy" not in s for s in unlabeled.values()
+    )
     assert list(_read_shards(out, "val")) == ["2008_000123"]
 
 
@@ -140,9 +149,13 @@ def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
         _save(label_ids, tmp_path / "gtFine" / subset / city / f"{stem}_gtFine_labelIds.png")
     lists = {
         "labeled": _write_list(tmp_path / "labeled.txt", ["aachen_000000_000019"]),
-        "val": _write_list(tmp_path / "val.txt", [
-            "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png "
-            "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png"]),
+        "val": _write_list(
+            tmp_path / "val.txt",
+            [
+                "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png "
+                "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png"
+            ],
+        ),
     }
     out = build_shards(cityscapes(tmp_path, lists), NoDepth(), tmp_path / "shards")
     expected = np.array([[0, 1, 13, 255], [18, 255, 11, 10]], np.uint8).repeat(4, 0).repeat(4, 1)
@@ -210,7 +223,9 @@ def test_depth_anything_by_hub_id(tmp_path, tiny_depth_anything, offline_hub):
     loaded = by_id.model.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[name], saved[name]) for name in saved)
     assert by_id.description == {
-        "source": "model", "model": "depth-anything/tiny-test-hf", "commit": snapshot.name,
+        "source": "model",
+        "model": "depth-anything/tiny-test-hf",
+        "commit": snapshot.name,
         "architecture": "DepthAnythingForDepthEstimation",
     }
     online = OnlineDepth("depth-anything/tiny-test-hf", torch.device("cpu"))  # train.online_depth_model
@@ -233,12 +248,31 @@ def test_shards_build_takes_the_depth_model_by_id_offline(tmp_path, tiny_depth_a
     """The command line in a fresh process: HF_HOME and HF_HUB_OFFLINE=1 from the environment alone."""
     offline_hub.add("depth-anything/tiny-test-hf", tiny_depth_anything)
     _folder_tree(tmp_path, [(30, 40), (40, 30)])
-    by_path = build_shards(folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4),
-                           DepthAnythingModel(str(tiny_depth_anything)), tmp_path / "by-path")
-    command = [sys.executable, "-m", "depmatch", "shards", "build", "folder", "--source", str(tmp_path),
-               "--num-classes", "4", "--out", str(tmp_path / "by-id"), "--depth-model", "depth-anything/tiny-test-hf"]
+    by_path = build_shards(
+        folder("toy", tmp_path / "images", tmp_path / "labels", {}, num_classes=4),
+        DepthAnythingModel(str(tiny_depth_anything)),
+        tmp_path / "by-path",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "depmatch",
+        "shards",
+        "build",
+        "folder",
+        "--source",
+        str(tmp_path),
+        "--num-classes",
+        "4",
+        "--out",
+        str(tmp_path / "by-id"),
+        "--depth-model",
+        "depth-anything/tiny-test-hf",
+    ]
     environment = {name: value for name, value in os.environ.items() if name != "HF_HUB_CACHE"}  # HF_HOME/hub
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**environment, "OMP_NUM_THREADS": "1"})
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**environment, "OMP_NUM_THREADS": "1"}
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     expected = _read_shards(by_path, "labeled")
     for key, sample in _read_shards(tmp_path / "by-id", "labeled").items():
@@ -338,13 +372,23 @@ def test_the_task_comes_from_the_flags_then_slurm_then_torchrun():
     assert task_from_environment(None, None, torchrun) == BuildTask(3, 4)
     assert task_from_environment(None, None, {}) == BuildTask(0, 1)
     # --array=1-8: ids 1..8; --array=0-30:10: ids 0, 10, 20, 30
-    assert task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1",
-                                              "SLURM_ARRAY_TASK_COUNT": "8", **torchrun}) == BuildTask(0, 8)
-    assert task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
-                                              "SLURM_ARRAY_TASK_STEP": "10", "SLURM_ARRAY_TASK_COUNT": "4"}) == BuildTask(2, 4)
+    assert task_from_environment(
+        None, None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8", **torchrun}
+    ) == BuildTask(0, 8)
+    assert task_from_environment(
+        None,
+        None,
+        {
+            "SLURM_ARRAY_TASK_ID": "20",
+            "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_STEP": "10",
+            "SLURM_ARRAY_TASK_COUNT": "4",
+        },
+    ) == BuildTask(2, 4)
     with pytest.raises(ShardInputError, match="not one of 3 evenly spaced ids from 1; submit --array=0-2"):
-        task_from_environment(None, None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1",
-                                           "SLURM_ARRAY_TASK_COUNT": "3"})
+        task_from_environment(
+            None, None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+        )
     with pytest.raises(ShardInputError, match="--task-index and --task-count go together"):
         task_from_environment(2, None, {})
     with pytest.raises(UserError, match="task index 4 is not in 0..3"):
@@ -357,12 +401,34 @@ def test_tasks_write_contiguous_ranges_that_cover_every_shard_once():
     plans = list(range(10))
     ranges = [BuildTask(index, 4).shards(plans) for index in range(4)]
     assert ranges == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
-    assert [BuildTask(index, 16).shards(plans) for index in (2, 3)] == [[], [1]]  # more tasks than shards: some write none
+    assert [BuildTask(index, 16).shards(plans) for index in (2, 3)] == [
+        [],
+        [1],
+    ]  # more tasks than shards: some write none
 
 
 def _build_command(source: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "depmatch", "shards", "build", "folder", "--source", str(source), "--num-classes", "4",
-            "--name", "toy", "--depth-dir", str(source / "depth"), "--samples-per-shard", "2", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "depmatch",
+        "shards",
+        "build",
+        "folder",
+        "--source",
+        str(source),
+        "--num-classes",
+        "4",
+        "--name",
+        "toy",
+        "--depth-dir",
+        str(source / "depth"),
+        "--samples-per-shard",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -373,21 +439,37 @@ def test_a_build_in_two_processes_gives_the_manifest_of_a_single_process_build(t
     _write_list(tmp_path / "val.txt", ["im5", "im6"])
     _write_list(tmp_path / "labeled.txt", ["im0", "im1", "im2", "im3", "im4"])
     lists = ("--labeled-list", str(tmp_path / "labeled.txt"), "--val-list", str(tmp_path / "val.txt"))
-    source = folder("toy", tmp_path / "images", tmp_path / "labels",
-                    {"labeled": tmp_path / "labeled.txt", "val": tmp_path / "val.txt"}, num_classes=4)
+    source = folder(
+        "toy",
+        tmp_path / "images",
+        tmp_path / "labels",
+        {"labeled": tmp_path / "labeled.txt", "val": tmp_path / "val.txt"},
+        num_classes=4,
+    )
     single = build_shards(source, DepthDirectory(tmp_path / "depth"), tmp_path / "single", samples_per_shard=2)
     split = tmp_path / "split"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "5",
-                   "SLURM_ARRAY_TASK_COUNT": "2"}  # task 0 of 2 from SLURM's variables
-    first = subprocess.run(_build_command(tmp_path, split, *lists), env=environment, capture_output=True, text=True,
-                           timeout=120)
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SLURM_ARRAY_TASK_ID": "5",
+        "SLURM_ARRAY_TASK_MIN": "5",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+    }  # task 0 of 2 from SLURM's variables
+    first = subprocess.run(
+        _build_command(tmp_path, split, *lists), env=environment, capture_output=True, text=True, timeout=120
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     assert "task 0 of 2: shards written" in first.stdout
     assert not (split / "manifest.json").exists()
     with pytest.raises(TasksUnfinishedError, match=r"task\(s\) 1 of 2 have not finished"):
         finalize(split)
-    second = subprocess.run(_build_command(tmp_path, split, *lists, "--task-index", "1", "--task-count", "2"),
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    second = subprocess.run(
+        _build_command(tmp_path, split, *lists, "--task-index", "1", "--task-count", "2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"wrote {split}/manifest.json" in second.stdout  # the last task to finish writes it
     expected = json.loads((single / "manifest.json").read_text())
@@ -440,19 +522,27 @@ def test_training_splits_are_written_in_a_seeded_random_order(tmp_path):
     count = 40
     _folder_tree(tmp_path, [(8, 8)] * count)
     listed = [f"im{index}" for index in range(count)]
-    lists = {"labeled": _write_list(tmp_path / "l.txt", listed[:30]), "val": _write_list(tmp_path / "v.txt", listed[30:])}
+    lists = {
+        "labeled": _write_list(tmp_path / "l.txt", listed[:30]),
+        "val": _write_list(tmp_path / "v.txt", listed[30:]),
+    }
     source = folder("toy", tmp_path / "images", tmp_path / "labels", lists, num_classes=4)
     out = build_shards(source, NoDepth(), tmp_path / "shards", samples_per_shard=10, shuffle_seed=3)
     manifest = read_manifest(out)
     assert manifest["shuffle_seed"] == 3
-    written = [key for shard in manifest["splits"]["labeled"]["shards"]
-               for key in (sample["__key__"] for sample in wds.WebDataset(str(out / shard["name"]), shardshuffle=False))]
+    written = [
+        key
+        for shard in manifest["splits"]["labeled"]["shards"]
+        for key in (sample["__key__"] for sample in wds.WebDataset(str(out / shard["name"]), shardshuffle=False))
+    ]
     assert sorted(written) == sorted(listed[:30]) and written != listed[:30]
     assert written == [item.key for item in shuffled_splits(source.splits, 3)["labeled"]]
     assert written != [item.key for item in shuffled_splits(source.splits, 4)["labeled"]]
     # every shard of 10 mixes the list: no shard holds a run of neighbouring ids
-    assert all(max(map(listed.index, written[i : i + 10])) - min(map(listed.index, written[i : i + 10])) > 10
-               for i in range(0, 30, 10))
+    assert all(
+        max(map(listed.index, written[i : i + 10])) - min(map(listed.index, written[i : i + 10])) > 10
+        for i in range(0, 30, 10)
+    )
     assert list(_read_shards(out, "val")) == listed[30:]  # evaluation splits keep list order
 
 

@@ -25,8 +25,25 @@ def _run(parser, *argv):
 @pytest.fixture
 def synthetic(parser, tmp_path):
     out = tmp_path / "synthetic"
-    _run(parser, "shards", "synth", "--out", str(out), "--labeled", "4", "--unlabeled", "4", "--val", "2",
-         "--height", "24", "--width", "32", "--samples-per-shard", "2")
+    _run(
+        parser,
+        "shards",
+        "synth",
+        "--out",
+        str(out),
+        "--labeled",
+        "4",
+        "--unlabeled",
+        "4",
+        "--val",
+        "2",
+        "--height",
+        "24",
+        "--width",
+        "32",
+        "--samples-per-shard",
+        "2",
+    )
     return out
 
 
@@ -35,8 +52,21 @@ def test_help_lists_the_subcommands_and_options(parser, capsys):
         parser.parse_args(["shards", "build", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--depth-model", "--depth-dir", "--no-depth", "--label-map", "--labeled-list", "examples:", "--labeled ",
-                   "--labeled-seed", "--shuffle-seed", "--task-index", "--task-count", "--depth-device", "SLURM_ARRAY_TASK_ID"):
+    for option in (
+        "--depth-model",
+        "--depth-dir",
+        "--no-depth",
+        "--label-map",
+        "--labeled-list",
+        "examples:",
+        "--labeled ",
+        "--labeled-seed",
+        "--shuffle-seed",
+        "--task-index",
+        "--task-count",
+        "--depth-device",
+        "SLURM_ARRAY_TASK_ID",
+    ):
         assert option in help_text
 
 
@@ -74,8 +104,12 @@ def test_verify_catches_bad_label_values_and_depth_size(synthetic, tmp_path):
     from depmatch.data.verify import check_sample
 
     image = encode_png(np.zeros((4, 6, 3), np.uint8))
-    fields = {"png": image, "json": b"{}", "label.png": encode_png(np.full((4, 6), 7, np.uint8)),
-              "depth.npy": encode_depth(np.zeros((4, 5)))}
+    fields = {
+        "png": image,
+        "json": b"{}",
+        "label.png": encode_png(np.full((4, 6), 7, np.uint8)),
+        "depth.npy": encode_depth(np.zeros((4, 5))),
+    }
     assert check_sample(fields, True, True, 6) == [
         "label values [7] are not classes 0..5 or 255",
         "depth size (4, 5) differs from image size (4, 6)",
@@ -84,9 +118,27 @@ def test_verify_catches_bad_label_values_and_depth_size(synthetic, tmp_path):
 
 def test_build_folder_layout_from_the_cli(parser, camvid, tmp_path, capsys):
     out = tmp_path / "camvid"
-    _run(parser, "shards", "build", "folder", "--source", str(camvid), "--num-classes", "11", "--label-map", "11:255",
-         "--labeled-list", str(camvid / "train.txt"), "--val-list", str(camvid / "val.txt"), "--out", str(out),
-         "--no-depth", "--samples-per-shard", "12")
+    _run(
+        parser,
+        "shards",
+        "build",
+        "folder",
+        "--source",
+        str(camvid),
+        "--num-classes",
+        "11",
+        "--label-map",
+        "11:255",
+        "--labeled-list",
+        str(camvid / "train.txt"),
+        "--val-list",
+        str(camvid / "val.txt"),
+        "--out",
+        str(out),
+        "--no-depth",
+        "--samples-per-shard",
+        "12",
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"] == "camvid-mini" and manifest["num_classes"] == 11
     assert [s["samples"] for s in manifest["splits"]["labeled"]["shards"]] == [12, 12]
@@ -95,14 +147,29 @@ def test_build_folder_layout_from_the_cli(parser, camvid, tmp_path, capsys):
 
 def test_build_errors_name_the_file_and_the_fix(parser, tmp_path):
     with pytest.raises(ShardInputError, match=r"missing\.txt: split list not found"):
-        _run(parser, "shards", "build", "pascal", "--source", str(tmp_path), "--out", str(tmp_path / "out"),
-             "--labeled-list", str(tmp_path / "missing.txt"), "--no-depth")
+        _run(
+            parser,
+            "shards",
+            "build",
+            "pascal",
+            "--source",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--labeled-list",
+            str(tmp_path / "missing.txt"),
+            "--no-depth",
+        )
     with pytest.raises(ShardInputError, match="folder layout needs --num-classes"):
-        _run(parser, "shards", "build", "folder", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--no-depth")
+        _run(
+            parser, "shards", "build", "folder", "--source", str(tmp_path), "--out", str(tmp_path / "out"), "--no-depth"
+        )
 
 
 def test_finalize_of_a_folder_without_a_build_names_it(parser, tmp_path):
     from depmatch.data.shards import ShardsNotFoundError
 
-    with pytest.raises(ShardsNotFoundError, match=f"{tmp_path}/.build: no task records; build the shards into {tmp_path} first"):
+    with pytest.raises(
+        ShardsNotFoundError, match=f"{tmp_path}/.build: no task records; build the shards into {tmp_path} first"
+    ):
         _run(parser, "shards", "finalize", str(tmp_path))

@@ -44,8 +44,17 @@ def sample_number(sample, rng):
 
 def rank_batches(shards, rank, count, workers=2, start_step=0, sampling="epoch"):
     """The sample numbers of `count` batches of one of 2 ranks, read by `workers` DataLoader workers."""
-    settings = StreamSettings(shards, stream_id=1, batch_size=BATCH, seed=5, rank=rank, world_size=2, sampling=sampling,
-                              shuffle_buffer=max(shards.counts), start_step=start_step)
+    settings = StreamSettings(
+        shards,
+        stream_id=1,
+        batch_size=BATCH,
+        seed=5,
+        rank=rank,
+        world_size=2,
+        sampling=sampling,
+        shuffle_buffer=max(shards.counts),
+        start_step=start_step,
+    )
     loader = DataLoader(ShardStream(settings, sample_number), batch_size=None, num_workers=workers)
     return [batch["number"].tolist() for batch in islice(loader, count)]
 
@@ -55,8 +64,10 @@ def test_each_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path, siz
     shards = write_shards(tmp_path, sizes)
     per_rank = 96 // 2 // BATCH  # batches per rank per epoch
     ranks = [rank_batches(shards, rank, 2 * per_rank) for rank in range(2)]
-    epochs = [[number for batches in ranks for batch in batches[e * per_rank:(e + 1) * per_rank] for number in batch]
-              for e in range(2)]
+    epochs = [
+        [number for batches in ranks for batch in batches[e * per_rank : (e + 1) * per_rank] for number in batch]
+        for e in range(2)
+    ]
     for numbers in epochs:
         assert sorted(numbers) == list(range(96))
     assert epochs[0] != epochs[1]
@@ -68,7 +79,7 @@ def test_a_remainder_is_left_out_and_every_rank_gets_as_many_batches(tmp_path):
     shards = write_shards(tmp_path, (40, 30, 20, 8))
     ranks = [rank_batches(shards, rank, 24) for rank in range(2)]
     for epoch in range(2):
-        numbers = [n for batches in ranks for batch in batches[epoch * 12:(epoch + 1) * 12] for n in batch]
+        numbers = [n for batches in ranks for batch in batches[epoch * 12 : (epoch + 1) * 12] for n in batch]
         assert len(numbers) == len(set(numbers)) == 96 and set(numbers) <= set(range(98))
 
 
@@ -100,9 +111,14 @@ def test_resume_reads_at_most_a_block_whatever_the_step(tmp_path, monkeypatch):
 
 def test_sampling_with_replacement_repeats_samples_within_an_epoch(tmp_path):
     shards = write_shards(tmp_path, (24, 24, 24, 24))
-    numbers = [n for rank in range(2) for batch in rank_batches(shards, rank, 12, sampling="replacement") for n in batch]
+    numbers = [
+        n for rank in range(2) for batch in rank_batches(shards, rank, 12, sampling="replacement") for n in batch
+    ]
     assert len(numbers) == 96 and len(set(numbers)) < 96
-    assert rank_batches(shards, 0, 4, sampling="replacement", start_step=3) == rank_batches(shards, 0, 7, sampling="replacement")[3:]
+    assert (
+        rank_batches(shards, 0, 4, sampling="replacement", start_step=3)
+        == rank_batches(shards, 0, 7, sampling="replacement")[3:]
+    )
 
 
 def test_a_corrupt_sample_is_skipped_and_counted_in_its_batch(tmp_path):
@@ -110,8 +126,17 @@ def test_a_corrupt_sample_is_skipped_and_counted_in_its_batch(tmp_path):
     budget = CorruptSamples(max_fraction=0.5)
     numbers = []
     for rank in range(2):
-        settings = StreamSettings(shards, stream_id=1, batch_size=BATCH, seed=5, rank=rank, world_size=2, sampling="epoch",
-                                  shuffle_buffer=24, start_step=0)
+        settings = StreamSettings(
+            shards,
+            stream_id=1,
+            batch_size=BATCH,
+            seed=5,
+            rank=rank,
+            world_size=2,
+            sampling="epoch",
+            shuffle_buffer=24,
+            start_step=0,
+        )
         for batch in islice(ShardStream(settings, sample_number), 12):  # one epoch, one reader per rank
             numbers += budget.add(batch)["number"].tolist()
     # Sample 30's slot is filled by the next one of its reader, the first of that reader's next epoch.
@@ -141,7 +166,9 @@ def test_a_lost_shard_stops_the_run_naming_it(tmp_path, monkeypatch, damage):
     # Raised in a DataLoader worker, it reaches the training process with the worker's traceback
     # as its message (torch's ExceptionWrapper); what the user reads is the one line above.
     with pytest.raises(ShardError) as reraised:
-        ExceptionWrapper((ShardError, error.value, error.value.__traceback__), where="in DataLoader worker process 1").reraise()
+        ExceptionWrapper(
+            (ShardError, error.value, error.value.__traceback__), where="in DataLoader worker process 1"
+        ).reraise()
     assert str(reraised.value) == message
 
 
@@ -149,8 +176,11 @@ def test_a_changed_reader_layout_on_resume_is_one_line_naming_it():
     saved = {"processes": 2, "data.workers": 4, "train.batch_size": 8}
     check_same_layout(saved, dict(saved))
     check_same_layout({}, saved)  # a checkpoint that recorded none: nothing to compare
-    with pytest.raises(ConfigError, match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with the "
-                       r"checkpoint's values \(2 processes --set data.workers=4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"changes processes 2 -> 1, data.workers 4 -> 2; resume with the "
+        r"checkpoint's values \(2 processes --set data.workers=4\)",
+    ):
         check_same_layout(saved, {**saved, "processes": 1, "data.workers": 2})
 
 
@@ -163,13 +193,20 @@ def test_an_unknown_sampling_is_one_line_naming_the_choices():
 
 def test_training_stops_on_a_lost_shard_with_its_name(synthetic_root, tmp_path, monkeypatch):
     """The trainer reports the lost shard itself, not as a failed collective, and logs and keeps the steps before it."""
-    from depmatch.engine.trainer import Trainer
     from test_compile import small_config
+
+    from depmatch.engine.trainer import Trainer
 
     monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
     root = tmp_path / "shards"
-    config = small_config(tmp_path / "run", f"data.root={root}", "data.synthesize=false", "train.steps=20",
-                          "train.checkpoint_every=20", "train.log_every=1")
+    config = small_config(
+        tmp_path / "run",
+        f"data.root={root}",
+        "data.synthesize=false",
+        "train.steps=20",
+        "train.checkpoint_every=20",
+        "train.log_every=1",
+    )
     # The shard of the 7th unlabeled sample of the first epoch (one reader, batches of 2).
     manifest = read_manifest(synthetic_root)
     unlabeled = split_shards(manifest, "unlabeled", shard_urls(synthetic_root, manifest, "unlabeled"))
@@ -193,5 +230,7 @@ def test_training_stops_on_a_lost_shard_with_its_name(synthetic_root, tmp_path, 
 
 def test_a_manifest_without_sample_counts_is_one_line():
     manifest = {"splits": {"val": {"shards": [{"name": "val-000000.tar", "samples": 4}, {"name": "val-000001.tar"}]}}}
-    with pytest.raises(ShardError, match=r"the manifest's val shards need a positive integer `samples` each \(got \[4, None\]\)"):
+    with pytest.raises(
+        ShardError, match=r"the manifest's val shards need a positive integer `samples` each \(got \[4, None\]\)"
+    ):
         stream.check_enough_samples(manifest, "val", 2)

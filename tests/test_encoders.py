@@ -44,17 +44,27 @@ def tokens_as_map(tokens: torch.Tensor, prefix: int, rows: int, columns: int) ->
 def unpruned_timm(config: ModelConfig, model) -> torch.nn.Module:
     """The same timm model with all its blocks and weights, for an independent forward."""
     name = PRESETS[config.encoder].timm_name if config.encoder in PRESETS else config.encoder
-    full = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
-                             depth=config.depth, embed_dim=config.embed_dim, num_heads=config.num_heads)
+    full = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        num_heads=config.num_heads,
+    )
     full.load_state_dict(model.encoder.vit.state_dict(), strict=False)  # the encoder keeps every block it reads
     return full.eval()
 
 
-@pytest.mark.parametrize("config,family,patch,prefix", [
-    (DINOV3_S, "Eva", 16, 5),  # CLS + 4 registers, RoPE
-    (VIT_B16, "VisionTransformer", 16, 1),
-    (EVA02, "Eva", 14, 1),
-])
+@pytest.mark.parametrize(
+    "config,family,patch,prefix",
+    [
+        (DINOV3_S, "Eva", 16, 5),  # CLS + 4 registers, RoPE
+        (VIT_B16, "VisionTransformer", 16, 1),
+        (EVA02, "Eva", 14, 1),
+    ],
+)
 def test_timm_encoders_read_through_forward_intermediates(config, family, patch, prefix):
     model = build(config).eval()
     encoder = model.encoder
@@ -82,16 +92,22 @@ def test_position_grid_and_prefix_tokens_come_from_the_model():
 
 
 def test_dinov3_presets_are_timms_dinov3_models():
-    expected = {"dinov3_s": (384, 12), "dinov3_b": (768, 12), "dinov3_l": (1024, 24), "dinov3_h": (1280, 32),
-                "dinov3_7b": (4096, 40)}
+    expected = {
+        "dinov3_s": (384, 12),
+        "dinov3_b": (768, 12),
+        "dinov3_l": (1024, 24),
+        "dinov3_h": (1280, 32),
+        "dinov3_7b": (4096, 40),
+    }
     for preset, (width, depth) in expected.items():
         name = PRESETS[preset].timm_name
         assert timm.is_model(name) and "dinov3" in name
         shape = PRESETS[preset].transformers_shape
         assert (shape["hidden_size"], shape["num_hidden_layers"]) == (width, depth)
     # the 7B preset is timm's 7B, shrunk to 4 blocks here: its width and heads are the real ones
-    model = build(ModelConfig(encoder="dinov3_7b", depth=4, random_init=True, head_features=16,
-                              head_out_channels=(8, 16, 32, 32)))
+    model = build(
+        ModelConfig(encoder="dinov3_7b", depth=4, random_init=True, head_features=16, head_out_channels=(8, 16, 32, 32))
+    )
     vit = model.encoder.vit
     assert (vit.embed_dim, vit.blocks[0].attn.num_heads, len(vit.blocks), model.patch_size) == (4096, 32, 4, 16)
 
@@ -111,12 +127,15 @@ def test_every_parameter_gets_a_gradient_and_checkpointing_keeps_them(config):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,why", [
-    ("convnext_tiny", "timm cannot build it for any multiple of its patch size"),
-    ("swin_tiny_patch4_window7_224", "hierarchical"),
-    ("beit_base_patch16_224", "timm cannot build it for any multiple of its patch size"),
-    ("no_such_model", "neither a preset nor a timm model name"),
-])
+@pytest.mark.parametrize(
+    "name,why",
+    [
+        ("convnext_tiny", "timm cannot build it for any multiple of its patch size"),
+        ("swin_tiny_patch4_window7_224", "hierarchical"),
+        ("beit_base_patch16_224", "timm cannot build it for any multiple of its patch size"),
+        ("no_such_model", "neither a preset nor a timm model name"),
+    ],
+)
 def test_encoders_without_four_patch_grid_maps_are_refused_with_what_works(name, why):
     with pytest.raises(ConfigError) as error:
         build(ModelConfig(encoder=name, random_init=True))
@@ -186,8 +205,14 @@ def test_meta_dinov3_file_converts(tmp_path):
         for timm_part, meta_part in rename.items():
             name = name.replace(timm_part, meta_part)
         meta[name] = value
-    meta.update({"mask_token": torch.zeros(1, 32), "rope_embed.periods": torch.ones(4),
-                 "blocks.0.attn.qkv.bias": torch.zeros(96), "blocks.0.attn.qkv.bias_mask": torch.ones(96)})
+    meta.update(
+        {
+            "mask_token": torch.zeros(1, 32),
+            "rope_embed.periods": torch.ones(4),
+            "blocks.0.attn.qkv.bias": torch.zeros(96),
+            "blocks.0.attn.qkv.bias_mask": torch.ones(96),
+        }
+    )
     assert "storage_tokens" in meta and "blocks.0.ls1.gamma" in meta
     torch.save(meta, tmp_path / "dinov3_vits16_pretrain.pth")
     loaded = build(DINOV3_S, seed=1, pretrained=str(tmp_path / "dinov3_vits16_pretrain.pth"), random_init=False)
@@ -201,12 +226,28 @@ def save_transformers(kind: str, directory) -> torch.nn.Module:
 
     torch.manual_seed(0)
     if kind == "dinov3":
-        model = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                               num_attention_heads=2, num_register_tokens=4, layerscale_value=0.5))
+        model = DINOv3ViTModel(
+            DINOv3ViTConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_register_tokens=4,
+                layerscale_value=0.5,
+            )
+        )
     else:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_register_tokens=4, patch_size=14,
-            image_size=56, layerscale_value=0.5))
+        model = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_register_tokens=4,
+                patch_size=14,
+                image_size=56,
+                layerscale_value=0.5,
+            )
+        )
     model.eval().save_pretrained(directory)
     return model
 
@@ -233,7 +274,11 @@ def test_transformers_backbones_by_folder_and_hub_id(tmp_path, offline_hub, kind
     # random init in the shape of a folder's or hub id's config.json, shape overrides applied
     shrunk = build(dataclasses.replace(base, encoder=f"facebook/{kind}-tiny-test", depth=5, embed_dim=64, num_heads=4))
     backbone = shrunk.encoder.backbone
-    assert (type(backbone), backbone.config.hidden_size, shrunk.encoder.layers) == (type(model.encoder.backbone), 64, (0, 1, 2, 4))
+    assert (type(backbone), backbone.config.hidden_size, shrunk.encoder.layers) == (
+        type(model.encoder.backbone),
+        64,
+        (0, 1, 2, 4),
+    )
     assert shrunk(x)["logits"].shape == (2, NUM_CLASSES, 2 * patch, 3 * patch)
 
 
@@ -246,8 +291,17 @@ def test_random_transformers_dinov3_trains_every_parameter_with_checkpointing():
 
 
 def test_transformers_dinov2_keeps_its_checkpoint_names():
-    model = build(ModelConfig(backend="transformers", encoder="vit_tiny", tiny_embed_dim=24, tiny_depth=4,
-                              tiny_heads=2, head_features=16, head_out_channels=(8, 16, 24, 24)))
+    model = build(
+        ModelConfig(
+            backend="transformers",
+            encoder="vit_tiny",
+            tiny_embed_dim=24,
+            tiny_depth=4,
+            tiny_heads=2,
+            head_features=16,
+            head_out_channels=(8, 16, 24, 24),
+        )
+    )
     names = list(model.state_dict())
     assert "encoder.dinov2.embeddings.cls_token" in names and "encoder.dinov2.encoder.layer.3.mlp.fc2.weight" in names
     assert not any(name.startswith("encoder.backbone.") for name in names)
@@ -261,12 +315,26 @@ def test_a_dinov3_preset_trains_at_its_patch_size(tmp_path):
     from depmatch.engine.trainer import Trainer
     from depmatch.train import prepare_dataset
 
-    config = load_config(None, [
-        f"data.root={tmp_path / 'shards'}", "data.synthesize=true", f"train.output_dir={tmp_path / 'run'}",
-        "data.crop_size=98", "model.encoder=dinov3_s", "model.depth=4", "model.embed_dim=32", "model.num_heads=2",
-        "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
-        "data.synth.labeled=4", "data.synth.unlabeled=8", "data.synth.val=2",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.root={tmp_path / 'shards'}",
+            "data.synthesize=true",
+            f"train.output_dir={tmp_path / 'run'}",
+            "data.crop_size=98",
+            "model.encoder=dinov3_s",
+            "model.depth=4",
+            "model.embed_dim=32",
+            "model.num_heads=2",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "data.synth.labeled=4",
+            "data.synth.unlabeled=8",
+            "data.synth.val=2",
+        ],
+    )
     trainer = Trainer(config, dataset=prepare_dataset(config))
     assert trainer.config.data.crop_size == 96 and trainer.depmatch.patch_size == 16
     before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}

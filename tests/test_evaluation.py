@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import save_file
-from accelerate import Accelerator
 from torch import nn
 
 from depmatch.config import DataConfig, ExperimentConfig, save_config
@@ -19,9 +19,9 @@ from depmatch.data.shards import depth_manifest_entry
 from depmatch.data.writer import plan_shards, write_dataset
 from depmatch.evaluation import cli as evaluation_cli
 from depmatch.evaluation.evaluate import evaluate, format_table
+from depmatch.evaluation.image_folder import ImagesNotFoundError, find_images
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
-from depmatch.evaluation.image_folder import ImagesNotFoundError, find_images
 from depmatch.models import build_model
 
 NUM_CLASSES = 3
@@ -259,8 +259,19 @@ def test_predict_writes_palette_labels_and_overlays(tmp_path, stand_in_build_mod
     Image.new("RGB", (20, 20), (200, 10, 10)).save(images / "photo.jpg")
     (images / "notes.txt").write_text("not an image")
 
-    run_cli("predict", "--checkpoint", tmp_path / "checkpoint", "--images", images, "--out", tmp_path / "out",
-            "--device", "cpu", "--alpha", "0.4")
+    run_cli(
+        "predict",
+        "--checkpoint",
+        tmp_path / "checkpoint",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+        "--alpha",
+        "0.4",
+    )
 
     model, _, _ = load_for_inference(tmp_path / "checkpoint")
     assert len(list((tmp_path / "out").iterdir())) == 6
@@ -275,7 +286,6 @@ def test_predict_writes_palette_labels_and_overlays(tmp_path, stand_in_build_mod
         assert np.array_equal(np.asarray(labels), expected.numpy())
         blended = 0.6 * np.asarray(source, dtype=float) + 0.4 * np.asarray(labels.convert("RGB"), dtype=float)
         assert np.abs(np.asarray(overlay, dtype=float) - blended).max() <= 1
-
 
 
 def _evaluate_share(rank, world_size, port):
@@ -318,12 +328,15 @@ def write_eval_shards(root, splits):
     def produce(plan):
         for index in plan.items:
             image, label = splits[plan.split][index]
-            yield f"{plan.split}_{index:06d}", {
-                "png": encode_png(image),
-                "label.png": encode_png(label),
-                "depth.npy": encode_depth(np.zeros(label.shape, dtype=np.float32)),
-                "json": json.dumps({"height": label.shape[0], "width": label.shape[1]}).encode(),
-            }
+            yield (
+                f"{plan.split}_{index:06d}",
+                {
+                    "png": encode_png(image),
+                    "label.png": encode_png(label),
+                    "depth.npy": encode_depth(np.zeros(label.shape, dtype=np.float32)),
+                    "json": json.dumps({"height": label.shape[0], "width": label.shape[1]}).encode(),
+                },
+            )
 
     plans = plan_shards({split: list(range(len(samples))) for split, samples in splits.items()}, 2, {})
     manifest = {"num_classes": NUM_CLASSES, "ignore_index": 255, "depth": depth_manifest_entry({"source": "none"})}
@@ -335,13 +348,25 @@ def test_eval_split_picks_the_evaluation_split_of_the_build(tmp_path, stand_in_b
     rng = np.random.default_rng(1)
 
     def samples(count):
-        return [(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8))
-                for _ in range(count)]
+        return [
+            (rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8))
+            for _ in range(count)
+        ]
 
     write_eval_shards(tmp_path / "shards", {"val": samples(1), "test": samples(3)})
     for split, images in (("test", 3), ("val", 1)):
         out = tmp_path / f"{split}.json"
-        run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--shards", tmp_path / "shards", "--split", split, "--out", out)
+        run_cli(
+            "eval",
+            "--checkpoint",
+            tmp_path / "checkpoint",
+            "--shards",
+            tmp_path / "shards",
+            "--split",
+            split,
+            "--out",
+            out,
+        )
         results = json.loads(out.read_text())
         assert (results["split"], results["images"]) == (split, images)
 
@@ -358,11 +383,18 @@ def test_a_folder_without_image_files_is_no_input(tmp_path):
 def test_eval_reads_the_checkpoints_own_shards_by_default_and_says_so(tmp_path, stand_in_build_model, capsys):
     write_checkpoint(tmp_path / "checkpoint")
     shards = tmp_path / "shards"
-    save_config(ExperimentConfig(num_classes=NUM_CLASSES, data=DataConfig(root=str(shards))),
-                tmp_path / "checkpoint" / "config.yaml")
+    save_config(
+        ExperimentConfig(num_classes=NUM_CLASSES, data=DataConfig(root=str(shards))),
+        tmp_path / "checkpoint" / "config.yaml",
+    )
     rng = np.random.default_rng(2)
-    write_val_shards(shards, [(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
-                               rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8)) for _ in range(2)])
+    write_val_shards(
+        shards,
+        [
+            (rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, (20, 24)).astype(np.uint8))
+            for _ in range(2)
+        ],
+    )
     run_cli("eval", "--checkpoint", tmp_path / "checkpoint", "--out", tmp_path / "results.json")
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["shards"], results["split"], results["images"]) == (str(shards), "val", 2)
@@ -375,7 +407,9 @@ def test_export_then_eval_cli_with_the_real_model(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     save_config(ExperimentConfig(num_classes=NUM_CLASSES), checkpoint / "config.yaml")
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, checkpoint / "student.safetensors")
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()}, checkpoint / "student.safetensors"
+    )
     (checkpoint / "classes.json").write_text(json.dumps(CLASSES))
     run_cli("export", "--checkpoint", checkpoint, "--out", tmp_path / "export")
     exported = load_for_inference(tmp_path / "export")[0]
@@ -389,7 +423,9 @@ def test_export_then_eval_cli_with_the_real_model(tmp_path, capsys):
         samples.append((rng.integers(0, 256, (height, width, 3), dtype=np.uint8), label))
     write_val_shards(tmp_path / "shards", samples)
 
-    run_cli("eval", "--checkpoint", tmp_path / "export", "--shards", tmp_path / "shards", "--out", tmp_path / "results.json")
+    run_cli(
+        "eval", "--checkpoint", tmp_path / "export", "--shards", tmp_path / "shards", "--out", tmp_path / "results.json"
+    )
 
     predictions = []
     with torch.no_grad():

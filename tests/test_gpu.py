@@ -1,6 +1,6 @@
 """CUDA paths against their CPU counterparts (skipped without a GPU; run them when one is lent).
 
-    python -m pytest -q -m gpu
+python -m pytest -q -m gpu
 """
 
 import json
@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import train_in_own_process
+from loss_reference import synthetic_view
+
 from depmatch.data.normalize import normalize
 from depmatch.data.photometric import draw_strong_params, strong_view
 from depmatch.losses import cddp_loss, uldr_loss
 from depmatch.losses.cddp_uldr import pair_backend
-from loss_reference import synthetic_view
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -68,7 +68,9 @@ def uldr_case():
     labels1 = [[1, 1, 1], [1, 1, 1]]
     logits1 = two_class_logits([[5.0] * 3] * 2, labels1)
     logits = torch.stack([logits0, logits1])
-    depth = torch.tensor([[[5.0, 5.125, 5.0], [8.0, 5.0, 5.0]], [[5.0, 9.0, 1.0], [5.0, 5.0, 5.0]]], dtype=torch.float64)
+    depth = torch.tensor(
+        [[[5.0, 5.125, 5.0], [8.0, 5.0, 5.0]], [[5.0, 9.0, 1.0], [5.0, 5.0, 5.0]]], dtype=torch.float64
+    )
     label = torch.tensor([labels0, labels1])
     ignore = torch.zeros(2, 2, 3, dtype=torch.long)
     ignore[0, 1, 2] = 255
@@ -180,8 +182,17 @@ def stack(*images):
 )
 def test_cddp_by_hand(sigma, inter_threshold, inter_weight):
     features, depth, probs, label, ignore = stack(cddp_image(FEATURES, DEPTHS, PROBS, LABELS))
-    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 2),
-                     sigma=sigma, inter_threshold=inter_threshold, inter_weight=inter_weight)
+    loss = cddp_loss(
+        features,
+        depth,
+        probs,
+        label,
+        ignore,
+        size=(2, 2),
+        sigma=sigma,
+        inter_threshold=inter_threshold,
+        inter_weight=inter_weight,
+    )
     assert loss.item() == pytest.approx(cddp_by_hand(sigma, inter_threshold, inter_weight), rel=1e-12)
 
 
@@ -223,16 +234,23 @@ def test_cddp_by_hand_ignored_pixels_and_a_one_class_image():
 def test_cddp_gradient_by_hand():
     """dL/df for the one-class image above alone: L = 2(δ - w)²·Δe / 4 with δ = ||f0 - f1||,
     so dL/df0 = (δ - w)·Δe · (f0 - f1)/δ and dL/df1 = -dL/df0."""
-    features, depth, probs, label, ignore = stack(cddp_image(
-        [(0.0, 0.0), (3.0, 4.0)] + [(0.0, 0.0)] * 4, [3.0, 4.0] + [0.0] * 4,
-        [(0.3, 0.7), (0.6, 0.4)] + [(0.5, 0.5)] * 4, [1, 1, 0, 0, 0, 0], ignored=(2, 3, 4, 5),
-    ))
+    features, depth, probs, label, ignore = stack(
+        cddp_image(
+            [(0.0, 0.0), (3.0, 4.0)] + [(0.0, 0.0)] * 4,
+            [3.0, 4.0] + [0.0] * 4,
+            [(0.3, 0.7), (0.6, 0.4)] + [(0.5, 0.5)] * 4,
+            [1, 1, 0, 0, 0, 0],
+            ignored=(2, 3, 4, 5),
+        )
+    )
     features.requires_grad_(True)
     cddp_loss(features, depth, probs, label, ignore, size=(2, 3)).backward()
     entropy_gap = abs(entropy(0.3, 0.7) - entropy(0.6, 0.4))
     scale = (5.0 - math.exp(-0.5)) * entropy_gap / 5.0  # (δ - w)·Δe/δ, δ = 5
     expected_f0 = [scale * (0.0 - 3.0), scale * (0.0 - 4.0)]
-    torch.testing.assert_close(features.grad[0, :, 0, 0], torch.tensor(expected_f0, dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        features.grad[0, :, 0, 0], torch.tensor(expected_f0, dtype=torch.float64), rtol=1e-10, atol=0
+    )
     torch.testing.assert_close(features.grad[0, :, 0, 1], -features.grad[0, :, 0, 0], rtol=1e-12, atol=0)
 
 
@@ -252,8 +270,18 @@ def test_cddp_distance_target_by_hand(sigma, inter_threshold, inter_weight):
     intra_1 = 2 * (2.0 - (1 - math.exp(-(3.5**2) / (2 * sigma**2)))) ** 2 * abs(E[2] - E[3]) / 4
     expected = (intra_0 + intra_1) / 2 + inter_weight * inter_by_hand(inter_threshold)
     features, depth, probs, label, ignore = stack(cddp_image(FEATURES, DEPTHS, PROBS, LABELS))
-    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 2), sigma=sigma,
-                     inter_threshold=inter_threshold, inter_weight=inter_weight, target="distance")
+    loss = cddp_loss(
+        features,
+        depth,
+        probs,
+        label,
+        ignore,
+        size=(2, 2),
+        sigma=sigma,
+        inter_threshold=inter_threshold,
+        inter_weight=inter_weight,
+        target="distance",
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -267,8 +295,18 @@ def test_cddp_similarity_target_by_hand(sigma, inter_threshold, inter_weight):
     intra_1 = 2 * (1 / math.sqrt(5.0) - math.exp(-(3.5**2) / (2 * sigma**2))) ** 2 * abs(E[2] - E[3]) / 4
     expected = (intra_0 + intra_1) / 2 + inter_weight * inter_by_hand(inter_threshold)
     features, depth, probs, label, ignore = stack(cddp_image(FEATURES, DEPTHS, PROBS, LABELS))
-    loss = cddp_loss(features, depth, probs, label, ignore, size=(2, 2), sigma=sigma,
-                     inter_threshold=inter_threshold, inter_weight=inter_weight, target="similarity")
+    loss = cddp_loss(
+        features,
+        depth,
+        probs,
+        label,
+        ignore,
+        size=(2, 2),
+        sigma=sigma,
+        inter_threshold=inter_threshold,
+        inter_weight=inter_weight,
+        target="similarity",
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -276,10 +314,15 @@ def test_cddp_similarity_gradient_by_hand():
     """One class, f0 = (1, 0), f1 = (0, 2) at depths 3 and 4: L = 2(cos - w)²·Δe / 4 with cos = 0,
     w = exp(-1/2). d cos/d f0 = (u1 - cos·u0)/|f0| = (0, 1), d cos/d f1 = (u0 - cos·u1)/|f1| = (1/2, 0),
     so dL/df0 = (cos - w)·Δe·(0, 1) and dL/df1 = (cos - w)·Δe·(1/2, 0)."""
-    features, depth, probs, label, ignore = stack(cddp_image(
-        [(1.0, 0.0), (0.0, 2.0)] + [(0.0, 0.0)] * 4, [3.0, 4.0] + [0.0] * 4,
-        [(0.3, 0.7), (0.6, 0.4)] + [(0.5, 0.5)] * 4, [1, 1, 0, 0, 0, 0], ignored=(2, 3, 4, 5),
-    ))
+    features, depth, probs, label, ignore = stack(
+        cddp_image(
+            [(1.0, 0.0), (0.0, 2.0)] + [(0.0, 0.0)] * 4,
+            [3.0, 4.0] + [0.0] * 4,
+            [(0.3, 0.7), (0.6, 0.4)] + [(0.5, 0.5)] * 4,
+            [1, 1, 0, 0, 0, 0],
+            ignored=(2, 3, 4, 5),
+        )
+    )
     features.requires_grad_(True)
     cddp_loss(features, depth, probs, label, ignore, size=(2, 3), target="similarity").backward()
     scale = (0.0 - math.exp(-0.5)) * abs(entropy(0.3, 0.7) - entropy(0.6, 0.4))

@@ -58,7 +58,9 @@ def test_kernels_compile_for_the_h200_without_register_spills(kernel, similarity
         num_warps = kernels.ULDR_NUM_WARPS
     signature = dict(zip(function.arg_names, types + ["constexpr"] * len(constants), strict=True))
     compiled = triton.compile(
-        ASTSource(function, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+        ASTSource(function, signature, constexprs=constants),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
     )
     cubin = tmp_path / f"{kernel}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])

@@ -2,15 +2,23 @@
 
 import pytest
 import torch
+from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference
 
 from depmatch.losses import cddp_loss, uldr_loss
-from loss_reference import cddp_loss_reference, synthetic_view, uldr_loss_reference
 
 
 def small_view(seed):
     # 2-4 classes on a 40×40 crop with padded borders; the grids below keep a few dozen pixels per image.
     return synthetic_view(
-        3, classes=5, channels=6, crop=40, feature_size=24, seed=seed, classes_per_image=(2, 4), max_depth=4.0, dtype=torch.float64
+        3,
+        classes=5,
+        channels=6,
+        crop=40,
+        feature_size=24,
+        seed=seed,
+        classes_per_image=(2, 4),
+        max_depth=4.0,
+        dtype=torch.float64,
     )
 
 
@@ -54,7 +62,9 @@ def test_uldr_reference_matches_vectorised(seed, size):
 def test_reference_is_zero_when_everything_is_ignored():
     view = small_view(2)
     ignore = torch.full_like(view.ignore, 255)
-    assert cddp_loss_reference(view.features, view.depth, view.probs, view.pseudo_label, ignore, size=(4, 4)).item() == 0.0
+    assert (
+        cddp_loss_reference(view.features, view.depth, view.probs, view.pseudo_label, ignore, size=(4, 4)).item() == 0.0
+    )
     assert uldr_loss_reference(view.logits, view.depth, view.pseudo_label, ignore, size=(4, 4)).item() == 0.0
 
 

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from depmatch.config import CDDPConfig, ExperimentConfig, ULDRConfig
-from depmatch.losses import cddp_uldr
-from depmatch.losses import cddp_loss, cross_entropy, masked_unlabeled_ce, ohem_cross_entropy, uldr_loss
+from depmatch.losses import cddp_loss, cddp_uldr, cross_entropy, masked_unlabeled_ce, ohem_cross_entropy, uldr_loss
 
 # ---------------------------------------------------------------- loop references
 
@@ -28,8 +27,9 @@ def _resize_grid(features, depth, probs, pseudo_label, ignore, size):
     return resized
 
 
-def cddp_loop(features, depth, probs, pseudo_label, ignore, size, sigma=1.0, inter_threshold=1.0, inter_weight=1.0,
-              target="paper"):
+def cddp_loop(
+    features, depth, probs, pseudo_label, ignore, size, sigma=1.0, inter_threshold=1.0, inter_weight=1.0, target="paper"
+):
     """§3 as a loop; `target` swaps what the intra pairs compare (the forms other than the paper's:
     `similarity`, cos(f_i, f_j) against w; `distance`, δ against 1 - w)."""
     grid = _resize_grid(features, depth, probs, pseudo_label, ignore, size)
@@ -158,7 +158,9 @@ def test_keyword_defaults_are_the_configs():
         ohem_cross_entropy: {"thresh": config.train.ohem_thresh, "min_kept": config.train.ohem_min_kept},
     }
     for loss, values in expected.items():
-        defaults = {name: p.default for name, p in inspect.signature(loss).parameters.items() if p.default is not p.empty}
+        defaults = {
+            name: p.default for name, p in inspect.signature(loss).parameters.items() if p.default is not p.empty
+        }
         assert defaults == {name: value for name, value in values.items() if name in defaults}, loss.__name__
         assert set(defaults) <= set(values), loss.__name__
     assert config.depmatch.cddp.inter_weight == 0.0  # the measured default, not the paper's β = 1
@@ -170,15 +172,33 @@ def test_defaults_match_loop_on_depth_scale_inputs():
     cddp, uldr = CDDPConfig(), ULDRConfig()
     torch.testing.assert_close(
         cddp_loss(features, depth, probs, pseudo_label, ignore, size=(4, 5)),
-        cddp_loop(features, depth, probs, pseudo_label, ignore, (4, 5), sigma=cddp.sigma,
-                  inter_threshold=cddp.inter_threshold, inter_weight=cddp.inter_weight, target=cddp.target),
+        cddp_loop(
+            features,
+            depth,
+            probs,
+            pseudo_label,
+            ignore,
+            (4, 5),
+            sigma=cddp.sigma,
+            inter_threshold=cddp.inter_threshold,
+            inter_weight=cddp.inter_weight,
+            target=cddp.target,
+        ),
         rtol=1e-5,
         atol=1e-12,
     )
     torch.testing.assert_close(
         uldr_loss(logits, depth, pseudo_label, ignore, size=(5, 6)),
-        uldr_loop(logits, depth, pseudo_label, ignore, (5, 6), conf_threshold=uldr.conf_threshold, margin=uldr.margin,
-                  inter_threshold=uldr.inter_threshold),
+        uldr_loop(
+            logits,
+            depth,
+            pseudo_label,
+            ignore,
+            (5, 6),
+            conf_threshold=uldr.conf_threshold,
+            margin=uldr.margin,
+            inter_threshold=uldr.inter_threshold,
+        ),
         rtol=1e-5,
         atol=1e-12,
     )
@@ -199,7 +219,9 @@ def test_inter_weight_zero_drops_the_inter_term():
 
 
 def test_cddp_gradcheck():
-    features, _, probs, pseudo_label, depth, ignore = make_inputs(4, batch=2, channels=3, height=8, width=8, feat_hw=(4, 4))
+    features, _, probs, pseudo_label, depth, ignore = make_inputs(
+        4, batch=2, channels=3, height=8, width=8, feat_hw=(4, 4)
+    )
     features.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda f: cddp_loss(f, depth, probs, pseudo_label, ignore, size=(4, 4), inter_threshold=0.5), (features,)
@@ -234,8 +256,18 @@ def test_row_blocks_match_loop_value_and_gradient(monkeypatch, block):
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(10)
     size = (6, 8)
     for loss, loop, inputs, extra in (
-        (cddp_loss, cddp_loop, (depth, probs, pseudo_label, ignore), dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)),
-        (uldr_loss, uldr_loop, (depth, pseudo_label, ignore), dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)),
+        (
+            cddp_loss,
+            cddp_loop,
+            (depth, probs, pseudo_label, ignore),
+            dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5),
+        ),
+        (
+            uldr_loss,
+            uldr_loop,
+            (depth, pseudo_label, ignore),
+            dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0),
+        ),
     ):
         differentiable = features if loss is cddp_loss else logits
         got_input = differentiable.clone().requires_grad_(True)
@@ -250,7 +282,13 @@ def test_row_blocks_match_loop_value_and_gradient(monkeypatch, block):
 
 @pytest.mark.parametrize(
     "shape, size",
-    [((2, 3, 12, 15), (4, 5)), ((2, 3, 6, 8), (6, 8)), ((2, 3, 6, 8), (13, 17)), ((1, 2, 1, 1), (3, 2)), ((2, 12, 15), (1, 1))],
+    [
+        ((2, 3, 12, 15), (4, 5)),
+        ((2, 3, 6, 8), (6, 8)),
+        ((2, 3, 6, 8), (13, 17)),
+        ((1, 2, 1, 1), (3, 2)),
+        ((2, 12, 15), (1, 1)),
+    ],
 )
 def test_resize_is_bilinear_interpolation_with_aligned_corners(shape, size):
     maps = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -291,8 +329,14 @@ def edge_case_inputs():
     single = torch.full_like(ignore, 255)
     single[:, 0, 0] = 0
     yield "one valid pixel", features, logits, probs, pseudo_label, depth, single
-    yield "one image without valid pixel", features, logits, probs, pseudo_label, depth, torch.stack(
-        [torch.full_like(ignore[0], 255), torch.zeros_like(ignore[0])]
+    yield (
+        "one image without valid pixel",
+        features,
+        logits,
+        probs,
+        pseudo_label,
+        depth,
+        torch.stack([torch.full_like(ignore[0], 255), torch.zeros_like(ignore[0])]),
     )
 
 
@@ -307,7 +351,9 @@ def test_edge_cases_finite_and_match_loop(case, size):
     (cddp + uldr).backward()
     for value in (cddp, uldr, features.grad, logits.grad):
         assert torch.isfinite(value).all()
-    torch.testing.assert_close(cddp, cddp_loop(features, depth, probs, pseudo_label, ignore, size), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(
+        cddp, cddp_loop(features, depth, probs, pseudo_label, ignore, size), rtol=1e-5, atol=1e-12
+    )
     torch.testing.assert_close(uldr, uldr_loop(logits, depth, pseudo_label, ignore, size), rtol=1e-5, atol=1e-12)
 
 
@@ -407,7 +453,9 @@ def test_uneven_counts_across_the_batch_match_loop(monkeypatch, compact, block):
     own_prob = grid["features"].softmax(1).gather(1, grid["label"][:, None])[:, 0].flatten(1)
     uncertain = ((own_prob < 0.9) & (grid["ignore"].flatten(1) != 255)).sum(1).tolist()
     assert uncertain[0] == 0 and 0 < uncertain[1] < 15 and uncertain[2] > 30, uncertain
-    valid = (_resize_grid(None, depth, None, pseudo_label, cddp_ignore, size)["ignore"].flatten(1) != 255).sum(1).tolist()
+    valid = (
+        (_resize_grid(None, depth, None, pseudo_label, cddp_ignore, size)["ignore"].flatten(1) != 255).sum(1).tolist()
+    )
     assert valid[0] == 0 and 0 < valid[1] < 15 and valid[2] == 48, valid
     cddp_kwargs = dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)
     for loss, loop, differentiable, inputs, kwargs in (
@@ -433,8 +481,20 @@ def test_all_pixel_path_matches_loop(monkeypatch, seed):
     monkeypatch.setattr(cddp_uldr, "_BLOCK", 7)
     features, logits, probs, pseudo_label, depth, ignore = make_inputs(seed)
     for loss, loop, differentiable, inputs, kwargs in (
-        (uldr_loss, uldr_loop, logits, (depth, pseudo_label, ignore), dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0)),
-        (cddp_loss, cddp_loop, features, (depth, probs, pseudo_label, ignore), dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5)),
+        (
+            uldr_loss,
+            uldr_loop,
+            logits,
+            (depth, pseudo_label, ignore),
+            dict(conf_threshold=0.7, margin=0.5, inter_threshold=1.0),
+        ),
+        (
+            cddp_loss,
+            cddp_loop,
+            features,
+            (depth, probs, pseudo_label, ignore),
+            dict(sigma=0.8, inter_threshold=0.7, inter_weight=0.5),
+        ),
     ):
         got_input = differentiable.clone().requires_grad_(True)
         expected_input = differentiable.clone().requires_grad_(True)

@@ -6,8 +6,12 @@ from depmatch.bench.memory import GIB, StepShape, architecture, estimate, state_
 
 # /work/shared/gpu-runs/2026-11-28-h200/mem518/bench.json: `depmatch bench --encoders dinov2_l dinov2_g
 # --zero 2 3` on one H200 (UniMatch V2 + DepMatch, bf16, crop 518, 4+4 images), torch.cuda.max_memory_allocated.
-MEASURED_GIB = {("dinov2_l", "zero2"): 25.33, ("dinov2_l", "zero3"): 26.89,
-                ("dinov2_g", "zero2"): 70.09, ("dinov2_g", "zero3"): 73.36}
+MEASURED_GIB = {
+    ("dinov2_l", "zero2"): 25.33,
+    ("dinov2_l", "zero3"): 26.89,
+    ("dinov2_g", "zero2"): 70.09,
+    ("dinov2_g", "zero3"): 73.36,
+}
 # The model counts every saved tensor it knows of and no allocator slack: it comes out 5-12% above
 # these peaks (docs/benchmarks.md), on the safe side for planning.
 TOLERANCE = (0.0, 0.12)
@@ -25,7 +29,9 @@ def test_parameter_counts_are_the_real_models():
     assert architecture("dinov2_l", 518).encoder_params == 304_367_616  # DINOv2-L/14 without its mask token
     seven_b = architecture("dinov3_7b", 518)
     assert 6.7e9 < seven_b.encoder_params < 6.8e9 and seven_b.width == 4096 and seven_b.depth == 40
-    assert seven_b.gated_mlp and seven_b.rope and seven_b.tokens == 32 * 32 + 5  # 518 -> 512 at patch 16, CLS + 4 registers
+    assert (
+        seven_b.gated_mlp and seven_b.rope and seven_b.tokens == 32 * 32 + 5
+    )  # 518 -> 512 at patch 16, CLS + 4 registers
 
 
 def test_sharding_divides_the_states_and_checkpointing_the_activations():

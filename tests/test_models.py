@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import safetensors.torch
@@ -21,7 +21,9 @@ from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_timm_weights
 
 NUM_CLASSES = 5
-TINY_VIT = ModelConfig(tiny_embed_dim=24, tiny_depth=4, tiny_heads=2, head_features=16, head_out_channels=(8, 16, 24, 24))
+TINY_VIT = ModelConfig(
+    tiny_embed_dim=24, tiny_depth=4, tiny_heads=2, head_features=16, head_out_channels=(8, 16, 24, 24)
+)
 TINY_RESNET = dataclasses.replace(TINY_VIT, encoder="resnet18")
 
 ENCODERS = {
@@ -416,8 +418,11 @@ def test_transformers_directory_that_does_not_fit_lists_the_keys(tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "hidden_size": 32}))
     with pytest.raises(WeightsError, match=r"shape mismatches: .*embeddings.cls_token \(file \(1, 1, 24\)"):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path))
-    with pytest.raises(HubError, match="model.pretrained: .*model.safetensors is neither a local transformers folder "
-                                       r"nor a hub repo id \(such as facebook/dinov2-small\)"):
+    with pytest.raises(
+        HubError,
+        match="model.pretrained: .*model.safetensors is neither a local transformers folder "
+        r"nor a hub repo id \(such as facebook/dinov2-small\)",
+    ):
         build(ENCODERS["transformers_vit"], pretrained=str(tmp_path / "model.safetensors"))
 
 
@@ -482,7 +487,9 @@ def test_transformers_dinov2_by_repo_id(offline_hub, tmp_path):
     offline_hub.add("facebook/dinov2-tiny-test", tmp_path / "repo")
     model = build(ENCODERS["transformers_vit"], seed=1, pretrained="facebook/dinov2-tiny-test", random_init=False)
     assert_same_tensors(model.encoder.dinov2, reference.state_dict())
-    with pytest.raises(WeightsError, match="hf-hub:facebook/dinov2-tiny-test are a transformers Dinov2Model.*backend: transformers"):
+    with pytest.raises(
+        WeightsError, match="hf-hub:facebook/dinov2-tiny-test are a transformers Dinov2Model.*backend: transformers"
+    ):
         build(TINY_VIT, pretrained="facebook/dinov2-tiny-test")
 
 
@@ -508,13 +515,21 @@ def test_names_on_disk_or_shaped_like_paths_stay_local(tmp_path, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(head_out_channels=(8, 16)), "model.head_out_channels: expected 4 widths, one per encoder map, got [8, 16]; "
-                                      "give 4 (e.g. [16, 24, 48, 96] for this encoder), or null to scale them"),
-    (dict(backend="hf"), "model.backend must be one of timm, transformers, got 'hf'"),
-    (dict(encoder="resnet18", head="deeplabv3plus", output_stride=32),
-     "model.output_stride: expected one of 8, 16, got 32; 16 dilates the last ResNet stage"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            dict(head_out_channels=(8, 16)),
+            "model.head_out_channels: expected 4 widths, one per encoder map, got [8, 16]; "
+            "give 4 (e.g. [16, 24, 48, 96] for this encoder), or null to scale them",
+        ),
+        (dict(backend="hf"), "model.backend must be one of timm, transformers, got 'hf'"),
+        (
+            dict(encoder="resnet18", head="deeplabv3plus", output_stride=32),
+            "model.output_stride: expected one of 8, 16, got 32; 16 dilates the last ResNet stage",
+        ),
+    ],
+)
 def test_a_wrong_model_setting_names_the_key_and_the_fix(changes, message):
     with pytest.raises(ConfigError) as error:
         build_model(dataclasses.replace(ModelConfig(), **changes), 3)

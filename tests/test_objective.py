@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depmatch.config import CDDPConfig, ConfigError, DepMatchConfig, ExperimentConfig, TrainConfig, load_config, save_config
+from depmatch.config import (
+    CDDPConfig,
+    ConfigError,
+    DepMatchConfig,
+    ExperimentConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from depmatch.engine.ema import EMATeacher
 from depmatch.frameworks import FixMatch, Predictions, UniMatch, UniMatchV2
 from depmatch.frameworks.cutmix import mix_with_partner
@@ -64,10 +72,17 @@ def expected_loss(predictions, label, unlabeled, depmatch_config, with_fp):
         if depmatch_config.enabled:
             pseudo = probs.argmax(1)
             extra = extra + depmatch_config.lambda_cddp * cddp_loss(
-                features, depth, probs, pseudo, ignore, size=(H // 14, W // 14),
+                features,
+                depth,
+                probs,
+                pseudo,
+                ignore,
+                size=(H // 14, W // 14),
                 inter_weight=depmatch_config.cddp.inter_weight,
             )
-            extra = extra + depmatch_config.lambda_uldr * uldr_loss(logits, depth, pseudo, ignore, size=(H // 10, W // 10))
+            extra = extra + depmatch_config.lambda_uldr * uldr_loss(
+                logits, depth, pseudo, ignore, size=(H // 10, W // 10)
+            )
     if with_fp:
         branches.append(masked_ce_reference(predictions.weak_fp_logits, predictions.teacher_probs, unlabeled["ignore"]))
     loss_u = (sum(branches) + extra) / len(branches)
@@ -80,8 +95,12 @@ def expected_loss(predictions, label, unlabeled, depmatch_config, with_fp):
 def test_objective_matches_written_out_formula(framework, enabled, inter_weight):
     with_fp = framework.name == "unimatch"
     predictions, label, unlabeled = fake_step(0, framework.strong_views, with_fp)
-    depmatch_config = DepMatchConfig(enabled=enabled, lambda_cddp=0.5, lambda_uldr=2.0, cddp=CDDPConfig(inter_weight=inter_weight))
-    loss, parts = semi_supervised_loss(predictions, label, unlabeled, framework, DepMatch(depmatch_config), TrainConfig())
+    depmatch_config = DepMatchConfig(
+        enabled=enabled, lambda_cddp=0.5, lambda_uldr=2.0, cddp=CDDPConfig(inter_weight=inter_weight)
+    )
+    loss, parts = semi_supervised_loss(
+        predictions, label, unlabeled, framework, DepMatch(depmatch_config), TrainConfig()
+    )
     expected = expected_loss(predictions, label, unlabeled, depmatch_config, with_fp)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert (parts["cddp"] > 0) == enabled
@@ -93,7 +112,12 @@ def test_depmatch_off_is_the_base_framework_bit_for_bit():
         predictions, label, unlabeled, UniMatchV2(), DepMatch(DepMatchConfig(enabled=False)), TrainConfig()
     )
     zero_lambdas, _ = semi_supervised_loss(
-        predictions, label, unlabeled, UniMatchV2(), DepMatch(DepMatchConfig(lambda_cddp=0, lambda_uldr=0)), TrainConfig()
+        predictions,
+        label,
+        unlabeled,
+        UniMatchV2(),
+        DepMatch(DepMatchConfig(lambda_cddp=0, lambda_uldr=0)),
+        TrainConfig(),
     )
     on, _ = semi_supervised_loss(predictions, label, unlabeled, UniMatchV2(), DepMatch(DepMatchConfig()), TrainConfig())
     assert torch.equal(base, zero_lambdas)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +45,12 @@ def test_the_tiny_run_measures_every_configuration_and_reads_every_target(tmp_pa
         got.setdefault(row["item"], set()).add(row["name"])
     assert got == PLANNED
     by_name = {(row["item"], row["name"]): row for row in rows}
-    for key in [("losses", "original"), ("peer", "unimatch_v2 fp32"), ("peer", "unimatch_v2 bf16"), ("peer", "original depmatch fp32")]:
+    for key in [
+        ("losses", "original"),
+        ("peer", "unimatch_v2 fp32"),
+        ("peer", "unimatch_v2 bf16"),
+        ("peer", "original depmatch fp32"),
+    ]:
         assert by_name[key]["status"].startswith("not given"), by_name[key]
     for (item, name), row in by_name.items():
         if item not in ("peer",) and name != "original":
@@ -81,12 +85,27 @@ def step(role, depmatch, compiled, wall, item="step", zero="0", **extra):
 def test_targets_read_the_faster_mode_and_compare_like_with_like():
     targets = load_tool("perf_targets", "benchmarks")
     rows = [
-        step("S", False, False, 80.0), step("S", True, False, 90.0, kernel_share_of_wall=0.5),
-        step("S", False, True, 50.0), step("S", True, True, 52.0, kernel_share_of_wall=0.93),
-        step("B", False, False, 85.0), step("B", True, False, 90.0, kernel_share_of_wall=0.95),
+        step("S", False, False, 80.0),
+        step("S", True, False, 90.0, kernel_share_of_wall=0.5),
+        step("S", False, True, 50.0),
+        step("S", True, True, 52.0, kernel_share_of_wall=0.93),
+        step("B", False, False, 85.0),
+        step("B", True, False, 90.0, kernel_share_of_wall=0.95),
         step("S", False, False, 84.0, item="zero2", zero="2"),
-        {"item": "zero2", "name": "S off+on eager", "role": "S", "compile": False, "status": "cut at its item's cap (3 s left)"},
-        {"item": "zero2", "name": "S off+on compiled", "role": "S", "compile": True, "status": "skipped (optional): 0 s left"},
+        {
+            "item": "zero2",
+            "name": "S off+on eager",
+            "role": "S",
+            "compile": False,
+            "status": "cut at its item's cap (3 s left)",
+        },
+        {
+            "item": "zero2",
+            "name": "S off+on compiled",
+            "role": "S",
+            "compile": True,
+            "status": "skipped (optional): 0 s left",
+        },
         {"item": "losses", "name": "triton", "status": "ok", "median_s": 1.2e-3, "ms_per_view": 1.2},
         {"item": "losses", "name": "original", "status": "ok", "median_s": 0.16, "ms_per_view": 160.0},
         {"item": "peer", "name": "unimatch_v2 fp32", "status": "ok", "wall_ms_per_step": 160.0},
@@ -105,7 +124,11 @@ def test_targets_read_the_faster_mode_and_compare_like_with_like():
     assert parts[5]["S off (eager)"]["value"].startswith(f"{84 / 80:.2f}×") and parts[5]["S off (eager)"]["met"]
     assert parts[6]["off vs fp32"]["met"] is True  # 160 / 50 = 3.2×
     assert parts[6]["on vs fp32"]["met"] is True and parts[6]["off vs bf16"]["why"] == "skipped: 0 s left"
-    assert summary[1]["verdict"] == "not met" and summary[3]["verdict"] == "met" and summary[4]["verdict"] == "not measured"
+    assert (
+        summary[1]["verdict"] == "not met"
+        and summary[3]["verdict"] == "met"
+        and summary[4]["verdict"] == "not measured"
+    )
     assert summary[6]["verdict"] == "partly measured, met so far"
 
 

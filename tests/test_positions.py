@@ -27,8 +27,9 @@ def dinov2_formula(table: torch.Tensor, rows: int, columns: int) -> torch.Tensor
     """DINOv2's interpolate_pos_encoding written out: bicubic, scale (g + 0.1) / 37, no antialias."""
     channels = table.shape[-1]
     grid = table[:, 1:].reshape(1, TRAINED_SIDE, TRAINED_SIDE, channels).permute(0, 3, 1, 2)
-    resized = F.interpolate(grid, scale_factor=((rows + 0.1) / 37, (columns + 0.1) / 37), mode="bicubic",
-                            antialias=False)
+    resized = F.interpolate(
+        grid, scale_factor=((rows + 0.1) / 37, (columns + 0.1) / 37), mode="bicubic", antialias=False
+    )
     return torch.cat([table[:, :1], resized.permute(0, 2, 3, 1).reshape(1, rows * columns, channels)], dim=1)
 
 
@@ -63,8 +64,9 @@ def test_the_table_is_dinov2s_at_crops_98_798_and_518(crop):
     else:
         torch.testing.assert_close(resized, dinov2_formula(table, grid, grid), rtol=0, atol=0)
         # timm's resize (to the output size, antialiased) is another table: the test can tell them apart
-        timm_like = F.interpolate(table[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2), size=(grid, grid),
-                                  mode="bicubic", antialias=True)
+        timm_like = F.interpolate(
+            table[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic", antialias=True
+        )
         assert (timm_like.permute(0, 2, 3, 1).reshape(1, -1, CHANNELS) - resized[:, 1:]).abs().max() > 1e-2
 
 
@@ -109,11 +111,14 @@ def test_transformers_dinov2_resizes_as_dinov2():
         torch.testing.assert_close(positions, dinov2_formula(table, 57, 4), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(encoder="vit_small_patch14_reg4_dinov2", **SHRUNK),  # registers: DINOv2's own code resizes as timm
-    ModelConfig(encoder="vit_small_patch16_224.augreg_in21k", **SHRUNK),
-    ModelConfig(encoder="dinov3_s", backend="transformers", **SHRUNK),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(encoder="vit_small_patch14_reg4_dinov2", **SHRUNK),  # registers: DINOv2's own code resizes as timm
+        ModelConfig(encoder="vit_small_patch16_224.augreg_in21k", **SHRUNK),
+        ModelConfig(encoder="dinov3_s", backend="transformers", **SHRUNK),
+    ],
+)
 def test_other_encoders_keep_their_librarys_positions(config):
     torch.manual_seed(0)
     encoder = build_model(dataclasses.replace(config), 3).encoder

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from sync_counter import SyncCounter
-from depmatch.engine.distributed import explain_collective_failure
+
 from depmatch.engine.checkpoint import checkpoint_path, checkpoint_problem
+from depmatch.engine.distributed import explain_collective_failure
 from depmatch.engine.preemption import StopSignals, ignore_stop_signals
 
 
@@ -75,8 +75,10 @@ GLOO_PEER_GONE = "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:49838:
 
 def test_collective_failures_name_the_setting_and_what_to_do():
     timed_out = explain_collective_failure(RuntimeError(GLOO_TIMEOUT), rank=0, step=7, timeout=5)
-    assert str(timed_out).startswith("rank 0: a collective operation (gradient all-reduce, barrier or stop agreement) "
-                                     "after step 7 did not complete within train.collective_timeout=5 s")
+    assert str(timed_out).startswith(
+        "rank 0: a collective operation (gradient all-reduce, barrier or stop agreement) "
+        "after step 7 did not complete within train.collective_timeout=5 s"
+    )
     assert "raise train.collective_timeout" in str(timed_out) and "--resume latest" in str(timed_out)
     peer_gone = explain_collective_failure(RuntimeError(GLOO_PEER_GONE), rank=1, step=3, timeout=600)
     assert str(peer_gone).startswith("rank 1: another rank left a collective operation after step 3 (it crashed")
@@ -93,13 +95,29 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_0(synthetic_ro
     """As SLURM and `timeout` signal a job: the main process and its 2 loader workers all get SIGTERM.
     The workers must not die of it (the main process would fail on the lost worker); the run finishes
     its step, checkpoints and exits 0, and no process of the group outlives it."""
-    settings = [f"data.root={synthetic_root}", "data.synthesize=false", "data.workers=2", "data.crop_size=24",
-                "train.batch_size=2", "train.unlabeled_batch_size=2", "train.mixed_precision=no", "train.steps=500",
-                "train.eval_every=500", "train.checkpoint_every=500", "train.log_every=1", f"train.output_dir={tmp_path}"]
+    settings = [
+        f"data.root={synthetic_root}",
+        "data.synthesize=false",
+        "data.workers=2",
+        "data.crop_size=24",
+        "train.batch_size=2",
+        "train.unlabeled_batch_size=2",
+        "train.mixed_precision=no",
+        "train.steps=500",
+        "train.eval_every=500",
+        "train.checkpoint_every=500",
+        "train.log_every=1",
+        f"train.output_dir={tmp_path}",
+    ]
     command = [sys.executable, "-m", "depmatch", "train", *[arg for item in settings for arg in ("--set", item)]]
     with open(tmp_path / "train.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     try:
         deadline = time.monotonic() + 240
         while _logged_steps(tmp_path) < 2 and process.poll() is None and time.monotonic() < deadline:

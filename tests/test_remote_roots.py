@@ -54,16 +54,18 @@ def train_and_evaluate(small_config, root: str, output_dir: Path) -> tuple[list[
     from depmatch.evaluation.evaluate import evaluate_checkpoint
 
     config = dataclasses.replace(small_config, data=dataclasses.replace(small_config.data, root=root))
-    config.train = dataclasses.replace(config.train, steps=2, log_every=1, eval_every=2, checkpoint_every=2,
-                                       output_dir=str(output_dir))
+    config.train = dataclasses.replace(
+        config.train, steps=2, log_every=1, eval_every=2, checkpoint_every=2, output_dir=str(output_dir)
+    )
     Trainer(config, dataset=prepare_dataset(config)).train()
     report = evaluate_checkpoint(output_dir / "checkpoints" / "step_00000002", root)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [{key: value for key, value in record.items() if key != "images_per_s"} for record in records], report
 
 
-def test_training_and_evaluation_from_http_and_pipe_roots_match_the_local_folder(small_config, synthetic_root, http_root,
-                                                                                tmp_path):
+def test_training_and_evaluation_from_http_and_pipe_roots_match_the_local_folder(
+    small_config, synthetic_root, http_root, tmp_path
+):
     local_log, local_report = train_and_evaluate(small_config, str(synthetic_root), tmp_path / "local")
     assert [record["step"] for record in local_log if "loss" in record] == [1, 2] and "miou_student" in local_log[-1]
     for name, root in (("http", http_root), ("pipe", f"pipe:cat {synthetic_root}/{{name}}")):
@@ -85,7 +87,9 @@ def test_a_root_is_used_as_given_and_only_checked_names_are_substituted(tmp_path
 
 
 @pytest.mark.parametrize("name", ["x.tar; touch {marker}", "../x.tar", "-rf.tar", ".hidden.tar", "x.tar\n", "x.tgz"])
-def test_a_manifest_shard_name_outside_the_pattern_is_refused_before_anything_runs(synthetic_root, tmp_path, capsys, name):
+def test_a_manifest_shard_name_outside_the_pattern_is_refused_before_anything_runs(
+    synthetic_root, tmp_path, capsys, name
+):
     root = copy_of(synthetic_root, tmp_path / "shards")
     marker = tmp_path / "ran"
     edit_manifest(root, lambda manifest: manifest["splits"]["val"]["shards"][0].update(name=name.format(marker=marker)))
@@ -98,8 +102,10 @@ def test_a_manifest_shard_name_outside_the_pattern_is_refused_before_anything_ru
 
 
 def test_a_root_without_a_manifest_is_one_error_line_naming_it(http_root, tmp_path, capsys):
-    for root, missing in ((f"{http_root}/nowhere", f"{http_root}/nowhere/manifest.json"),
-                          (f"pipe:cat {tmp_path}/{{name}}", f"pipe:cat {tmp_path}/manifest.json")):
+    for root, missing in (
+        (f"{http_root}/nowhere", f"{http_root}/nowhere/manifest.json"),
+        (f"pipe:cat {tmp_path}/{{name}}", f"pipe:cat {tmp_path}/manifest.json"),
+    ):
         assert main(["train", "--set", f"data.root={root}", "--set", "data.synthesize=false"]) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"error: data.root: {missing}") or error.startswith(f"error: data.root: `{missing}`")
@@ -110,9 +116,11 @@ def test_synthetic_shards_go_only_into_the_default_root_or_where_asked_for(tmp_p
     typo = tmp_path / "shards" / "pascl-92"
     assert main(["train", "--set", f"data.root={typo}"]) == 2
     error = capsys.readouterr().err
-    assert error == (f"error: data.root: {typo}/manifest.json does not exist: build the shards first (`depmatch shards "
-                     "build ...` or `depmatch shards synth --out ...`), or name the folder holding manifest.json, or set "
-                     "data.synthesize: true to generate the synthetic dataset there\n")
+    assert error == (
+        f"error: data.root: {typo}/manifest.json does not exist: build the shards first (`depmatch shards "
+        "build ...` or `depmatch shards synth --out ...`), or name the folder holding manifest.json, or set "
+        "data.synthesize: true to generate the synthetic dataset there\n"
+    )
     assert not typo.exists()
     assert main(["train", "--set", f"data.root={http_root}/new", "--set", "data.synthesize=true"]) == 2
     assert "generates the synthetic dataset into a local folder" in capsys.readouterr().err
@@ -130,7 +138,9 @@ def test_a_missing_or_truncated_shard_stops_the_run_at_its_start(small_config, s
         prepare_dataset(small_config)
     shutil.copy(synthetic_root / "unlabeled-000005.tar", root)
     size = (root / "val-000001.tar").stat().st_size
-    edit_manifest(root, lambda manifest: manifest["splits"]["val"]["shards"][1].update(size=size))  # as the builder records it
+    edit_manifest(
+        root, lambda manifest: manifest["splits"]["val"]["shards"][1].update(size=size)
+    )  # as the builder records it
     with open(root / "val-000001.tar", "r+b") as shard:
         shard.truncate(512)
     with pytest.raises(ShardsNotFoundError, match=f"val-000001.tar has 512 bytes, the manifest records {size}"):
@@ -144,8 +154,11 @@ def test_the_evaluation_split_is_checked_before_training(small_config):
         prepare_dataset(small_config)
     small_config.data.workers = 0
     small_config.data.val_split = "test"
-    with pytest.raises(ConfigError, match=r"data.val_split: split 'test' is not in .*manifest.json \(it has labeled, "
-                                          r"unlabeled, val\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.val_split: split 'test' is not in .*manifest.json \(it has labeled, "
+        r"unlabeled, val\)",
+    ):
         prepare_dataset(small_config)
 
 
@@ -157,11 +170,18 @@ def test_verify_reads_a_url_root(http_root, capsys):
 def test_a_brace_list_root_reads_only_the_listed_shards(http_root):
     manifest = read_manifest(f"{http_root}/{{labeled-{{000000..000002}},val-000003}}.tar")
     assert {split: [shard["name"] for shard in entry["shards"]] for split, entry in manifest["splits"].items()} == {
-        "labeled": ["labeled-000000.tar", "labeled-000001.tar", "labeled-000002.tar"], "val": ["val-000003.tar"]}
+        "labeled": ["labeled-000000.tar", "labeled-000001.tar", "labeled-000002.tar"],
+        "val": ["val-000003.tar"],
+    }
     assert manifest["splits"]["labeled"]["total"] == 6
     both = f"{http_root}/{{val-000003,val-000000}}.tar"
-    assert shard_urls(both, read_manifest(both), "val") == [f"{http_root}/val-000000.tar", f"{http_root}/val-000003.tar"]
-    with pytest.raises(ShardsNotFoundError, match=r"split 'unlabeled' is not in the shards .* lists \(it has labeled, val\)"):
+    assert shard_urls(both, read_manifest(both), "val") == [
+        f"{http_root}/val-000000.tar",
+        f"{http_root}/val-000003.tar",
+    ]
+    with pytest.raises(
+        ShardsNotFoundError, match=r"split 'unlabeled' is not in the shards .* lists \(it has labeled, val\)"
+    ):
         shard_urls(f"{http_root}/{{labeled-000000,val-000003}}.tar", manifest, "unlabeled")
     with pytest.raises(ShardsNotFoundError, match="val-000009.tar, which .*manifest.json does not have"):
         read_manifest(f"{http_root}/{{val-000009,val-000000}}.tar")
@@ -190,8 +210,9 @@ def test_a_failure_after_training_began_still_saves_the_trained_steps(small_conf
     from depmatch.engine.checkpoint import resume_checkpoint
     from depmatch.engine.trainer import Trainer
 
-    small_config.train = dataclasses.replace(small_config.train, steps=2, eval_every=2, checkpoint_every=100,
-                                             output_dir=str(tmp_path))
+    small_config.train = dataclasses.replace(
+        small_config.train, steps=2, eval_every=2, checkpoint_every=100, output_dir=str(tmp_path)
+    )
     trainer = Trainer(small_config, dataset=prepare_dataset(small_config))
 
     def broken_evaluation():

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # CamVid's split sizes; only the manifest is read before training
 MANIFEST = {
-    "dataset": "camvid", "num_classes": 11, "classes": [f"c{i}" for i in range(11)], "eval_splits": ["val", "test"],
+    "dataset": "camvid",
+    "num_classes": 11,
+    "classes": [f"c{i}" for i in range(11)],
+    "eval_splits": ["val", "test"],
     "depth": {"source": "model"},
     "splits": {"labeled": {"total": 46}, "unlabeled": {"total": 321}, "val": {"total": 101}, "test": {"total": 233}},
 }
@@ -35,12 +38,20 @@ def test_the_own_data_configs_leave_num_classes_to_the_manifest(name):
 def test_given_keys_are_those_of_the_file_and_the_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 3\n  batch_size: 2\nname: x\n")
-    assert given_keys(path, ["data.root=/s", "train.steps=4"]) == {"train.steps", "train.batch_size", "name", "data.root"}
+    assert given_keys(path, ["data.root=/s", "train.steps=4"]) == {
+        "train.steps",
+        "train.batch_size",
+        "name",
+        "data.root",
+    }
     assert given_keys() == set()
 
 
 def test_num_classes_comes_from_the_manifest_unless_the_config_sets_it(tmp_path):
-    splits = {split: {**entry, "shards": [{"name": f"{split}-000000.tar", "samples": 1}]} for split, entry in MANIFEST["splits"].items()}
+    splits = {
+        split: {**entry, "shards": [{"name": f"{split}-000000.tar", "samples": 1}]}
+        for split, entry in MANIFEST["splits"].items()
+    }
     (tmp_path / "manifest.json").write_text(json.dumps({**MANIFEST, "splits": splits}))
     for split in splits:
         (tmp_path / f"{split}-000000.tar").touch()  # the run's start checks that the shards are there
@@ -61,8 +72,9 @@ def test_the_summary_counts_splits_and_parameters():
     sharded = nn.Parameter(torch.zeros(0))
     sharded.ds_numel = 1_000_000  # what ZeRO-3 leaves on a rank: an empty slice that knows the whole size
     model.head.register_parameter("gathered", sharded)
-    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=4, device="cuda:0",
-                                  mixed_precision="bf16")
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.MULTI_GPU, num_processes=4, device="cuda:0", mixed_precision="bf16"
+    )
     lines = run_summary(config, MANIFEST, model, accelerator).splitlines()
     assert parameter_count(model) == 220 + 231 + 1_000_000
     assert lines[0].startswith("config       runs/camvid/config.yaml")

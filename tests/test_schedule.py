@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_step import small_trainer, step
 
 from depmatch.bench.step import synthetic_batches
 from depmatch.config import OptimConfig
 from depmatch.engine.optim import poly_lr
-from test_step import small_trainer, step
 
 
 def test_a_three_step_schedule_by_hand():

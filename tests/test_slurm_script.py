@@ -49,7 +49,9 @@ def slurm(tmp_path):
 
 
 def submit(env, *args) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_the_time_limit_signal_stops_training_then_requeues(slurm):

@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sync_counter import SyncCounter
+from test_compile import small_config
 
 import depmatch.engine.trainer as trainer_module
-from sync_counter import SyncCounter
 from depmatch.bench.step import synthetic_batches
 from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.nonfinite import NonFiniteLossError
 from depmatch.engine.trainer import Trainer
 from depmatch.losses import pair_backend
-from test_compile import small_config
 
 FUSED = "optim.fused=true"  # the CUDA optimizer: it skips a step on the device
 
@@ -127,7 +127,10 @@ def test_nonfinite_steps_in_a_row_end_the_run_one_step_late(tmp_path, caplog):
 def test_a_skipped_step_counts_for_nothing_in_the_log(tmp_path):
     records = []
     accelerator = SimpleNamespace(
-        is_main_process=False, num_processes=1, reduce=lambda tensor, op: tensor, log=lambda record, step: records.append(record)
+        is_main_process=False,
+        num_processes=1,
+        reduce=lambda tensor, op: tensor,
+        log=lambda record, step: records.append(record),
     )
     log = MetricLog(accelerator, str(tmp_path), total_steps=6, start_step=0, every=3, images_per_step=4)
     for step_index, (loss, nonfinite) in enumerate([(1.0, 0.0), (float("nan"), 1.0), (3.0, 0.0)], start=1):

@@ -59,7 +59,9 @@ def recording_tracker():
 
 def leaf_fields(cls) -> int:
     """Settings in a config tree, counted from the dataclasses themselves."""
-    return sum(leaf_fields(hint) if dataclasses.is_dataclass(hint) else 1 for hint in typing.get_type_hints(cls).values())
+    return sum(
+        leaf_fields(hint) if dataclasses.is_dataclass(hint) else 1 for hint in typing.get_type_hints(cls).values()
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +71,14 @@ def test_tensorboard_and_a_custom_tracker_get_the_config_and_the_metrics(small_c
     config = small_config
     config.data.crop_size = 28  # two ViT patches
     config.train = dataclasses.replace(
-        config.train, steps=2, log_every=1, eval_every=2, checkpoint_every=2, output_dir=str(tmp_path),
-        log_with=("tensorboard", "recording"), run_name="tiny-run",
+        config.train,
+        steps=2,
+        log_every=1,
+        eval_every=2,
+        checkpoint_every=2,
+        output_dir=str(tmp_path),
+        log_with=("tensorboard", "recording"),
+        run_name="tiny-run",
     )
     Trainer(config, dataset=prepare_dataset(config)).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -103,7 +111,9 @@ def test_run_name_defaults_to_the_experiment_name_and_reaches_the_trackers_that_
 
 
 def test_a_named_tracker_that_is_not_installed_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trackers, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])  # as if mlflow were absent
+    monkeypatch.setattr(
+        trackers, "get_available_trackers", lambda: [LoggerType.TENSORBOARD]
+    )  # as if mlflow were absent
     root, output_dir = tmp_path / "shards", tmp_path / "run"
     overrides = ["--set", f"data.root={root}", "--set", f"train.output_dir={output_dir}"]
     expected = r"train.log_with names mlflow, but its package is not installed: `pip install mlflow`, or remove"

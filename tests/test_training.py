@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_in_own_process
 from safetensors.torch import load_file
 
-from conftest import train_in_own_process
 from depmatch.config import ConfigError, load_config
+from depmatch.data.loader import build_val_loader
 from depmatch.engine.trainer import Trainer
 from depmatch.evaluation.evaluate import evaluate
-from depmatch.data.loader import build_val_loader
 from depmatch.models import build_model
 from depmatch.train import prepare_dataset
 
@@ -184,13 +184,16 @@ def test_sharded_resume_is_exact(shards, tmp_path, backend):
     shutil.rmtree(tmp_path / "interrupted" / "checkpoints" / "step_00000004")
     (tmp_path / "interrupted" / "metrics.jsonl").unlink()
     resumed = launch_two_processes(shards, tmp_path / "interrupted", backend, "--resume", "latest", checkpoint_every=2)
-    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if r.get("step", 0) > 2 and "loss" in r]
+    assert [r["loss"] for r in resumed if "loss" in r] == [
+        r["loss"] for r in straight if r.get("step", 0) > 2 and "loss" in r
+    ]
 
 
 def test_online_depth_replaces_the_shard_depth(shards, tmp_path, tiny_depth_anything):
     """train.online_depth_model: depth comes from Depth Anything on the weak view, every step."""
-    config = tiny_config(shards, tmp_path, "train.steps=2", "train.checkpoint_every=2",
-                         f"train.online_depth_model={tiny_depth_anything}")
+    config = tiny_config(
+        shards, tmp_path, "train.steps=2", "train.checkpoint_every=2", f"train.online_depth_model={tiny_depth_anything}"
+    )
     trainer = Trainer(config, dataset=prepare_dataset(config))
     labeled, unlabeled = next(trainer.batch_generator())
     shard_depth = unlabeled["depth"].clone()
@@ -207,7 +210,9 @@ def test_a_compiled_student_saves_the_plain_model_names(shards, tmp_path):
     In its own process: accelerate keeps one state per process, and the others here have none."""
     overrides = [f"data.root={shards}", f"train.output_dir={tmp_path}", "train.steps=2", "train.eval_every=2",
                  "train.checkpoint_every=2"]  # fmt: skip
-    train_in_own_process(overrides, "type(trainer.student).__name__ == 'OptimizedModule'", {"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
+    train_in_own_process(
+        overrides, "type(trainer.student).__name__ == 'OptimizedModule'", {"ACCELERATE_DYNAMO_BACKEND": "EAGER"}
+    )
     config = load_config(tmp_path / "config.yaml")
     for folder in (tmp_path / "checkpoints" / "step_00000002", tmp_path / "best"):
         weights = load_file(folder / "student.safetensors")
@@ -224,14 +229,18 @@ def test_labeled_only_is_the_labeled_cross_entropy_alone(shards, tmp_path, monke
         raise AssertionError("train.labeled_only read the unlabeled split")
 
     monkeypatch.setattr("depmatch.engine.trainer.build_unlabeled_loader", no_unlabeled_reads)
-    config = tiny_config(shards, tmp_path / "sup", "train.labeled_only=true", "train.steps=3", "train.checkpoint_every=3")
+    config = tiny_config(
+        shards, tmp_path / "sup", "train.labeled_only=true", "train.steps=3", "train.checkpoint_every=3"
+    )
     trainer = Trainer(config, dataset=prepare_dataset(config))
     labeled, unlabeled = next(trainer.batch_generator())
     assert unlabeled == {}
     assert torch.equal(labeled["image"], semi_labeled["image"]) and torch.equal(labeled["label"], semi_labeled["label"])
 
     student = trainer.accelerator.unwrap_model(trainer.student)
-    expected = torch.nn.functional.cross_entropy(student(labeled["image"])["logits"], labeled["label"], ignore_index=255)
+    expected = torch.nn.functional.cross_entropy(
+        student(labeled["image"])["logits"], labeled["label"], ignore_index=255
+    )
     expected_grads = torch.autograd.grad(expected, list(student.parameters()))
     loss, parts = trainer.compute_loss(labeled, unlabeled)
     grads = torch.autograd.grad(loss, list(student.parameters()))

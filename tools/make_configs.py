@@ -50,8 +50,12 @@ DATASETS = {
 
 # DPT widths per DINOv2 size, as UniMatch V2 / Depth Anything; blocks read per method.md §6.
 DINOV2 = {
-    "dinov2_s": dict(features=64, out_channels=[48, 96, 192, 384], layers=[2, 5, 8, 11], weights="dinov2_vits14_pretrain.pth"),
-    "dinov2_b": dict(features=128, out_channels=[96, 192, 384, 768], layers=[2, 5, 8, 11], weights="dinov2_vitb14_pretrain.pth"),
+    "dinov2_s": dict(
+        features=64, out_channels=[48, 96, 192, 384], layers=[2, 5, 8, 11], weights="dinov2_vits14_pretrain.pth"
+    ),
+    "dinov2_b": dict(
+        features=128, out_channels=[96, 192, 384, 768], layers=[2, 5, 8, 11], weights="dinov2_vitb14_pretrain.pth"
+    ),
 }
 
 # UniMatch (v1) keeps its usual ResNet-101 + DeepLabV3+; the ViT frameworks use DINOv2 + DPT.
@@ -204,8 +208,10 @@ def own_data_file(name: str) -> str:
         steps, steps_note = 10000, "a placeholder: set it to floor(unlabeled images / 4) × 60 for 60 epochs"
     else:
         steps = steps_per_epoch(recipe["train_images"] - recipe["labeled"], OWN_DATA_BATCH, 1) * OWN_DATA_EPOCHS
-        steps_note = (f"{OWN_DATA_EPOCHS} epochs over the unlabeled set in whole batches: floor(({recipe['train_images']} - "
-                      f"{recipe['labeled']}) / {OWN_DATA_BATCH}) × {OWN_DATA_EPOCHS} = {steps}")
+        steps_note = (
+            f"{OWN_DATA_EPOCHS} epochs over the unlabeled set in whole batches: floor(({recipe['train_images']} - "
+            f"{recipe['labeled']}) / {OWN_DATA_BATCH}) × {OWN_DATA_EPOCHS} = {steps}"
+        )
     model = model_section(OWN_DATA_ENCODER, {})
     model["pretrained"] = OWN_DATA_WEIGHTS
     values = {
@@ -213,8 +219,13 @@ def own_data_file(name: str) -> str:
         "data": {"root": f"shards/{name}", "synthesize": False, "crop_size": recipe["crop_size"], "workers": WORKERS},
         "model": model,
         "optim": {"lr": RECIPE_LR * OWN_DATA_BATCH / 16, "lr_multi": RECIPE_LR_MULTI},
-        "train": {"framework": "unimatch_v2", "steps": steps, "batch_size": OWN_DATA_BATCH,
-                  "unlabeled_batch_size": OWN_DATA_BATCH, "output_dir": f"runs/{name}"},
+        "train": {
+            "framework": "unimatch_v2",
+            "steps": steps,
+            "batch_size": OWN_DATA_BATCH,
+            "unlabeled_batch_size": OWN_DATA_BATCH,
+            "output_dir": f"runs/{name}",
+        },
         "eval": {"mode": "resize"},
     }
     header = (

@@ -34,41 +34,85 @@ from depmatch.errors import UserError
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (configs/...); without it, the embedded synthetic default")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="a whole synthetic ablation: " + "; ".join(f"{n}: {p.help}" for n, p in PRESETS.items()))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (repeatable)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a whole synthetic ablation: " + "; ".join(f"{n}: {p.help}" for n, p in PRESETS.items()),
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per variant (default: 3)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"variants trained with true depth, of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)}, or the preset's)")
-    parser.add_argument("--control", nargs="*", choices=CONTROLS,
-                        help="depth without information about its image, for each variant that reads depth (default: "
-                             "shuffled on real data, the preset's on synthetic scenes; none given: no control runs)")
-    parser.add_argument("--control-variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                        help="variants also trained under the control (default: those of --variants that read depth)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants trained with true depth, of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)}, or the preset's)",
+    )
+    parser.add_argument(
+        "--control",
+        nargs="*",
+        choices=CONTROLS,
+        help="depth without information about its image, for each variant that reads depth (default: "
+        "shuffled on real data, the preset's on synthetic scenes; none given: no control runs)",
+    )
+    parser.add_argument(
+        "--control-variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help="variants also trained under the control (default: those of --variants that read depth)",
+    )
     parser.add_argument("--steps", type=int, help="training steps per run (default: the config's or the preset's)")
-    parser.add_argument("--out", help="records, run folders, logs and the report (default: runs/ablate-<config or preset>)")
-    parser.add_argument("--jobs", type=int, help="runs at once, each in its own process, spread over the visible GPUs "
-                        "(several per GPU when more than GPUs; default: 1, or the preset's)")
+    parser.add_argument(
+        "--out", help="records, run folders, logs and the report (default: runs/ablate-<config or preset>)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at once, each in its own process, spread over the visible GPUs "
+        "(several per GPU when more than GPUs; default: 1, or the preset's)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's, or the preset's)")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="after this long, stop the runs training side by side (--jobs > 1; one after another: "
-                             "start no new run) and report the finished ones")
-    parser.add_argument("--estimate-only", action="store_true", help="time a few steps of each cell, print the plan's "
-                        "time, train nothing")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="after this long, stop the runs training side by side (--jobs > 1; one after another: "
+        "start no new run) and report the finished ones",
+    )
+    parser.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="time a few steps of each cell, print the plan's time, train nothing",
+    )
     parser.add_argument("--no-estimate", action="store_true", help="start training without the estimate")
     parser.add_argument("--estimate-steps", type=int, default=10, help="timed steps per cell for the estimate")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the records in --records")
-    parser.add_argument("--scene-stats", action="store_true",
-                        help="synthetic scenes only, train nothing: print how much the unlabeled scenes give near and "
-                             "far boxes away without depth (best bottom-row threshold, %% of crops with both boxes on "
-                             "the CDDP grid; depmatch/data/scene_stats.py)")
+    parser.add_argument(
+        "--scene-stats",
+        action="store_true",
+        help="synthetic scenes only, train nothing: print how much the unlabeled scenes give near and "
+        "far boxes away without depth (best bottom-row threshold, %% of crops with both boxes on "
+        "the CDDP grid; depmatch/data/scene_stats.py)",
+    )
     parser.add_argument("--records", help="the records to report (default: <out>/records)")
-    parser.add_argument("--rule-classes", nargs="*", help="the decision rule sums these classes' IoU (default: mIoU, "
-                        "or the preset's)")
+    parser.add_argument(
+        "--rule-classes", nargs="*", help="the decision rule sums these classes' IoU (default: mIoU, or the preset's)"
+    )
     parser.add_argument("--rule-min-seeds", type=int, default=Rule.min_seeds, help="seeds the rule needs")
-    parser.add_argument("--rule-std-factor", type=float, default=Rule.std_factor,
-                        help="the paired difference's mean must exceed this many stds")
+    parser.add_argument(
+        "--rule-std-factor",
+        type=float,
+        default=Rule.std_factor,
+        help="the paired difference's mean must exceed this many stds",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's weights (default: removed)")
     parser.set_defaults(func=run)
 
@@ -85,13 +129,26 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
         controls = tuple(args.control)
     else:
         controls = preset.controls if preset else ("random" if synthetic else "shuffled",)
-    control_variants = tuple(args.control_variants or (preset.control_variants if preset and not args.variants
-                                                       else [v for v in variants if v not in READS_NO_DEPTH]))
+    control_variants = tuple(
+        args.control_variants
+        or (
+            preset.control_variants
+            if preset and not args.variants
+            else [v for v in variants if v not in READS_NO_DEPTH]
+        )
+    )
     name = plan_name(args)
-    plan = Plan(config=args.config, overrides=overrides, variants=variants, controls=controls,
-                control_variants=control_variants, seeds=tuple(range(args.seeds)), out=args.out or f"runs/ablate-{name}",
-                steps=args.steps or (preset.steps if preset else None))
-    for run in plan.runs()[:len(variants) + len(controls) * len(control_variants)]:
+    plan = Plan(
+        config=args.config,
+        overrides=overrides,
+        variants=variants,
+        controls=controls,
+        control_variants=control_variants,
+        seeds=tuple(range(args.seeds)),
+        out=args.out or f"runs/ablate-{name}",
+        steps=args.steps or (preset.steps if preset else None),
+    )
+    for run in plan.runs()[: len(variants) + len(controls) * len(control_variants)]:
         plan.run_config(run)  # a wrong override or variant fails here, before anything starts
     jobs = args.jobs or (preset.jobs if preset else 1)
     threads = args.threads or (preset.threads if preset else None)
@@ -116,8 +173,15 @@ def read_records(folder: Path) -> list[dict]:
     records = [json.loads(path.read_text()) for path in folder.glob("*.json")]
     order = list(VARIANTS)
     # true depth first, then each control; variants in the order of VARIANTS; seeds ascending
-    return sorted(records, key=lambda r: (r["depth_mode"] != "true", r["depth_mode"],
-                                         order.index(r["variant"]) if r["variant"] in order else len(order), r["seed"]))
+    return sorted(
+        records,
+        key=lambda r: (
+            r["depth_mode"] != "true",
+            r["depth_mode"],
+            order.index(r["variant"]) if r["variant"] in order else len(order),
+            r["seed"],
+        ),
+    )
 
 
 def title_of(records: list[dict], name: str) -> str:
@@ -134,7 +198,9 @@ def print_scene_stats(args: argparse.Namespace) -> int:
 
     config = build_plan(args)[0].base_config
     if not config.data.synthesizes():
-        raise UserError("--scene-stats measures the synthetic scenes: give --preset or a config with data.synthesize: true")
+        raise UserError(
+            "--scene-stats measures the synthetic scenes: give --preset or a config with data.synthesize: true"
+        )
     data = config.data
     stats = scene_statistics(data.synth, "unlabeled", data.synth.unlabeled, data.crop_size, data.scale_range)
     print(json.dumps({"scene_version": data.synth.scene_version, **stats}, indent=1))
@@ -162,8 +228,10 @@ def train_plan(args: argparse.Namespace) -> int:
 
     plan, settings = build_plan(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings["jobs"] > 1:
-        raise UserError("--jobs trains runs side by side in processes of its own; under a launch of several "
-                        "processes every run already uses all of them: leave --jobs out")
+        raise UserError(
+            "--jobs trains runs side by side in processes of its own; under a launch of several "
+            "processes every run already uses all of them: leave --jobs out"
+        )
     import torch
 
     if settings["threads"]:
@@ -171,9 +239,12 @@ def train_plan(args: argparse.Namespace) -> int:
     runs = plan.runs()
     todo = [run for run in runs if done_record(plan, run) is None]
     if is_main_process():
-        print(f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
-              f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
-              f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}", flush=True)
+        print(
+            f"{len(runs)} runs planned, {len(runs) - len(todo)} done before, {len(todo)} to train "
+            f"({plan.framework}, {', '.join(plan.variants)}; controls {', '.join(plan.controls) or 'none'} "
+            f"on {', '.join(plan.control_variants)}; {len(plan.seeds)} seeds) into {plan.out}",
+            flush=True,
+        )
     prepare_shards(plan, todo)
     if todo and (args.estimate_only or not args.no_estimate):
         print_estimate(plan, todo, settings["jobs"], args.estimate_steps)
@@ -182,13 +253,22 @@ def train_plan(args: argparse.Namespace) -> int:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_description()  # before training: the commit of the code that trains
     started = time.perf_counter()
-    schedule = Schedule(jobs=settings["jobs"], threads=settings["threads"], time_limit=args.time_limit,
-                        keep_checkpoints=args.keep_checkpoints)
+    schedule = Schedule(
+        jobs=settings["jobs"],
+        threads=settings["threads"],
+        time_limit=args.time_limit,
+        keep_checkpoints=args.keep_checkpoints,
+    )
     failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
     if not is_main_process():
         return 0
-    invocation = {"command": [sys.executable, *sys.argv], "commit": machine["commit"], "started_utc": started_at,
-                  "jobs": settings["jobs"], "wall_seconds": time.perf_counter() - started}
+    invocation = {
+        "command": [sys.executable, *sys.argv],
+        "commit": machine["commit"],
+        "started_utc": started_at,
+        "jobs": settings["jobs"],
+        "wall_seconds": time.perf_counter() - started,
+    }
     report(plan, runs, len(runs) - len(todo), machine, invocation, settings)
     if failed:  # not a user's mistake: the logs hold the tracebacks
         print(f"{len(failed)} runs failed ({', '.join(failed)}): their logs are in {plan.out}/logs", file=sys.stderr)
@@ -215,8 +295,11 @@ def print_estimate(plan: Plan, todo: list, jobs: int, timed: int) -> None:
 
     result = estimate(plan, todo, jobs, warmup=2, timed=timed)
     if is_main_process():
-        print(f"estimate: {result['runs']} runs, {jobs} at a time: {result['wall_seconds_at_least'] / 60:.1f} to "
-              f"{result['wall_seconds_at_most'] / 60:.1f} minutes", flush=True)
+        print(
+            f"estimate: {result['runs']} runs, {jobs} at a time: {result['wall_seconds_at_least'] / 60:.1f} to "
+            f"{result['wall_seconds_at_most'] / 60:.1f} minutes",
+            flush=True,
+        )
         write_json(Path(plan.out) / "estimate.json", result)
 
 

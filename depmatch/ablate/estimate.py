@@ -57,14 +57,22 @@ def estimate(plan: Plan, todo: list[Run], jobs: int, warmup: int, timed: int) ->
             steps = plan.run_config(run).train.steps
             run_seconds = timing["build_seconds"] + steps * timing["step_ms"] / 1000 + timing["end_seconds"]
             cell = cells[(run.depth, run.variant)] = {**timing, "run_seconds": run_seconds, "runs": 0}
-            print(f"estimate {framework} {run.depth:8s} {run.variant:15s} {timing['step_ms']:8.1f} ms/step "
-                  f"{run_seconds:7.0f} s/run", flush=True)
+            print(
+                f"estimate {framework} {run.depth:8s} {run.variant:15s} {timing['step_ms']:8.1f} ms/step "
+                f"{run_seconds:7.0f} s/run",
+                flush=True,
+            )
         cell["runs"] += 1
     import torch
 
     torch.cuda.empty_cache()  # the runs' processes get the GPU memory the timed trainers held
     total = sum(cell["runs"] * cell["run_seconds"] for cell in cells.values())
     longest = max((cell["run_seconds"] for cell in cells.values()), default=0.0)
-    return {"cells": {f"{depth}/{variant}": cell for (depth, variant), cell in cells.items()}, "runs": len(todo),
-            "jobs": jobs, "run_seconds_total": total, "wall_seconds_at_least": total / jobs,
-            "wall_seconds_at_most": total / jobs + longest}
+    return {
+        "cells": {f"{depth}/{variant}": cell for (depth, variant), cell in cells.items()},
+        "runs": len(todo),
+        "jobs": jobs,
+        "run_seconds_total": total,
+        "wall_seconds_at_least": total / jobs,
+        "wall_seconds_at_most": total / jobs + longest,
+    }

@@ -13,7 +13,6 @@ import shlex
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
 
 from depmatch.bench.presets import encoder_overrides
 from depmatch.config import ConfigError, ExperimentConfig, load_config, to_dict
@@ -56,14 +55,14 @@ class Run:
 class Plan:
     """Everything that decides the runs; the command line and the preset fill it."""
 
-    config: Optional[str]  # experiment YAML; None: the embedded synthetic default
+    config: str | None  # experiment YAML; None: the embedded synthetic default
     overrides: tuple[str, ...]  # the preset's, then --set's, for every run
     variants: tuple[str, ...]
     controls: tuple[str, ...]
     control_variants: tuple[str, ...]  # the variants also trained under each control
     seeds: tuple[int, ...]
     out: str
-    steps: Optional[int] = None  # None: the config's train.steps
+    steps: int | None = None  # None: the config's train.steps
 
     @property
     def records(self) -> Path:
@@ -112,18 +111,21 @@ class Plan:
         labeled = synth.labeled
         if run.variant == "all_labels":
             if not base.data.synthesizes():
-                raise ConfigError("the all_labels variant needs synthetic scenes (data.synthesize: true); "
-                                  "leave it out of --variants")
+                raise ConfigError(
+                    "the all_labels variant needs synthetic scenes (data.synthesize: true); leave it out of --variants"
+                )
             labeled = synth.labeled + synth.unlabeled
         stored = run.depth if base.data.synthesizes() and run.depth in ("random", "constant") else TRUE_DEPTH
         overrides = []
         if base.data.synthesizes():
-            overrides += ["data.synthesize=true",  # the run's own shard folder, not the default root
-                          f"data.synth.labeled={labeled}",
-                          # quoted: YAML would read a bare true as a boolean
-                          f'data.synth.depth_mode="{stored}"',
-                          # one shard folder per label budget and stored depth, so that datasets never clash
-                          f"data.root={base.data.root}-l{labeled}-u{synth.unlabeled}-{stored}"]
+            overrides += [
+                "data.synthesize=true",  # the run's own shard folder, not the default root
+                f"data.synth.labeled={labeled}",
+                # quoted: YAML would read a bare true as a boolean
+                f'data.synth.depth_mode="{stored}"',
+                # one shard folder per label budget and stored depth, so that datasets never clash
+                f"data.root={base.data.root}-l{labeled}-u{synth.unlabeled}-{stored}",
+            ]
         if run.depth != TRUE_DEPTH and stored == TRUE_DEPTH:
             overrides.append(f"data.depth_control={run.depth}")
         return overrides
@@ -166,7 +168,7 @@ class Preset:
     overrides: tuple[str, ...]
     steps: int
     jobs: int  # runs trained at once, each in a process of its own
-    threads: Optional[int]  # torch threads per run (None: torch's default)
+    threads: int | None  # torch threads per run (None: torch's default)
     variants: tuple[str, ...]
     controls: tuple[str, ...]
     control_variants: tuple[str, ...]
@@ -202,16 +204,37 @@ SYNTHETIC_PLAN = dict(
 PRESETS = {
     # a 2-core CPU, vit_tiny, two runs at a time with one thread each
     "synthetic-cpu": Preset(
-        overrides=(*SYNTHETIC_SCENES, "data.root=shards/ablate-synthetic-cpu", "data.synth.height=96",
-                   "data.synth.width=128", "data.crop_size=98",  # CDDP grid 7×7
-                   "model.head_features=16"),  # a third cheaper a step than 32 wide
-        steps=1000, jobs=2, threads=1, help="scene version 4 on a 2-core CPU (about an hour)", **SYNTHETIC_PLAN,
+        overrides=(
+            *SYNTHETIC_SCENES,
+            "data.root=shards/ablate-synthetic-cpu",
+            "data.synth.height=96",
+            "data.synth.width=128",
+            "data.crop_size=98",  # CDDP grid 7×7
+            "model.head_features=16",
+        ),  # a third cheaper a step than 32 wide
+        steps=1000,
+        jobs=2,
+        threads=1,
+        help="scene version 4 on a 2-core CPU (about an hour)",
+        **SYNTHETIC_PLAN,
     ),
     # one H100/H200: a DINOv2-S-shaped model (random init), bf16, eight runs at a time
     "synthetic-gpu": Preset(
-        overrides=(*SYNTHETIC_SCENES, "data.root=shards/ablate-synthetic-gpu", *encoder_overrides("dinov2_s"),
-                   "model.random_init=true", "model.pretrained=null", "train.mixed_precision=bf16",
-                   "data.synth.height=192", "data.synth.width=256", "data.crop_size=224"),  # CDDP grid 16×16
-        steps=240, jobs=8, threads=None, help="scene version 4 on one GPU, DINOv2-S shape", **SYNTHETIC_PLAN,
+        overrides=(
+            *SYNTHETIC_SCENES,
+            "data.root=shards/ablate-synthetic-gpu",
+            *encoder_overrides("dinov2_s"),
+            "model.random_init=true",
+            "model.pretrained=null",
+            "train.mixed_precision=bf16",
+            "data.synth.height=192",
+            "data.synth.width=256",
+            "data.crop_size=224",
+        ),  # CDDP grid 16×16
+        steps=240,
+        jobs=8,
+        threads=None,
+        help="scene version 4 on one GPU, DINOv2-S shape",
+        **SYNTHETIC_PLAN,
     ),
 }

@@ -122,13 +122,13 @@ def probe_cells(cells: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
             rhos.append(depth_rank_correlation(features[chosen], depth[chosen]))
             halves.append((features[chosen], (depth[chosen] > np.median(depth)).astype(int)))
 
-        def side(parity):
+        def side(halves, parity):
             parts = [half for half in halves[parity::2] if half is not None]
             if not parts:
                 return np.zeros((0, 1)), np.zeros(0, int)
             return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
-        (train_x, train_y), (test_x, test_y) = side(0), side(1)
+        (train_x, train_y), (test_x, test_y) = side(halves, 0), side(halves, 1)
         usable = len(set(test_y.tolist())) == 2
         rank_per_class.append(nan_mean(rhos))
         probe_per_class.append(linear_probe_accuracy(train_x, train_y, test_x, test_y) if usable else float("nan"))
@@ -150,8 +150,9 @@ def held_out_images(config, count: int) -> list[tuple[np.ndarray, np.ndarray, np
     manifest = read_manifest(config.data.root)
     with_depth = manifest["depth"]["source"] != "none"
     images = []
-    for sample in wds.tarfile_samples([{"url": url} for url in shard_urls(config.data.root, manifest,
-                                                                          config.data.val_split)]):
+    for sample in wds.tarfile_samples(
+        [{"url": url} for url in shard_urls(config.data.root, manifest, config.data.val_split)]
+    ):
         image, label, depth = decode_sample(sample, True, with_depth and DEPTH_FIELD in sample)
         images.append((image, label, depth if with_depth else None))
         if len(images) == count:
@@ -165,9 +166,18 @@ def grid_cells(model, images, crop: int, device, batch: int = 16):
     cells = crop // CDDP_STRIDE
     outputs = []
     for start in range(0, len(images), batch):
-        chunk = images[start: start + batch]
-        pixels = torch.stack([F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(crop, crop),
-                                            mode="bilinear", align_corners=False)[0] for image, _, _ in chunk])
+        chunk = images[start : start + batch]
+        pixels = torch.stack(
+            [
+                F.interpolate(
+                    torch.from_numpy(image).permute(2, 0, 1)[None].float(),
+                    size=(crop, crop),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0]
+                for image, _, _ in chunk
+            ]
+        )
         result = model(normalize(pixels.round().clamp(0, 255).to(device)))
         features = F.interpolate(result["features"].float(), size=(cells, cells), mode="bilinear", align_corners=True)
         prediction = result["logits"].argmax(1).cpu().numpy()
@@ -176,11 +186,22 @@ def grid_cells(model, images, crop: int, device, batch: int = 16):
             rows, cols = _grid_index(label.shape[0], cells), _grid_index(label.shape[1], cells)
             depth_grid = None
             if depth is not None:
-                depth_grid = F.interpolate(torch.from_numpy(depth)[None, None], size=(cells, cells), mode="bilinear",
-                                           align_corners=True)[0, 0].numpy().ravel().astype(np.float64)
-            outputs.append((features[k].flatten(1).T.cpu().numpy().astype(np.float64),
-                            prediction[k][np.ix_(pred_index, pred_index)].ravel(),
-                            label[np.ix_(rows, cols)].ravel().astype(np.int64), depth_grid))
+                depth_grid = (
+                    F.interpolate(
+                        torch.from_numpy(depth)[None, None], size=(cells, cells), mode="bilinear", align_corners=True
+                    )[0, 0]
+                    .numpy()
+                    .ravel()
+                    .astype(np.float64)
+                )
+            outputs.append(
+                (
+                    features[k].flatten(1).T.cpu().numpy().astype(np.float64),
+                    prediction[k][np.ix_(pred_index, pred_index)].ravel(),
+                    label[np.ix_(rows, cols)].ravel().astype(np.int64),
+                    depth_grid,
+                )
+            )
     return outputs
 
 

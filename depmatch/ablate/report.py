@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -36,10 +36,12 @@ class Rule:
         return " + ".join(self.classes) + " IoU" if self.classes else "mIoU"
 
     def statement(self, control: str) -> str:
-        return (f"**Decision rule** (fixed before the numbers): a variant helps through depth when its true − "
-                f"{control} {self.metric_name()}, paired by seed, is > 0 on every seed (at least {self.min_seeds} "
-                f"seeds), its mean is above {self.std_factor:g} × its std, and its end-of-run probes (a) depth_rank "
-                f"and (b) linear_probe are above both base's and its {control} runs'.")
+        return (
+            f"**Decision rule** (fixed before the numbers): a variant helps through depth when its true − "
+            f"{control} {self.metric_name()}, paired by seed, is > 0 on every seed (at least {self.min_seeds} "
+            f"seeds), its mean is above {self.std_factor:g} × its std, and its end-of-run probes (a) depth_rank "
+            f"and (b) linear_probe are above both base's and its {control} runs'."
+        )
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -75,8 +77,11 @@ def metric(record: dict, rule: Rule) -> float:
 def paired(group: list[dict], reference: list[dict], value) -> list[tuple[int, float]]:
     """(seed, value(run) - value(reference run of that seed)) for the seeds both have."""
     by_seed = {r["seed"]: value(r) for r in reference}
-    return [(r["seed"], value(r) - by_seed[r["seed"]]) for r in sorted(group, key=lambda r: r["seed"])
-            if r["seed"] in by_seed]
+    return [
+        (r["seed"], value(r) - by_seed[r["seed"]])
+        for r in sorted(group, key=lambda r: r["seed"])
+        if r["seed"] in by_seed
+    ]
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -95,27 +100,35 @@ def summarize(records: list[dict]) -> list[dict]:
         if depth != TRUE_DEPTH:
             over_control = paired(cells.get((TRUE_DEPTH, variant), []), group, lambda r: r["reported_miou"])
         per_class = np.array([r["per_class"] for r in group], dtype=float)
-        rows.append({
-            "depth_mode": depth,
-            "variant": variant,
-            "seeds": sorted(r["seed"] for r in group),
-            "miou": mean_std(r["reported_miou"] for r in group),
-            "gain": mean_std(d for _, d in gain),
-            "gain_per_seed": dict(gain),
-            "true_minus_control": mean_std(d for _, d in over_control),
-            "true_minus_control_per_seed": dict(over_control),
-            "per_class": [mean_std(column) for column in per_class.T],
-            "seconds": float(np.mean([r["wall_seconds"] for r in group])),
-        })
+        rows.append(
+            {
+                "depth_mode": depth,
+                "variant": variant,
+                "seeds": sorted(r["seed"] for r in group),
+                "miou": mean_std(r["reported_miou"] for r in group),
+                "gain": mean_std(d for _, d in gain),
+                "gain_per_seed": dict(gain),
+                "true_minus_control": mean_std(d for _, d in over_control),
+                "true_minus_control_per_seed": dict(over_control),
+                "per_class": [mean_std(column) for column in per_class.T],
+                "seconds": float(np.mean([r["wall_seconds"] for r in group])),
+            }
+        )
     return rows
 
 
 def probe_rows(records: list[dict]) -> list[dict]:
     """Per (depth, variant) with probe records: mean ± std over seeds of each probe at the start and end."""
     return [
-        {"depth_mode": depth, "variant": variant,
-         **{f"{name}_{when}": mean_std(r["probes"][when][name] for r in group)
-            for name in PROBES for when in ("start", "end")}}
+        {
+            "depth_mode": depth,
+            "variant": variant,
+            **{
+                f"{name}_{when}": mean_std(r["probes"][when][name] for r in group)
+                for name in PROBES
+                for when in ("start", "end")
+            },
+        }
         for (depth, variant), group in cells_of(records, "probes").items()
     ]
 
@@ -135,22 +148,38 @@ def decisions(records: list[dict], rule: Rule) -> list[dict]:
     runs = {(r["depth_mode"], r["variant"], r["seed"]): r for r in records}
     probes = {(row["depth_mode"], row["variant"]): row for row in probe_rows(records)}
     rows = []
-    for control, variant in dict.fromkeys((r["depth_mode"], r["variant"]) for r in records
-                                          if r["depth_mode"] != TRUE_DEPTH):
-        seeds = sorted(seed for depth, v, seed in runs
-                       if depth == TRUE_DEPTH and v == variant and (control, v, seed) in runs)
-        diffs = [metric(runs[(TRUE_DEPTH, variant, seed)], rule) - metric(runs[(control, variant, seed)], rule)
-                 for seed in seeds]
+    for control, variant in dict.fromkeys(
+        (r["depth_mode"], r["variant"]) for r in records if r["depth_mode"] != TRUE_DEPTH
+    ):
+        seeds = sorted(
+            seed for depth, v, seed in runs if depth == TRUE_DEPTH and v == variant and (control, v, seed) in runs
+        )
+        diffs = [
+            metric(runs[(TRUE_DEPTH, variant, seed)], rule) - metric(runs[(control, variant, seed)], rule)
+            for seed in seeds
+        ]
         mean, std = mean_std(diffs)
         seeds_ok = len(diffs) >= rule.min_seeds and all(d > 0 for d in diffs) and mean > rule.std_factor * std
         probes_ok = True
         for name in ("depth_rank", "linear_probe"):
             own = probes.get((TRUE_DEPTH, variant), {}).get(f"{name}_end", (math.nan, 0))[0]
-            others = [probes.get(key, {}).get(f"{name}_end", (math.nan, 0))[0]
-                      for key in ((TRUE_DEPTH, "base"), (control, variant))]
+            others = [
+                probes.get(key, {}).get(f"{name}_end", (math.nan, 0))[0]
+                for key in ((TRUE_DEPTH, "base"), (control, variant))
+            ]
             probes_ok &= not math.isnan(own) and all(not math.isnan(o) and own > o for o in others)
-        rows.append({"control": control, "variant": variant, "seeds": seeds, "diff": (mean, std), "per_seed": diffs,
-                     "seeds_ok": seeds_ok, "probes_ok": probes_ok, "helps": seeds_ok and probes_ok})
+        rows.append(
+            {
+                "control": control,
+                "variant": variant,
+                "seeds": seeds,
+                "diff": (mean, std),
+                "per_seed": diffs,
+                "seeds_ok": seeds_ok,
+                "probes_ok": probes_ok,
+                "helps": seeds_ok and probes_ok,
+            }
+        )
     return rows
 
 
@@ -162,39 +191,65 @@ def markdown(records: list[dict], rule: Rule, title: str) -> str:
     lines += [rule.statement(control) for control in controls or ["control"]]
     bound = labeled_only_bound(records, rule)
     if not math.isnan(bound[0]):
-        lines += ["", f"Labeled-only bound on {', '.join(rule.classes)} (the mean of the classes' IoU, over seeds): "
-                  f"{format_mean_std(bound)}"]
+        lines += [
+            "",
+            f"Labeled-only bound on {', '.join(rule.classes)} (the mean of the classes' IoU, over seeds): "
+            f"{format_mean_std(bound)}",
+        ]
     verdicts = decisions(records, rule)
     if verdicts:
-        lines += ["", "| control | variant | true − control per seed | mean ± std | every seed > 0, mean > "
-                  f"{rule.std_factor:g} std | probes (a), (b) above base and control | helps through depth |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| control | variant | true − control per seed | mean ± std | every seed > 0, mean > "
+            f"{rule.std_factor:g} std | probes (a), (b) above base and control | helps through depth |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in verdicts:
             per_seed = ", ".join(f"{d:+.2f}" for d in row["per_seed"])
-            lines.append(f"| {row['control']} | {row['variant']} | {per_seed} | {format_mean_std(row['diff'])} | "
-                         f"{'yes' if row['seeds_ok'] else 'no'} | {'yes' if row['probes_ok'] else 'no'} | "
-                         f"**{'yes' if row['helps'] else 'no'}** |")
+            lines.append(
+                f"| {row['control']} | {row['variant']} | {per_seed} | {format_mean_std(row['diff'])} | "
+                f"{'yes' if row['seeds_ok'] else 'no'} | {'yes' if row['probes_ok'] else 'no'} | "
+                f"**{'yes' if row['helps'] else 'no'}** |"
+            )
     reported = records[0].get("reported", "student")
-    lines += ["", f"{reported} mIoU (%), mean ± std over seeds; gains paired by seed", "",
-              "| depth | variant | seeds | mIoU | gain over base | true − control | s/run |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"{reported} mIoU (%), mean ± std over seeds; gains paired by seed",
+        "",
+        "| depth | variant | seeds | mIoU | gain over base | true − control | s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         gain = "" if row["variant"] == "base" else format_mean_std(row["gain"])
         control = format_mean_std(row["true_minus_control"]) if row["depth_mode"] != TRUE_DEPTH else ""
         seeds = ",".join(map(str, row["seeds"]))
-        lines.append(f"| {row['depth_mode']} | {row['variant']} | {seeds} | {format_mean_std(row['miou'])} | {gain} | "
-                     f"{control} | {row['seconds']:.0f} |")
-    lines += ["", "Per-class IoU (%)", "", "| depth | variant | " + " | ".join(classes) + " |",
-              "|---|---|" + "---|" * len(classes)]
+        lines.append(
+            f"| {row['depth_mode']} | {row['variant']} | {seeds} | {format_mean_std(row['miou'])} | {gain} | "
+            f"{control} | {row['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per-class IoU (%)",
+        "",
+        "| depth | variant | " + " | ".join(classes) + " |",
+        "|---|---|" + "---|" * len(classes),
+    ]
     for row in rows:
-        lines.append(f"| {row['depth_mode']} | {row['variant']} | "
-                     + " | ".join(format_mean_std(pair) for pair in row["per_class"]) + " |")
+        lines.append(
+            f"| {row['depth_mode']} | {row['variant']} | "
+            + " | ".join(format_mean_std(pair) for pair in row["per_class"])
+            + " |"
+        )
     probe_table = probe_rows(records)
     if probe_table:
-        lines += ["", "Probes (mean ± std over seeds, start → end of the runs): (a) depth_rank ρ, "
-                  "(b) linear_probe depth-half accuracy %, (c) confusion: % of cells predicted as another class", "",
-                  "| depth | variant | (a) start | (a) end | (b) start | (b) end | (c) start | (c) end |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Probes (mean ± std over seeds, start → end of the runs): (a) depth_rank ρ, "
+            "(b) linear_probe depth-half accuracy %, (c) confusion: % of cells predicted as another class",
+            "",
+            "| depth | variant | (a) start | (a) end | (b) start | (b) end | (c) start | (c) end |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in probe_table:
             cells = " | ".join(format_mean_std(row[f"{name}_{when}"]) for name in PROBES for when in ("start", "end"))
             lines.append(f"| {row['depth_mode']} | {row['variant']} | {cells} |")
@@ -239,10 +294,17 @@ def write_report(records: list[dict], rule: Rule, title: str, out: Path) -> Path
     """ablation.md, ablation.json and ablation.png in `out`; the Markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
     controls = dict.fromkeys(r["depth_mode"] for r in records if r["depth_mode"] != TRUE_DEPTH)
-    summary = {"title": title, "rule": asdict(rule), "rule_statements": [rule.statement(c) for c in controls],
-               "classes": records[0]["classes"], "rows": summarize(records), "probes": probe_rows(records),
-               "decisions": decisions(records, rule), "labeled_only_bound": labeled_only_bound(records, rule),
-               "runs": records}
+    summary = {
+        "title": title,
+        "rule": asdict(rule),
+        "rule_statements": [rule.statement(c) for c in controls],
+        "classes": records[0]["classes"],
+        "rows": summarize(records),
+        "probes": probe_rows(records),
+        "decisions": decisions(records, rule),
+        "labeled_only_bound": labeled_only_bound(records, rule),
+        "runs": records,
+    }
     (out / "ablation.json").write_text(json.dumps(summary, indent=1))
     (out / "ablation.md").write_text(markdown(records, rule, title))
     chart(records, title, out / "ablation.png")

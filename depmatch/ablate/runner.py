@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from multiprocessing import connection, get_context
 from pathlib import Path
-from typing import Optional
 
 from depmatch.ablate.plan import Plan, Run, fingerprint, flat_config
 from depmatch.errors import UserError
@@ -35,8 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Schedule:
     jobs: int = 1  # runs at once, each in a process of its own (1: in this process)
-    threads: Optional[int] = None  # torch intra-op threads per run (None: torch's default)
-    time_limit: Optional[float] = None  # seconds; then running runs are stopped and the records so far reported
+    threads: int | None = None  # torch intra-op threads per run (None: torch's default)
+    time_limit: float | None = None  # seconds; then running runs are stopped and the records so far reported
     keep_checkpoints: bool = False
 
 
@@ -54,8 +53,9 @@ def evaluate_reported(trainer) -> tuple[str, dict]:
 
     name, model = reported_model(trainer)
     config = trainer.config
-    return name, evaluate(model, build_val_loader(config, 0, 1), config.num_classes, config.eval,
-                          device=trainer.accelerator.device)
+    return name, evaluate(
+        model, build_val_loader(config, 0, 1), config.num_classes, config.eval, device=trainer.accelerator.device
+    )
 
 
 def probe_reported(trainer) -> dict:
@@ -77,7 +77,7 @@ def write_json(path: Path, content: dict) -> None:
     temporary.replace(path)
 
 
-def done_record(plan: Plan, run: Run) -> Optional[dict]:
+def done_record(plan: Plan, run: Run) -> dict | None:
     """The run's record if an earlier invocation made it with the planned settings; an error if with others."""
     path = record_path(plan, run)
     if not path.is_file():
@@ -88,12 +88,14 @@ def done_record(plan: Plan, run: Run) -> Optional[dict]:
         recorded = record.get("config", {})
         changed = sorted(key for key in set(planned) | set(recorded) if planned.get(key) != recorded.get(key))
         shown = ", ".join(f"{key} {recorded.get(key)!r} -> {planned.get(key)!r}" for key in changed[:3])
-        raise UserError(f"{path} was trained with other settings ({shown or 'an unreadable record'}); "
-                        f"give the settings it was trained with, delete the record, or choose another --out")
+        raise UserError(
+            f"{path} was trained with other settings ({shown or 'an unreadable record'}); "
+            f"give the settings it was trained with, delete the record, or choose another --out"
+        )
     return record
 
 
-def train_and_record(plan: Plan, run: Run, keep_checkpoints: bool) -> Optional[dict]:
+def train_and_record(plan: Plan, run: Run, keep_checkpoints: bool) -> dict | None:
     """Train one run in this process, probe it at its start and end, and write its record.
 
     None when the run was stopped by a signal before its end (no record: it trains again next time).
@@ -118,14 +120,25 @@ def train_and_record(plan: Plan, run: Run, keep_checkpoints: bool) -> Optional[d
     logged = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     flat = flat_config(config)
     record = {
-        "key": run.key(config.train.framework), "framework": config.train.framework, "depth_mode": run.depth,
-        "variant": run.variant, "seed": run.seed, "fingerprint": fingerprint(flat), "config": flat,
-        "command": plan.train_command(run), "miou": results, "reported": reported,
-        "reported_miou": evaluation["miou"], "per_class": evaluation["per_class"],
+        "key": run.key(config.train.framework),
+        "framework": config.train.framework,
+        "depth_mode": run.depth,
+        "variant": run.variant,
+        "seed": run.seed,
+        "fingerprint": fingerprint(flat),
+        "config": flat,
+        "command": plan.train_command(run),
+        "miou": results,
+        "reported": reported,
+        "reported_miou": evaluation["miou"],
+        "per_class": evaluation["per_class"],
         # rows the true class, columns the predicted one, in pixels: where a class's IoU goes
-        "confusion": evaluation["confusion"].tolist(), "classes": manifest["classes"],
-        "train_seconds": train_seconds, "last_log": next((entry for entry in reversed(logged) if "loss" in entry), {}),
-        "probes": probes, "wall_seconds": time.perf_counter() - started,
+        "confusion": evaluation["confusion"].tolist(),
+        "classes": manifest["classes"],
+        "train_seconds": train_seconds,
+        "last_log": next((entry for entry in reversed(logged) if "loss" in entry), {}),
+        "probes": probes,
+        "wall_seconds": time.perf_counter() - started,
     }
     if trainer.accelerator.is_main_process:
         write_json(record_path(plan, run), record)
@@ -136,8 +149,9 @@ def train_and_record(plan: Plan, run: Run, keep_checkpoints: bool) -> Optional[d
     return record
 
 
-def _train_in_child(plan: Plan, run: Run, gpu: Optional[str], threads: Optional[int], log: str,
-                    keep_checkpoints: bool) -> None:
+def _train_in_child(
+    plan: Plan, run: Run, gpu: str | None, threads: int | None, log: str, keep_checkpoints: bool
+) -> None:
     """A spawned process's whole life: one GPU (or the CPU), its output to `log`, one run."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -158,7 +172,7 @@ def _train_in_child(plan: Plan, run: Run, gpu: Optional[str], threads: Optional[
     train_and_record(plan, run, keep_checkpoints)
 
 
-def visible_gpus() -> list[Optional[str]]:
+def visible_gpus() -> list[str | None]:
     """The GPUs runs are spread over ([None]: the CPU)."""
     import torch
 
@@ -180,12 +194,15 @@ class Progress:
     def __init__(self, total: int, before: int):
         self.total, self.done = total, before
 
-    def finished(self, key: str, record: Optional[dict], running: int, waiting: int) -> None:
+    def finished(self, key: str, record: dict | None, running: int, waiting: int) -> None:
         self.done += record is not None
         if not is_main_process():
             return
-        outcome = (f"{record['reported']} mIoU {record['reported_miou']:.2f} in {record['wall_seconds']:.0f} s"
-                   if record is not None else "stopped before its end, no record")
+        outcome = (
+            f"{record['reported']} mIoU {record['reported_miou']:.2f} in {record['wall_seconds']:.0f} s"
+            if record is not None
+            else "stopped before its end, no record"
+        )
         print(f"[{self.done}/{self.total}] {key}: {outcome}; {running} running, {waiting} waiting", flush=True)
 
 
@@ -206,8 +223,9 @@ def train_runs(plan: Plan, todo: list[Run], schedule: Schedule, progress: Progre
     return _train_in_processes(plan, todo, schedule, progress, deadline)
 
 
-def _train_in_processes(plan: Plan, todo: list[Run], schedule: Schedule, progress: Progress,
-                        deadline: Optional[float]) -> list[str]:
+def _train_in_processes(
+    plan: Plan, todo: list[Run], schedule: Schedule, progress: Progress, deadline: float | None
+) -> list[str]:
     context = get_context("spawn")  # a fresh process per run: no memory or CUDA state carries over
     gpus = visible_gpus()
     free = [gpus[slot % len(gpus)] for slot in range(schedule.jobs)]
@@ -219,8 +237,11 @@ def _train_in_processes(plan: Plan, todo: list[Run], schedule: Schedule, progres
         while waiting and free and (deadline is None or time.monotonic() < deadline):
             run, gpu = waiting.pop(0), free.pop(0)
             log = logs / f"{run.key(framework)}.log"
-            process = context.Process(target=_train_in_child, daemon=False,
-                                      args=(plan, run, gpu, schedule.threads, str(log), schedule.keep_checkpoints))
+            process = context.Process(
+                target=_train_in_child,
+                daemon=False,
+                args=(plan, run, gpu, schedule.threads, str(log), schedule.keep_checkpoints),
+            )
             process.start()
             running[process.sentinel] = (process, run, gpu, log)
             print(f"started {run.key(framework)}{f' on GPU {gpu}' if gpu is not None else ''} (log {log})", flush=True)
@@ -252,12 +273,14 @@ def machine_description() -> dict:
     commit = os.environ.get("DEPMATCH_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout.strip()
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = None
     return {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()})",
         "gpus": torch.cuda.device_count(),
         "cpus": os.cpu_count(),

@@ -38,47 +38,97 @@ def register(subparsers) -> None:
             "Defaults: tiny encoders on CPU, DINOv2-S/B/L at crop 518 in bf16 on a GPU."
         ),
     )
-    parser.add_argument("--encoders", nargs="+", default=None, metavar="NAME",
-                        help=f"presets ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, any timm ViT or ResNet "
-                             "name (vit_small_patch16_224.augreg_in21k), or a transformers folder or hub id; random "
-                             "init, shrink with --set model.depth=N. Default: dinov2_s dinov2_b dinov2_l on GPU, "
-                             "vit_tiny resnet18 on CPU")
-    parser.add_argument("--frameworks", nargs="+", default=["unimatch_v2"], choices=["fixmatch", "unimatch", "unimatch_v2"])
+    parser.add_argument(
+        "--encoders",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"presets ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, any timm ViT or ResNet "
+        "name (vit_small_patch16_224.augreg_in21k), or a transformers folder or hub id; random "
+        "init, shrink with --set model.depth=N. Default: dinov2_s dinov2_b dinov2_l on GPU, "
+        "vit_tiny resnet18 on CPU",
+    )
+    parser.add_argument(
+        "--frameworks", nargs="+", default=["unimatch_v2"], choices=["fixmatch", "unimatch", "unimatch_v2"]
+    )
     parser.add_argument("--depmatch", nargs="+", default=["off", "on"], choices=["off", "on"])
-    parser.add_argument("--precision", nargs="+", default=None, choices=["no", "bf16", "fp16"],
-                        help="default: bf16 on GPU, no on CPU")
-    parser.add_argument("--zero", nargs="+", default=["0"], choices=["0", "2", "3", "3-offload"],
-                        help="DeepSpeed ZeRO stage in a one-process launch (0 = plain accelerate; 3-offload: "
-                             "optimizer states and parameters in CPU memory)")
-    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
-                        help="on: train.compile, torch.compile of the student's and teacher's forwards (the warm-up "
-                             "steps compile; give at least one)")
-    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile mode for --compile on (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--count-ops", action="store_true",
-                        help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
-                             "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
-                             "on their CUDA paths (--pair-backend, optim.fused=true)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="after the timed steps, profile this many more under torch.profiler: kernel time and its "
-                             "share of the step's wall time, kernel launches and host syncs per step in the table; "
-                             "each configuration's op table (profiles/runN.txt) and Chrome trace "
-                             "(profiles/runN.trace.json, for chrome://tracing or Perfetto) beside bench.json")
-    parser.add_argument("--pair-backend", default=cuda_pair_backend(), choices=PAIR_BACKENDS,
-                        help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
-                             f"{cuda_pair_backend()}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)")
-    parser.add_argument("--scope", nargs="+", default=["step"], choices=["step", "student"],
-                        help="step: the whole training step (teacher, student views, losses, update); "
-                             "student: the student's forward and backward over the step's images, and the update")
-    parser.add_argument("--crop", type=int, default=None,
-                        help="default: 518 on GPU and for --memory-model, 98 on CPU (rounded to each ViT's patch size)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="images per view per step; default: 4 on GPU and for --memory-model, 2 on CPU")
-    parser.add_argument("--memory-model", action="store_true",
-                        help="instead of timing: per-GPU memory of the step from the model's shapes (parameters, "
-                             "gradients, optimizer, EMA teacher, activations with and without model.grad_checkpointing) "
-                             "for every --encoders (default: dinov3_s ... dinov3_7b) × backend × --gpus; writes "
-                             "memory.md and memory.json (docs/benchmarks.md)")
+    parser.add_argument(
+        "--precision", nargs="+", default=None, choices=["no", "bf16", "fp16"], help="default: bf16 on GPU, no on CPU"
+    )
+    parser.add_argument(
+        "--zero",
+        nargs="+",
+        default=["0"],
+        choices=["0", "2", "3", "3-offload"],
+        help="DeepSpeed ZeRO stage in a one-process launch (0 = plain accelerate; 3-offload: "
+        "optimizer states and parameters in CPU memory)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="on: train.compile, torch.compile of the student's and teacher's forwards (the warm-up "
+        "steps compile; give at least one)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode for --compile on (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
+        "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
+        "on their CUDA paths (--pair-backend, optim.fused=true)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the timed steps, profile this many more under torch.profiler: kernel time and its "
+        "share of the step's wall time, kernel launches and host syncs per step in the table; "
+        "each configuration's op table (profiles/runN.txt) and Chrome trace "
+        "(profiles/runN.trace.json, for chrome://tracing or Perfetto) beside bench.json",
+    )
+    parser.add_argument(
+        "--pair-backend",
+        default=cuda_pair_backend(),
+        choices=PAIR_BACKENDS,
+        help="the losses' pair-sum path for --count-ops (default: the one CUDA runs, "
+        f"{cuda_pair_backend()}; without a GPU triton runs in its interpreter, TRITON_INTERPRET=1 set for you)",
+    )
+    parser.add_argument(
+        "--scope",
+        nargs="+",
+        default=["step"],
+        choices=["step", "student"],
+        help="step: the whole training step (teacher, student views, losses, update); "
+        "student: the student's forward and backward over the step's images, and the update",
+    )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="default: 518 on GPU and for --memory-model, 98 on CPU (rounded to each ViT's patch size)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per view per step; default: 4 on GPU and for --memory-model, 2 on CPU",
+    )
+    parser.add_argument(
+        "--memory-model",
+        action="store_true",
+        help="instead of timing: per-GPU memory of the step from the model's shapes (parameters, "
+        "gradients, optimizer, EMA teacher, activations with and without model.grad_checkpointing) "
+        "for every --encoders (default: dinov3_s ... dinov3_7b) × backend × --gpus; writes "
+        "memory.md and memory.json (docs/benchmarks.md)",
+    )
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 64], help="GPU counts for --memory-model")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--steps", type=int, help="timed steps, median reported (default: 10 on a GPU, 3 on the CPU)")
@@ -86,9 +136,15 @@ def register(subparsers) -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="also train this many steps and report mIoU")
     parser.add_argument("--shards", default="shards/synthetic", help="dataset for --train-steps (default: synthetic)")
     parser.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every configuration, e.g. --set train.online_depth_model=DIR "
-                             "(the step then runs Depth Anything on the weak view, as the reference does)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every configuration, e.g. --set train.online_depth_model=DIR "
+        "(the step then runs Depth Anything on the weak view, as the reference does)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -122,7 +178,11 @@ def launch_environment(zero: str, precision: str) -> dict:
             ACCELERATE_DEEPSPEED_CONFIG_FILE=str(shipped_deepspeed_config(zero)),
             ACCELERATE_DEEPSPEED_ZERO_STAGE=stage,
             ACCELERATE_MIXED_PRECISION=precision,
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
         )
     if offload:
         env.update(ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu", ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE="cpu")
@@ -148,8 +208,11 @@ def run(args: argparse.Namespace) -> int:
     for zero in sorted(set(args.zero) - {"0"}):
         shipped = shipped_deepspeed_config(zero)
         if any(precision != deepspeed_precision(shipped) for precision in precisions):
-            print(f"--zero {zero} runs {shipped}, which trains in {deepspeed_precision(shipped)}: pass "
-                  f"--precision {deepspeed_precision(shipped)} for ZeRO runs", file=sys.stderr)
+            print(
+                f"--zero {zero} runs {shipped}, which trains in {deepspeed_precision(shipped)}: pass "
+                f"--precision {deepspeed_precision(shipped)} for ZeRO runs",
+                file=sys.stderr,
+            )
             return 2
     if args.profile and args.count_ops:
         print("--profile times steps and --count-ops replaces the timing: pass one of them", file=sys.stderr)
@@ -160,21 +223,41 @@ def run(args: argparse.Namespace) -> int:
         print("--compile on needs --warmup 1 or more: the first step compiles", file=sys.stderr)
         return 2
     results = []
-    combos = list(itertools.product(args.scope, encoders, args.frameworks, args.depmatch, precisions, args.zero, args.compile))
+    combos = list(
+        itertools.product(args.scope, encoders, args.frameworks, args.depmatch, precisions, args.zero, args.compile)
+    )
     for index, (scope, encoder, framework, depmatch, precision, zero, compiled) in enumerate(combos, start=1):
         spec = {
-            "compile": compiled == "on", "compile_mode": args.compile_mode, "count_ops": args.count_ops,
+            "compile": compiled == "on",
+            "compile_mode": args.compile_mode,
+            "count_ops": args.count_ops,
             "pair_backend": args.pair_backend if args.count_ops else None,
-            "profile": args.profile, "profile_dir": str(out_dir / "profiles"), "name": f"run{index}",
-            "scope": scope, "encoder": encoder, "framework": framework, "depmatch": depmatch == "on", "precision": precision,
-            "zero": zero, "crop": args.crop, "batch": args.batch, "num_classes": args.num_classes,
-            "steps": args.steps, "warmup": args.warmup, "train_steps": args.train_steps, "shards": args.shards,
-            "synthesize": args.shards.startswith("shards/synthetic"), "output_dir": str(out_dir / "runs" / f"run{index}"),
+            "profile": args.profile,
+            "profile_dir": str(out_dir / "profiles"),
+            "name": f"run{index}",
+            "scope": scope,
+            "encoder": encoder,
+            "framework": framework,
+            "depmatch": depmatch == "on",
+            "precision": precision,
+            "zero": zero,
+            "crop": args.crop,
+            "batch": args.batch,
+            "num_classes": args.num_classes,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "train_steps": args.train_steps,
+            "shards": args.shards,
+            "synthesize": args.shards.startswith("shards/synthetic"),
+            "output_dir": str(out_dir / "runs" / f"run{index}"),
             # counted as CUDA runs it: the fused AdamW (on the CPU, training defaults to the per-tensor one)
             "extra": args.overrides + (["optim.fused=true"] if args.count_ops else []),
         }
-        print(f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero} "
-              f"compile={compiled}", flush=True)
+        print(
+            f"[{index}/{len(combos)}] {scope}: {encoder} {framework} depmatch={depmatch} {precision} zero={zero} "
+            f"compile={compiled}",
+            flush=True,
+        )
         env = launch_environment(zero, precision)
         if spec["pair_backend"] == "triton" and not on_gpu:
             # The kernels' CUDA path, counted on the CPU through Triton's interpreter, which triton

@@ -194,8 +194,12 @@ def estimate(
     arch = arch or architecture(encoder, step.crop)
     params, grads, optimizer = state_bytes(arch, backend, gpus)
     return Estimate(
-        encoder=encoder, backend=backend, gpus=gpus,
-        params=params / GIB, grads=grads / GIB, optimizer=optimizer / GIB,
+        encoder=encoder,
+        backend=backend,
+        gpus=gpus,
+        params=params / GIB,
+        grads=grads / GIB,
+        optimizer=optimizer / GIB,
         teacher=FP32 * arch.params / GIB,
         activations=activation_bytes(arch, step, checkpointing=False) / GIB,
         activations_checkpointed=activation_bytes(arch, step, checkpointing=True) / GIB,
@@ -203,8 +207,10 @@ def estimate(
 
 
 def markdown(estimates: list[Estimate]) -> str:
-    header = ("| encoder | backend | GPUs | params | grads | optimizer | EMA teacher | activations | total | "
-              "activations (ckpt) | total (ckpt) |")
+    header = (
+        "| encoder | backend | GPUs | params | grads | optimizer | EMA teacher | activations | total | "
+        "activations (ckpt) | total (ckpt) |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for e in estimates:
         lines.append(

@@ -33,7 +33,7 @@ def encoder_settings(encoder: str) -> dict:
     if encoder in ENCODER_PRESETS:
         return ENCODER_PRESETS[encoder]
     if encoder.startswith(TRANSFORMERS_PREFIX):
-        return {**encoder_settings(encoder[len(TRANSFORMERS_PREFIX):]), "backend": "transformers"}
+        return {**encoder_settings(encoder[len(TRANSFORMERS_PREFIX) :]), "backend": "transformers"}
     if encoder.startswith("resnet"):
         return {"encoder": encoder, "head": "deeplabv3plus"}
     settings = {"encoder": encoder, "head": "dpt", "head_features": None, "head_out_channels": None}
@@ -44,11 +44,13 @@ def unknown_encoder(encoder: str) -> str | None:
     """Why `encoder` names nothing `encoder_settings` can build, or None (checked before any process starts)."""
     import timm
 
-    name = encoder[len(TRANSFORMERS_PREFIX):] if encoder.startswith(TRANSFORMERS_PREFIX) else encoder
+    name = encoder[len(TRANSFORMERS_PREFIX) :] if encoder.startswith(TRANSFORMERS_PREFIX) else encoder
     if name in ENCODER_PRESETS or "/" in name or (name == encoder and timm.is_model(name)):
         return None
-    return (f"--encoders: {encoder} is neither a preset ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, "
-            "a timm model name nor a transformers folder or hub id (org/name)")
+    return (
+        f"--encoders: {encoder} is neither a preset ({', '.join(ENCODER_PRESETS)}), transformers:<preset>, "
+        "a timm model name nor a transformers folder or hub id (org/name)"
+    )
 
 
 def encoder_overrides(encoder: str) -> list[str]:

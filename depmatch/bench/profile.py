@@ -6,8 +6,8 @@ benchmarks/perf.py profiles the steps it builds in its own process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,8 +22,8 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def profile_steps(step: Callable[[], None], steps: int, wall_ms: float, top: int = 25, table: Optional[Path] = None,
-                  trace: Optional[Path] = None) -> dict:  # fmt: skip
+def profile_steps(step: Callable[[], None], steps: int, wall_ms: float, top: int = 25, table: Path | None = None,
+                  trace: Path | None = None) -> dict:  # fmt: skip
     """Per step of `steps` profiled ones: summed kernel time and its share of `wall_ms` (the step's
     timed wall time: the profiler's own overhead would inflate a wall time measured under it), kernel
     launches (CUDA graph launches apart), host syncs and device-to-host copies, and the `top` ops by
@@ -58,7 +58,9 @@ def profile_steps(step: Callable[[], None], steps: int, wall_ms: float, top: int
         "launches_per_step": counted(LAUNCHES),
         "graph_launches_per_step": counted(GRAPH_LAUNCHES),
         "host_syncs_per_step": counted(SYNCS),
-        "syncs_per_step": {row["name"]: row["count"] for row in rows if row["name"] in SYNCS or "Memcpy" in row["name"]},
+        "syncs_per_step": {
+            row["name"]: row["count"] for row in rows if row["name"] in SYNCS or "Memcpy" in row["name"]
+        },
         "top_device": sorted(rows, key=lambda row: -row["self_device_ms"])[:top],
         "top_host": sorted(rows, key=lambda row: -row["self_cpu_ms"])[:top],
     }

@@ -44,7 +44,10 @@ def synthetic_batches(config) -> tuple[dict, dict]:
         boxes[:, size // 4 : size // 2, size // 3 : 2 * size // 3] = 1
         return boxes
 
-    labeled = {"image": images(labeled_batch), "label": torch.randint(0, classes, (labeled_batch, size, size), generator=generator)}
+    labeled = {
+        "image": images(labeled_batch),
+        "label": torch.randint(0, classes, (labeled_batch, size, size), generator=generator),
+    }
     unlabeled = {
         "image_weak": images(unlabeled_batch),
         "strong_params1": strong_params(unlabeled_batch),
@@ -110,7 +113,9 @@ def build_step(spec: dict):
     device = trainer.accelerator.device
     # On the device already, as the loader's next batch would be once copied; the step makes the
     # strong views and normalises, as training does.
-    raw_batches = [{name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(trainer.config)]
+    raw_batches = [
+        {name: value.to(device) for name, value in batch.items()} for batch in synthetic_batches(trainer.config)
+    ]
     if spec.get("scope") == "student":
         return trainer, lambda: student_step(trainer, raw_batches)
 
@@ -172,7 +177,9 @@ def measure(spec: dict) -> dict:
     if spec.get("profile"):
         stem = Path(spec["profile_dir"]) / spec["name"]
         trace = stem.with_suffix(".trace.json")
-        result.update(profile_steps(step, spec["profile"], step_time * 1e3, table=stem.with_suffix(".txt"), trace=trace))
+        result.update(
+            profile_steps(step, spec["profile"], step_time * 1e3, table=stem.with_suffix(".txt"), trace=trace)
+        )
     return result
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -50,7 +50,9 @@ def _read_label(item: SourceItem, image: np.ndarray, source: SourceDataset) -> n
     try:
         raw = decode_label(item.label.read_bytes())
     except Exception as exc:
-        raise ShardInputError(f"{item.label}: unreadable label ({exc}); save it as an 8-bit PNG of class indices") from None
+        raise ShardInputError(
+            f"{item.label}: unreadable label ({exc}); save it as an 8-bit PNG of class indices"
+        ) from None
     if raw.shape != image.shape[:2]:
         raise ShardInputError(
             f"{item.label}: label is {raw.shape[1]}×{raw.shape[0]} but its image {item.image} is "
@@ -66,14 +68,22 @@ def _read_label(item: SourceItem, image: np.ndarray, source: SourceDataset) -> n
     return label
 
 
-def _samples(plan: ShardPlan, source: SourceDataset, depth_source, chunk: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _samples(
+    plan: ShardPlan, source: SourceDataset, depth_source, chunk: int
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     for start in range(0, len(plan.items), chunk):
         items = plan.items[start : start + chunk]
         images = [_read_image(item) for item in items]
         depths = depth_source.maps(items, [image for _, _, image in images])
         for item, (field, data, image), depth in zip(items, images, depths):
             height, width = image.shape[:2]
-            meta = {"source": str(item.image), "width": width, "height": height, "dataset": source.name, "split": plan.split}
+            meta = {
+                "source": str(item.image),
+                "width": width,
+                "height": height,
+                "dataset": source.name,
+                "split": plan.split,
+            }
             fields = {field: data, "json": json.dumps(meta).encode()}
             if item.label is not None:
                 fields["label.png"] = encode_png(_read_label(item, image, source))
@@ -82,7 +92,7 @@ def _samples(plan: ShardPlan, source: SourceDataset, depth_source, chunk: int) -
             yield item.key, fields
 
 
-def task_from_environment(index: Optional[int], count: Optional[int], env: Mapping[str, str] = os.environ) -> BuildTask:
+def task_from_environment(index: int | None, count: int | None, env: Mapping[str, str] = os.environ) -> BuildTask:
     """This process's task: the flags, else a SLURM array's variables, else torchrun's RANK/WORLD_SIZE, else 0 of 1.
 
     SLURM numbers array tasks from `--array`'s first id with its step (`--array=1-8`,
@@ -111,6 +121,7 @@ def shuffled_splits(splits: dict[str, list], seed: int) -> dict[str, list]:
     """The training splits in a random order drawn from (`seed`, split name); the others as they are.
 
     A pure function of its inputs, so every task of a split build computes the same order."""
+
     def order(split: str, items: list) -> list:
         if split not in TRAINING_SPLITS:
             return list(items)
@@ -120,13 +131,25 @@ def shuffled_splits(splits: dict[str, list], seed: int) -> dict[str, list]:
     return {split: order(split, items) for split, items in splits.items()}
 
 
-def build_shards(source: SourceDataset, depth_source, out: Path, samples_per_shard: int = 500, depth_batch: int = 8,
-                 task: BuildTask = BuildTask(), shuffle_seed: int = 0) -> Optional[Path]:
+def build_shards(
+    source: SourceDataset,
+    depth_source,
+    out: Path,
+    samples_per_shard: int = 500,
+    depth_batch: int = 8,
+    task: BuildTask = BuildTask(),
+    shuffle_seed: int = 0,
+) -> Path | None:
     """Write `task`'s shards of `source` into `out`; `out` once every task has finished (the manifest is written), else None."""
     options = {"depth": depth_source.description, "label_table": source.label_table.tolist()}
     plans = plan_shards(shuffled_splits(source.splits, shuffle_seed), samples_per_shard, options)
-    manifest_fields = {**source.manifest_fields(), "ignore_index": IGNORE_INDEX, "shuffle_seed": shuffle_seed,
-                       "depth": depth_manifest_entry(depth_source.description)}
-    manifest = write_dataset(out, plans, lambda plan: _samples(plan, source, depth_source, depth_batch), manifest_fields,
-                             task)
+    manifest_fields = {
+        **source.manifest_fields(),
+        "ignore_index": IGNORE_INDEX,
+        "shuffle_seed": shuffle_seed,
+        "depth": depth_manifest_entry(depth_source.description),
+    }
+    manifest = write_dataset(
+        out, plans, lambda plan: _samples(plan, source, depth_source, depth_batch), manifest_fields, task
+    )
     return None if manifest is None else out

@@ -33,9 +33,7 @@ def decode_label(data: bytes) -> np.ndarray:
     """Single-channel 8-bit PNG (mode L or P) -> uint8 H×W class indices, values untouched."""
     with Image.open(io.BytesIO(data)) as label:
         if label.mode not in ("L", "P"):
-            raise ValueError(
-                f"labels must be single-channel 8-bit images of class indices, got mode {label.mode}"
-            )
+            raise ValueError(f"labels must be single-channel 8-bit images of class indices, got mode {label.mode}")
         return np.array(label)
 
 

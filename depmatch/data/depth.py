@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from depmatch.data.layouts import ShardInputError, SourceItem
 class NoDepth:
     description = {"source": "none"}
 
-    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[Optional[np.ndarray]]:
+    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         return [None] * len(items)
 
 
@@ -43,9 +43,11 @@ class DepthDirectory:
         if png.is_file():
             with Image.open(png) as encoded:
                 return png, np.array(encoded).astype(np.float32) / self.png_scale
-        raise ShardInputError(f"{npy}: no depth map (.npy or 16-bit .png) for {item.image}; add it or build with --no-depth")
+        raise ShardInputError(
+            f"{npy}: no depth map (.npy or 16-bit .png) for {item.image}; add it or build with --no-depth"
+        )
 
-    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[Optional[np.ndarray]]:
+    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         result = []
         for item, image in zip(items, images):
             path, depth = self._load(item)
@@ -58,7 +60,7 @@ class DepthDirectory:
         return result
 
 
-def depth_device(requested: Optional[str], device_count: int, env: Mapping[str, str] = os.environ) -> torch.device:
+def depth_device(requested: str | None, device_count: int, env: Mapping[str, str] = os.environ) -> torch.device:
     """Where this process runs the depth model: `requested` (`--depth-device`) if given, else its own GPU.
 
     Its own GPU is `cuda:<local index mod device_count>`, the local index being the process's
@@ -70,7 +72,9 @@ def depth_device(requested: Optional[str], device_count: int, env: Mapping[str, 
         try:
             return torch.device(requested)
         except RuntimeError:
-            raise ShardInputError(f"--depth-device {requested!r} is not a device; pass e.g. cpu, cuda or cuda:1") from None
+            raise ShardInputError(
+                f"--depth-device {requested!r} is not a device; pass e.g. cpu, cuda or cuda:1"
+            ) from None
     if device_count == 0:
         return torch.device("cpu")
     local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
@@ -80,7 +84,7 @@ def depth_device(requested: Optional[str], device_count: int, env: Mapping[str, 
 class DepthAnythingModel:
     """A Depth Anything model from a local transformers folder or a hub repo id, run in batches of equal input size."""
 
-    def __init__(self, name: Union[str, Path], batch_size: int = 8, device: Optional[torch.device] = None):
+    def __init__(self, name: str | Path, batch_size: int = 8, device: torch.device | None = None):
         from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
         from depmatch.models.hub import HubError, transformers_folder, weights_location
@@ -95,17 +99,19 @@ class DepthAnythingModel:
         self.batch_size = batch_size
         # A hub snapshot folder is named by its commit, which pins the exact weights.
         location = weights_location(name)
-        provenance = {"model": path.name} if isinstance(location, Path) else {"model": location.repo_id, "commit": path.name}
+        provenance = (
+            {"model": path.name} if isinstance(location, Path) else {"model": location.repo_id, "commit": path.name}
+        )
         self.description = {"source": "model", **provenance, "architecture": "DepthAnythingForDepthEstimation"}
 
     @torch.inference_mode()
-    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[Optional[np.ndarray]]:
+    def maps(self, items: Sequence[SourceItem], images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         inputs = [self.processor(images=image, return_tensors="pt")["pixel_values"][0] for image in images]
         # The processor keeps the aspect ratio, so only inputs of one shape can share a batch.
         indices_by_shape = defaultdict(list)
         for index, pixel_values in enumerate(inputs):
             indices_by_shape[tuple(pixel_values.shape)].append(index)
-        result: list[Optional[np.ndarray]] = [None] * len(images)
+        result: list[np.ndarray | None] = [None] * len(images)
         for indices in indices_by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 batch_indices = indices[start : start + self.batch_size]

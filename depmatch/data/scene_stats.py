@@ -72,7 +72,7 @@ def box_cues(image: np.ndarray, label: np.ndarray) -> list[tuple[int, float, flo
                 continue
             bottom = rows.max()
             below = np.zeros_like(label, dtype=bool)
-            below[bottom + 1: bottom + 1 + GROUND_ROWS, cols.min(): cols.max() + 1] = True
+            below[bottom + 1 : bottom + 1 + GROUND_ROWS, cols.min() : cols.max() + 1] = True
             below &= label == GROUND
             boxes.append((name, (bottom + 1) / height, float(grey[below].mean()) if below.any() else np.nan))
     return boxes
@@ -87,8 +87,9 @@ def both_boxes_on_grid(label: np.ndarray, crop_size: int) -> bool:
     return bool((grid == BOX_NEAR).any() and (grid == BOX_FAR).any())
 
 
-def scene_statistics(synth: SynthConfig, split: str, count: int, crop_size: int,
-                     scale_range: tuple[float, float], seed: int = 0) -> dict:
+def scene_statistics(
+    synth: SynthConfig, split: str, count: int, crop_size: int, scale_range: tuple[float, float], seed: int = 0
+) -> dict:
     """The three measures of the module docstring over scenes 0..count-1 of `split`, one crop each."""
     boxes, both = [], 0
     rng = np.random.default_rng(seed)

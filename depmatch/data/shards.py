@@ -12,7 +12,13 @@ import uuid
 from pathlib import Path
 
 from depmatch import __version__
-from depmatch.data.roots import MANIFEST_NAME, ShardRoot, ShardsNotFoundError, read_root_manifest, register_store_schemes
+from depmatch.data.roots import (
+    MANIFEST_NAME,
+    ShardRoot,
+    ShardsNotFoundError,
+    read_root_manifest,
+    register_store_schemes,
+)
 
 FORMAT_VERSION = 1
 BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
@@ -52,8 +58,11 @@ def shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     """Paths, URLs or pipe commands of the shards of one split, in manifest order."""
     parsed = ShardRoot.parse(root)
     if split not in manifest["splits"]:
-        where, fix = (parsed.location(MANIFEST_NAME), "rebuild the shards with that split") if parsed.selection is None \
+        where, fix = (
+            (parsed.location(MANIFEST_NAME), "rebuild the shards with that split")
+            if parsed.selection is None
             else (f"the shards {parsed.text} lists", "list shards of that split too")
+        )
         raise ShardsNotFoundError(
             f"split {split!r} is not in {where} (it has {', '.join(sorted(manifest['splits']))}); pick one of those or {fix}"
         )

@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -183,11 +183,17 @@ def epoch_layout(shards: SplitShards, seed: int, stream: int, epoch: int) -> tup
 
 # A group of raw samples read together (a shuffle block, a drawn shard) and a seed of its own ->
 # the group with its depth replaced (depmatch/data/depth_controls.py); None leaves samples as read.
-GroupTransform = Optional[Callable[[list[dict], int], list[dict]]]
+GroupTransform = Callable[[list[dict], int], list[dict]] | None
 
 
 def epoch_samples(
-    shards: SplitShards, seed: int, stream: int, reader: int, readers: int, buffer: int, start: int,
+    shards: SplitShards,
+    seed: int,
+    stream: int,
+    reader: int,
+    readers: int,
+    buffer: int,
+    start: int,
     transform: GroupTransform = None,
 ) -> Iterator[tuple[int, dict]]:
     """(position, raw sample) of one reader's epochs, forever, from position `start` on.
@@ -238,8 +244,16 @@ def shuffled(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> I
     yield from buffer
 
 
-def resampled_samples(shards: SplitShards, seed: int, stream: int, rank: int, worker: int, buffer: int,
-                      start: int, transform: GroupTransform = None) -> Iterator[tuple[int, dict]]:
+def resampled_samples(
+    shards: SplitShards,
+    seed: int,
+    stream: int,
+    rank: int,
+    worker: int,
+    buffer: int,
+    start: int,
+    transform: GroupTransform = None,
+) -> Iterator[tuple[int, dict]]:
     """(position, raw sample) of shards drawn with replacement, forever; resuming reads through the
     first `start` samples. `transform` gets each drawn shard whole, with a seed of the shard's own."""
     rng = random.Random(derive_seed(seed, stream, rank, worker))

@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -124,7 +124,11 @@ def _sky_and_ground(canvas: _Canvas, rng: np.random.Generator, horizon: float, u
 def _walls(canvas: _Canvas, rng: np.random.Generator, horizon: float, easy: bool) -> None:
     height, width = canvas.label.shape
     jitter = rng.uniform(0.85, 1.15, 3)  # drawn in both styles, so the rest of the scene is the same
-    colour = np.array(EASY_WALL_COLOUR, np.float32) * jitter.mean() if easy else np.array([170, 150, 130], np.float32) * jitter
+    colour = (
+        np.array(EASY_WALL_COLOUR, np.float32) * jitter.mean()
+        if easy
+        else np.array([170, 150, 130], np.float32) * jitter
+    )
     if rng.random() < 0.7:  # a side wall receding from the image edge: a large depth range
         near, far = rng.uniform(12, 19), rng.uniform(1.5, 3.0)
         extent = rng.uniform(0.15, 0.4) * width
@@ -223,16 +227,19 @@ def _objects_v3(canvas: _Canvas, rng: np.random.Generator, horizon: float, disti
             colour = colour * (1 - haze) + np.array(HAZE_COLOUR, np.float32) * haze
             shade = (1.0 + STRIPE_CONTRAST * stripes) * vertical_shade
             if distinct_boxes:  # the rim is the same width in pixels at every depth
-                from_edge = np.minimum(np.minimum(across, 1 - across) * object_width,
-                                       np.minimum(canvas.rows - (bottom - object_height), bottom - 1 - canvas.rows))
+                from_edge = np.minimum(
+                    np.minimum(across, 1 - across) * object_width,
+                    np.minimum(canvas.rows - (bottom - object_height), bottom - 1 - canvas.rows),
+                )
                 shade = np.where(from_edge < BOX_RIM, BOX_RIM_SHADE * shade, shade)
             rgb = colour * shade[..., None]
             object_disparity = disparity + rng.uniform(-0.6, 0.6) * (across - 0.5)
         canvas.paint(mask, int(class_index), rgb, object_disparity)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int, easy_walls: bool = False,
-                 scene_version: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, height: int, width: int, easy_walls: bool = False, scene_version: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: uint8 H×W×3 image, uint8 H×W label, float32 H×W disparity."""
     canvas = _Canvas(height, width)
     horizon = rng.uniform(0.3, 0.5) * height
@@ -262,8 +269,13 @@ def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.
 def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scene `index` of `split`: (image, label, stored depth), deterministic from synth.seed."""
     stream = SPLIT_STREAMS[split]
-    image, label, depth = render_scene(np.random.default_rng([synth.seed, stream, index]), synth.height, synth.width,
-                                       synth.easy_walls, synth.scene_version)
+    image, label, depth = render_scene(
+        np.random.default_rng([synth.seed, stream, index]),
+        synth.height,
+        synth.width,
+        synth.easy_walls,
+        synth.scene_version,
+    )
     # The control draws from its own generator so images and labels are the same in every mode.
     control_rng = np.random.default_rng([synth.seed, stream, index, 1])
     return image, label, control_depth(depth, synth.depth_mode, control_rng)
@@ -272,8 +284,13 @@ def synthetic_sample(synth: SynthConfig, split: str, index: int) -> tuple[np.nda
 def _samples(plan: ShardPlan, synth: SynthConfig) -> Iterator[tuple[str, dict[str, bytes]]]:
     for index in plan.items:
         image, label, depth = synthetic_sample(synth, plan.split, index)
-        meta = {"source": f"synthetic seed {synth.seed} {plan.split} {index}", "width": synth.width,
-                "height": synth.height, "dataset": "synthetic", "split": plan.split}
+        meta = {
+            "source": f"synthetic seed {synth.seed} {plan.split} {index}",
+            "width": synth.width,
+            "height": synth.height,
+            "dataset": "synthetic",
+            "split": plan.split,
+        }
         fields = {"png": encode_png(image), "depth.npy": encode_depth(depth), "json": json.dumps(meta).encode()}
         if plan.split != "unlabeled":
             fields["label.png"] = encode_png(label)
@@ -298,25 +315,35 @@ def ensure_synthetic_shards(root: str, synth: SynthConfig, num_classes: int) -> 
     Call it from one process (the main one) before the others read the shards.
     """
     if num_classes != len(SYNTH_CLASSES):
-        raise ConfigError(f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}")
+        raise ConfigError(
+            f"the synthetic dataset has {len(SYNTH_CLASSES)} classes; set num_classes: {len(SYNTH_CLASSES)}"
+        )
     if synth.depth_mode not in DEPTH_MODES:
         raise ConfigError(f"data.synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {synth.depth_mode!r}")
     if synth.scene_version not in SCENE_VERSIONS:
-        raise ConfigError(f"data.synth.scene_version must be one of {', '.join(map(str, SCENE_VERSIONS))}, "
-                          f"got {synth.scene_version!r}")
+        raise ConfigError(
+            f"data.synth.scene_version must be one of {', '.join(map(str, SCENE_VERSIONS))}, "
+            f"got {synth.scene_version!r}"
+        )
     path = Path(root)
     settings = dataclasses.asdict(synth)
     fingerprint = scene_fingerprint(synth)
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
-        if (manifest.get("synth") == settings and manifest.get("builder_version") == BUILDER_VERSION
-                and manifest.get("scene_fingerprint") == fingerprint):
+        if (
+            manifest.get("synth") == settings
+            and manifest.get("builder_version") == BUILDER_VERSION
+            and manifest.get("scene_fingerprint") == fingerprint
+        ):
             return path
     counts = {"labeled": synth.labeled, "unlabeled": synth.unlabeled, "val": synth.val}
     # the settings, scene version included, and the drawing's fingerprint are in each shard's
     # digest: no stale shard is kept
-    plans = plan_shards({split: list(range(n)) for split, n in counts.items() if n}, synth.samples_per_shard,
-                        {**settings, "scene_fingerprint": fingerprint})
+    plans = plan_shards(
+        {split: list(range(n)) for split, n in counts.items() if n},
+        synth.samples_per_shard,
+        {**settings, "scene_fingerprint": fingerprint},
+    )
     manifest_fields = {
         "dataset": "synthetic",
         "num_classes": len(SYNTH_CLASSES),

@@ -20,9 +20,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -130,10 +130,12 @@ class BuildTask:
 
     def __post_init__(self):
         if not 0 <= self.index < self.count:
-            raise UserError(f"task index {self.index} is not in 0..{self.count - 1} (task count {self.count}); "
-                            "pass --task-index below --task-count")
+            raise UserError(
+                f"task index {self.index} is not in 0..{self.count - 1} (task count {self.count}); "
+                "pass --task-index below --task-count"
+            )
 
-    def shards(self, plans: Sequence["ShardPlan"]) -> list["ShardPlan"]:
+    def shards(self, plans: Sequence[ShardPlan]) -> list[ShardPlan]:
         start, end = (len(plans) * position // self.count for position in (self.index, self.index + 1))
         return list(plans[start:end])
 
@@ -146,7 +148,7 @@ def _record_path(root: Path, plan: ShardPlan) -> Path:
     return root / RECORDS_DIR / f"{plan.name}.json"
 
 
-def completed_record(root: Path, plan: ShardPlan) -> Optional[dict]:
+def completed_record(root: Path, plan: ShardPlan) -> dict | None:
     """The record of a shard that is complete, built from this plan and unchanged since."""
     record_path = _record_path(root, plan)
     if not record_path.is_file() or not (root / plan.name).is_file():
@@ -167,8 +169,13 @@ def write_shard(root: Path, plan: ShardPlan, samples: Iterable[tuple[str, dict[s
         raise
     samples_written = writer.samples
     sha256 = writer.commit()
-    record = {"name": plan.name, "samples": samples_written, "size": writer.path.stat().st_size, "sha256": sha256,
-              "digest": plan.digest}
+    record = {
+        "name": plan.name,
+        "samples": samples_written,
+        "size": writer.path.stat().st_size,
+        "sha256": sha256,
+        "digest": plan.digest,
+    }
     write_json_atomic(_record_path(root, plan), record)
     return record
 
@@ -188,7 +195,7 @@ def write_dataset(
     produce: Callable[[ShardPlan], Iterator[tuple[str, dict[str, bytes]]]],
     manifest_fields: dict,
     task: BuildTask = BuildTask(),
-) -> Optional[Path]:
+) -> Path | None:
     """Write `task`'s shards of `plans` and its record; the manifest's path once every task has finished, else None.
 
     `produce(plan)` yields `(key, fields)` for the samples of one shard.
@@ -201,7 +208,9 @@ def write_dataset(
     task_record = root / RECORDS_DIR / task.record_name
     task_record.unlink(missing_ok=True)
     mine = task.shards(plans)
-    remove_stale_temporaries([task_record, *(root / plan.name for plan in mine), *(_record_path(root, plan) for plan in mine)])
+    remove_stale_temporaries(
+        [task_record, *(root / plan.name for plan in mine), *(_record_path(root, plan) for plan in mine)]
+    )
     records = []
     total = sum(len(plan.items) for plan in mine)
     description = "shards" if task.count == 1 else f"shards (task {task.index} of {task.count})"
@@ -214,8 +223,16 @@ def write_dataset(
                 progress.update(len(plan.items))
             records.append(record)
     build = {"digest": _build_digest(plans, manifest_fields, task.count), "count": task.count}
-    write_json_atomic(task_record, {**build, "index": task.index, "manifest_fields": manifest_fields,
-                                    "plan": [[plan.split, plan.name, plan.digest] for plan in plans], "shards": records})
+    write_json_atomic(
+        task_record,
+        {
+            **build,
+            "index": task.index,
+            "manifest_fields": manifest_fields,
+            "plan": [[plan.split, plan.name, plan.digest] for plan in plans],
+            "shards": records,
+        },
+    )
     try:
         return finalize(root, build["digest"])
     except TasksUnfinishedError:
@@ -230,8 +247,9 @@ def _counted(samples: Iterator, progress: tqdm) -> Iterator:
 
 def _build_digest(plans: Sequence[ShardPlan], manifest_fields: dict, count: int) -> str:
     """Identifies one build: its shards' plans, its manifest and its number of tasks."""
-    content = json.dumps({"plans": [plan.digest for plan in plans], "manifest": manifest_fields, "count": count},
-                         sort_keys=True)
+    content = json.dumps(
+        {"plans": [plan.digest for plan in plans], "manifest": manifest_fields, "count": count}, sort_keys=True
+    )
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -243,7 +261,7 @@ def _task_records(root: Path) -> list[tuple[Path, dict]]:
     return [(path, json.loads(path.read_text())) for path in sorted((root / RECORDS_DIR).glob("task-*-of-*.json"))]
 
 
-def finalize(root: Path, build_digest: Optional[str] = None) -> Path:
+def finalize(root: Path, build_digest: str | None = None) -> Path:
     """Write `root`'s manifest from its tasks' records (of the build `build_digest`; default the newest) and return it.
 
     Reads no shard: each record carries its shards' sample counts, sizes and sha256; only each
@@ -251,8 +269,10 @@ def finalize(root: Path, build_digest: Optional[str] = None) -> Path:
     """
     records = _task_records(root) if (root / RECORDS_DIR).is_dir() else []
     if not records:
-        raise ShardsNotFoundError(f"{root / RECORDS_DIR}: no task records; build the shards into {root} first "
-                                  f"(`depmatch shards build ... --out {root}`)")
+        raise ShardsNotFoundError(
+            f"{root / RECORDS_DIR}: no task records; build the shards into {root} first "
+            f"(`depmatch shards build ... --out {root}`)"
+        )
     if build_digest is None:
         build_digest = max(records, key=lambda entry: entry[0].stat().st_mtime_ns)[1]["digest"]
     tasks = {record["index"]: record for _, record in records if record["digest"] == build_digest}

@@ -24,7 +24,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from safetensors.torch import load_file, save_file
 
@@ -81,7 +80,7 @@ def _publish(partial: Path, directory: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def checkpoint_problem(directory: Path) -> Optional[str]:
+def checkpoint_problem(directory: Path) -> str | None:
     """What makes `directory` untrustworthy (missing, truncated or altered files), or None if it is whole."""
     marker = directory / COMPLETE_FILE
     if not marker.is_file():
@@ -103,7 +102,7 @@ def checkpoint_problem(directory: Path) -> Optional[str]:
     return None
 
 
-def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under `output_dir`, or None when there is no checkpoint at all.
 
     A newer damaged one is reported by name and passed over; damaged ones alone are an error,
@@ -126,7 +125,7 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return None
 
 
-def resume_checkpoint(output_dir: str | Path, resume: Optional[str]) -> Optional[Path]:
+def resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     """The checkpoint `--resume` names, checked: a folder, or "latest" (None: start from scratch)."""
     if resume is None:
         return None
@@ -138,7 +137,9 @@ def resume_checkpoint(output_dir: str | Path, resume: Optional[str]) -> Optional
     directory = Path(resume)
     problem = checkpoint_problem(directory) if directory.is_dir() else "it is not a folder"
     if problem is not None:
-        raise CheckpointError(f"--resume {directory} cannot be trusted: {problem}. Pick another checkpoint or --resume latest")
+        raise CheckpointError(
+            f"--resume {directory} cannot be trusted: {problem}. Pick another checkpoint or --resume latest"
+        )
     return directory
 
 
@@ -158,7 +159,7 @@ def _fp32_contiguous(state_dict: dict) -> dict:
 
 
 def write_inference_files(
-    directory: Path, config: ExperimentConfig, classes: dict, student_state: dict, teacher_state: Optional[dict]
+    directory: Path, config: ExperimentConfig, classes: dict, student_state: dict, teacher_state: dict | None
 ) -> None:
     """The files eval, predict and export read: consolidated weights, config, classes."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,14 @@ from depmatch.config import ConfigError, TrainConfig
 from depmatch.engine.distributed import shards_parameters
 
 
-
 def compile_forwards(accelerator: Accelerator, student: torch.nn.Module, teacher_model, config: TrainConfig) -> None:
     """Compile the (prepared) student's and the teacher model's forwards when `train.compile` is on."""
     if not config.compile:
         return
     if config.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {config.compile_mode!r}")
+        raise ConfigError(
+            f"train.compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {config.compile_mode!r}"
+        )
     if shards_parameters(accelerator):
         # ZeRO-3 and FSDP gather each block's weights in module hooks, which a whole-model graph
         # would have to trace; that path is not built or tested yet.

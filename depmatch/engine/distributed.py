@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -34,7 +33,7 @@ def _uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def distributed_state(collective_timeout: Optional[float] = None) -> PartialState:
+def distributed_state(collective_timeout: float | None = None) -> PartialState:
     """The process group, started once per process with the backend `build_accelerator` will use.
 
     The first state made in a process is the one every later Accelerator shares, so it must
@@ -77,7 +76,7 @@ class CollectiveError(RuntimeError):
     pass
 
 
-def explain_collective_failure(error: RuntimeError, rank: int, step: int, timeout: float) -> Optional[CollectiveError]:
+def explain_collective_failure(error: RuntimeError, rank: int, step: int, timeout: float) -> CollectiveError | None:
     """The error to report when `error` is a collective that timed out or lost its peer, else None."""
     text = str(error)
     if "Timed out" in text or "timed out" in text:
@@ -150,7 +149,7 @@ def prepare_student(accelerator: Accelerator, student: torch.nn.Module, optimize
     return accelerator.prepare(student, optimizer)
 
 
-def fused_optimizer(accelerator: Accelerator, requested: Optional[bool]) -> bool:
+def fused_optimizer(accelerator: Accelerator, requested: bool | None) -> bool:
     """`optim.fused`, or by default fused AdamW where the optimizer steps on the GPU: CUDA, and not
     DeepSpeed's CPU offload.
 
@@ -163,7 +162,9 @@ def fused_optimizer(accelerator: Accelerator, requested: Optional[bool]) -> bool
     if accelerator.device.type != "cuda":
         return False
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        offload = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+        offload = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}
+        )
         return offload.get("device", "none") in ("none", None)
     return True
 

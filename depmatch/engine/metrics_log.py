@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -17,8 +17,16 @@ class MetricLog:
     Calling `.item()` on every step would sync with the GPU each time.
     """
 
-    def __init__(self, accelerator, output_dir: str, total_steps: int, start_step: int, every: int, images_per_step: int,
-                 counters: Optional[Callable[[], dict]] = None):
+    def __init__(
+        self,
+        accelerator,
+        output_dir: str,
+        total_steps: int,
+        start_step: int,
+        every: int,
+        images_per_step: int,
+        counters: Callable[[], dict] | None = None,
+    ):
         """`counters()`, when given, adds job-wide counts to each record (a collective: every rank records together)."""
         self.accelerator = accelerator
         self.counters = counters
@@ -30,7 +38,11 @@ class MetricLog:
         self.started = time.perf_counter()
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = tqdm(
-            total=total_steps, initial=start_step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
         )
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
@@ -55,7 +67,13 @@ class MetricLog:
         elapsed = time.perf_counter() - self.started
         means = {name: self.accelerator.reduce(total / kept, "mean").item() for name, total in self.sums.items()}
         images_per_second = self.count * self.images_per_step * self.accelerator.num_processes / elapsed
-        record = {"step": step, **means, "lr": lr, "images_per_s": images_per_second, **(self.counters() if self.counters else {})}
+        record = {
+            "step": step,
+            **means,
+            "lr": lr,
+            "images_per_s": images_per_second,
+            **(self.counters() if self.counters else {}),
+        }
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
         self.write(record)
         self.sums, self.count, self.kept, self.started = {}, 0, 0, time.perf_counter()

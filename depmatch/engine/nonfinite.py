@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 from accelerate.utils import DistributedType
@@ -42,7 +41,7 @@ def skips_on_device(accelerator, optimizer) -> bool:
 
 
 @contextmanager
-def skipped_on_device(optimizer, found_inf: Optional[torch.Tensor]):
+def skipped_on_device(optimizer, found_inf: torch.Tensor | None):
     """Within the block, `optimizer.step()` changes nothing where `found_inf` (0-dim float, 0 or 1) is 1."""
     inner = getattr(optimizer, "optimizer", optimizer)
     if found_inf is None:
@@ -61,7 +60,7 @@ class NonFiniteCount:
     def __init__(self, limit: int):
         self.limit = limit
         self.in_a_row = 0
-        self._pending: Optional[tuple[int, DeferredRead]] = None
+        self._pending: tuple[int, DeferredRead] | None = None
 
     def add(self, step: int, flags: list[torch.Tensor]) -> None:
         """The agreed flags of `step`'s micro-steps; counts the previous step's."""

@@ -26,7 +26,10 @@ class OnlineDepth:
     def __call__(self, weak_images: torch.Tensor) -> torch.Tensor:
         """B×3×H×W normalised weak views -> B×H×W relative inverse depth."""
         height, width = weak_images.shape[-2:]
-        size = tuple(max(DEPTH_ANYTHING_PATCH, round(side / DEPTH_ANYTHING_PATCH) * DEPTH_ANYTHING_PATCH) for side in (height, width))
+        size = tuple(
+            max(DEPTH_ANYTHING_PATCH, round(side / DEPTH_ANYTHING_PATCH) * DEPTH_ANYTHING_PATCH)
+            for side in (height, width)
+        )
         pixels = F.interpolate(weak_images.float(), size=size, mode="bilinear", align_corners=False)
         depth = self.model(pixel_values=pixels).predicted_depth.unsqueeze(1)
         return F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False).squeeze(1)

@@ -21,7 +21,6 @@ exits (torch's worker watchdog).
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 import torch
 
@@ -40,11 +39,11 @@ class StopSignals:
     """Within `with StopSignals() as stop:`, SIGTERM, SIGUSR1 and a first SIGINT are requests that `stop.agreed` answers."""
 
     def __init__(self):
-        self.received: Optional[str] = None  # the signal's name, once one has arrived in this process
+        self.received: str | None = None  # the signal's name, once one has arrived in this process
         self._previous: dict = {}
-        self._pending: Optional[DeferredRead] = None  # the last step's all-reduce, not read yet
+        self._pending: DeferredRead | None = None  # the last step's all-reduce, not read yet
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for number in STOP_SIGNALS:
             self._previous[number] = signal.signal(number, self._note)
         return self

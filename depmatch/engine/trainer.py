@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from itertools import repeat
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, config: ExperimentConfig, resume: Optional[str] = None, dataset: Optional[dict] = None):
+    def __init__(self, config: ExperimentConfig, resume: str | None = None, dataset: dict | None = None):
         """`dataset` is the shards' manifest; `resume` a checkpoint folder or "latest"."""
         self.config = config
         self.accelerator = build_accelerator(config)
@@ -99,11 +99,11 @@ class Trainer:
         self.state.data_layout = layout
         self.corrupt_samples = CorruptSamples(config.data.max_bad_fraction)
         self.skip_on_device = skips_on_device(self.accelerator, self.optimizer)
-        self.accumulated_nonfinite: Optional[torch.Tensor] = None  # this step's micro-steps so far (device skip)
+        self.accumulated_nonfinite: torch.Tensor | None = None  # this step's micro-steps so far (device skip)
         self.nonfinite = NonFiniteCount(config.train.max_nonfinite_steps)
-        self.stopped_by: Optional[str] = None  # the signal that ended `train()` early, if one did
+        self.stopped_by: str | None = None  # the signal that ended `train()` early, if one did
 
-    def _resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+    def _resolve_resume(self, resume: str | None) -> Path | None:
         """The checkpoint to load, checked by the main process alone (the check reads every byte), told to all."""
         if resume is None:
             return None
@@ -130,7 +130,10 @@ class Trainer:
         else:
             unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
         for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
-            yield self.to_device(self.corrupt_samples.add(labeled_batch)), self.to_device(self.corrupt_samples.add(unlabeled_batch))
+            yield (
+                self.to_device(self.corrupt_samples.add(labeled_batch)),
+                self.to_device(self.corrupt_samples.add(unlabeled_batch)),
+            )
 
     def data_counts(self) -> dict[str, int]:
         """The job's samples read and corrupt ones skipped; stops the run past data.max_bad_fraction."""
@@ -140,7 +143,11 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         """A loader batch on the training device: the strong views made from the weak one, and every
         image normalised, in the dtype the student's weights expect."""
-        moved = {name: value.to(self.accelerator.device, non_blocking=True) for name, value in batch.items() if torch.is_tensor(value)}
+        moved = {
+            name: value.to(self.accelerator.device, non_blocking=True)
+            for name, value in batch.items()
+            if torch.is_tensor(value)
+        }
         for view in (1, 2):
             if f"strong_params{view}" in moved:
                 moved[f"image_strong{view}"] = self.strong_view(moved["image_weak"], moved.pop(f"strong_params{view}"))
@@ -164,7 +171,12 @@ class Trainer:
         ]
         with self.accelerator.autocast():
             predictions = self.framework.predict(
-                self.student, self.teacher, labeled["image"], unlabeled["image_weak"], strong, self.depmatch.wants_clean_features
+                self.student,
+                self.teacher,
+                labeled["image"],
+                unlabeled["image_weak"],
+                strong,
+                self.depmatch.wants_clean_features,
             )
             return self.semi_supervised_loss(
                 predictions, labeled["label"], unlabeled, self.framework, self.depmatch, self.config.train
@@ -243,7 +255,11 @@ class Trainer:
         best_name = max(results, key=results.get)
         if results[best_name] <= self.state.best_miou:
             return results, False
-        self.state.best_miou, self.state.best_step, self.state.best_model = results[best_name], self.state.step, best_name
+        self.state.best_miou, self.state.best_step, self.state.best_model = (
+            results[best_name],
+            self.state.step,
+            best_name,
+        )
         return results, True
 
     def _save(self, results: dict[str, float], new_best: bool, checkpoint_due: bool) -> None:
@@ -254,7 +270,9 @@ class Trainer:
         if new_best:
             save_best(self.accelerator, student_state, self.teacher, self.state, self.config, self.classes, results)
         if checkpoint_due:
-            save_checkpoint(self.accelerator, self.student, student_state, self.teacher, self.state, self.config, self.classes)
+            save_checkpoint(
+                self.accelerator, self.student, student_state, self.teacher, self.state, self.config, self.classes
+            )
 
     # ------------------------------------------------------------------ loop
 
@@ -266,8 +284,15 @@ class Trainer:
         start_trackers(self.accelerator, self.config)
         unlabeled_images = 0 if config.labeled_only else config.unlabeled_batch_size
         images_per_step = (config.batch_size + unlabeled_images) * config.grad_accum
-        log = MetricLog(self.accelerator, config.output_dir, config.steps, self.state.step, config.log_every, images_per_step,
-                        counters=self.data_counts)
+        log = MetricLog(
+            self.accelerator,
+            config.output_dir,
+            config.steps,
+            self.state.step,
+            config.log_every,
+            images_per_step,
+            counters=self.data_counts,
+        )
         self.student.train()
         batches = self.batch_generator()
         results: dict[str, float] = {}
@@ -313,12 +338,15 @@ class Trainer:
             return
         try:
             self._save({}, new_best=False, checkpoint_due=True)
-            logger.error("the run failed after step %d; saved %s, continue with --resume latest once the cause is "
-                         "fixed", step, checkpoint_path(output_dir, step))
+            logger.error(
+                "the run failed after step %d; saved %s, continue with --resume latest once the cause is fixed",
+                step,
+                checkpoint_path(output_dir, step),
+            )
         except Exception:  # the original failure is the one to report
             logger.exception("saving a checkpoint after the failure failed too")
 
-    def _report_stop(self, received: Optional[str]) -> None:
+    def _report_stop(self, received: str | None) -> None:
         self.stopped_by = received or "a stop signal to another rank"
         if received:
             logger.warning("rank %d received %s", self.accelerator.process_index, received)

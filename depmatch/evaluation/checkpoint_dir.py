@@ -7,7 +7,9 @@ from pathlib import Path
 
 from depmatch.errors import UserError
 
-CHECKPOINT_KINDS = "a training checkpoint (runs/NAME/checkpoints/step_XXXXXXXX, runs/NAME/best) or a `depmatch export` folder"
+CHECKPOINT_KINDS = (
+    "a training checkpoint (runs/NAME/checkpoints/step_XXXXXXXX, runs/NAME/best) or a `depmatch export` folder"
+)
 
 
 class CheckpointError(UserError, ValueError):

@@ -8,8 +8,9 @@ The commands import their modules when they run, so that `depmatch --help` stays
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
 from depmatch.data.shards import ShardsNotFoundError, read_manifest, shard_urls
@@ -22,9 +23,13 @@ WHICH_HELP = "weights to use from a training checkpoint; auto = the EMA teacher 
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference protocol (default: the checkpoint's eval config)")
-    group.add_argument("--mode", choices=INFERENCE_MODES, help="resize: Pascal protocol; sliding: Cityscapes sliding window")
+    group.add_argument(
+        "--mode", choices=INFERENCE_MODES, help="resize: Pascal protocol; sliding: Cityscapes sliding window"
+    )
     group.add_argument("--window", type=int, help="sliding window size in pixels (default: the training crop size)")
-    group.add_argument("--scales", type=float, nargs="+", help="image scales whose predictions are averaged, e.g. 0.75 1 1.25")
+    group.add_argument(
+        "--scales", type=float, nargs="+", help="image scales whose predictions are averaged, e.g. 0.75 1 1.25"
+    )
     group.add_argument(
         "--flip", action="store_true", default=None, help="also predict the mirrored image and average the two"
     )
@@ -70,9 +75,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     find_images(Path(args.images))
     from depmatch.evaluation.predict import predict_images
 
-    predict_images(
-        args.checkpoint, args.images, args.out, args.which, args.device, args.alpha, **_eval_overrides(args)
-    )
+    predict_images(args.checkpoint, args.images, args.out, args.which, args.device, args.alpha, **_eval_overrides(args))
     return 0
 
 
@@ -106,8 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "optionally writes them as JSON. Under `accelerate launch` the images are split across processes.",
     )
     eval_parser.add_argument(
-        "--shards", help="shard root: a folder with manifest.json, http(s)://host/voc, s3://bucket/voc or "
-        "'pipe:COMMAND {name}' (docs/shards.md); default: the checkpoint's data.root"
+        "--shards",
+        help="shard root: a folder with manifest.json, http(s)://host/voc, s3://bucket/voc or "
+        "'pipe:COMMAND {name}' (docs/shards.md); default: the checkpoint's data.root",
     )
     eval_parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     eval_parser.add_argument("--out", help="write the results as JSON to this file")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,8 +31,8 @@ def evaluate(
     loader: Iterable[dict],
     num_classes: int,
     eval_config: EvalConfig,
-    accelerator: Optional[Accelerator] = None,
-    device: Optional[torch.device | str] = None,
+    accelerator: Accelerator | None = None,
+    device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """{"miou": float, "per_class": [IoU or NaN per class], "confusion": K×K long (CPU), "images": int}.
@@ -78,10 +79,10 @@ def format_table(miou: float, per_class: list[float], class_names: list[str]) ->
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    shards: Optional[str | Path] = None,
+    shards: str | Path | None = None,
     split: str = "val",
     which: str = "auto",
-    out: Optional[str | Path] = None,
+    out: str | Path | None = None,
     **eval_overrides: Any,
 ) -> dict[str, Any]:
     """`depmatch eval`: the JSON report (also written to `out` by the main process).
@@ -116,9 +117,7 @@ def evaluate_checkpoint(
         "flip": settings.flip,
         "miou": result["miou"],
         # JSON has no NaN: classes absent from both sides are null
-        "per_class": {
-            name: None if math.isnan(iou) else iou for name, iou in zip(classes.names, result["per_class"])
-        },
+        "per_class": {name: None if math.isnan(iou) else iou for name, iou in zip(classes.names, result["per_class"])},
     }
     accelerator.print(format_table(result["miou"], result["per_class"], classes.names))
     if out is not None and accelerator.is_main_process:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=True)
 
 
-def _forward_logits(model: nn.Module, images: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _forward_logits(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     autocast = (
         torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -71,7 +72,7 @@ def _nearest_multiple(length: int, multiple: int) -> int:
     return max(multiple, int(length / multiple + 0.5) * multiple)
 
 
-def _predict_resized(model: nn.Module, image: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _predict_resized(model: nn.Module, image: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     height, width = image.shape[-2:]
     patch_size = model.patch_size
     model_input = resize(image, (_nearest_multiple(height, patch_size), _nearest_multiple(width, patch_size)))
@@ -91,7 +92,7 @@ def _predict_sliding(
     num_classes: int,
     window: int,
     stride_ratio: float,
-    autocast_dtype: Optional[torch.dtype],
+    autocast_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     height, width = image.shape[-2:]
     stride = max(1, int(window * stride_ratio))
@@ -110,7 +111,8 @@ def _predict_sliding(
 
 
 def _view_logits(
-    protocol: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, size: tuple[int, int], mirrored: bool) -> torch.Tensor:
+    protocol: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, size: tuple[int, int], mirrored: bool
+) -> torch.Tensor:
     """Logits of the image resized to `size` (and mirrored), mapped back onto the original pixels."""
     view = resize(image, size)
     view = view.flip(-1) if mirrored else view
@@ -125,11 +127,11 @@ def predict_logits(
     image: torch.Tensor,
     num_classes: int,
     mode: str = "resize",
-    window: Optional[int] = None,
+    window: int | None = None,
     stride_ratio: float = 2 / 3,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Class scores 1×K×H×W (fp32) for a normalised 1×3×H×W image, on the image's device.
 
@@ -168,4 +170,3 @@ def predict_logits(
         return next(views)
     probability_sum = sum(view.softmax(dim=1) for view in views)
     return (probability_sum / view_count).log()
-

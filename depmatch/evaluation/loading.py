@@ -12,7 +12,6 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -54,7 +53,7 @@ def load_classes(directory: Path, num_classes: int) -> ClassInfo:
     return ClassInfo(names, palette)
 
 
-def exported_from(weights_path: Path) -> Optional[str]:
+def exported_from(weights_path: Path) -> str | None:
     """Which checkpoint weights (teacher/student) an export was made from, if recorded."""
     with safe_open(str(weights_path), framework="pt") as weights:
         return (weights.metadata() or {}).get(EXPORTED_FROM_KEY)

@@ -22,14 +22,14 @@ from depmatch.evaluation.loading import load_for_inference
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" is the GPU when there is one, else the CPU."""
+    """ "auto" is the GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def label_image(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> Image.Image:
-    """"P" mode image of an H×W array of class indices, coloured by `palette`."""
+    """ "P" mode image of an H×W array of class indices, coloured by `palette`."""
     if len(palette) > 256:
         raise ValueError(f"a palette PNG holds at most 256 classes, got {len(palette)}")
     image = Image.fromarray(labels.astype(np.uint8))

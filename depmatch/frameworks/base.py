@@ -8,7 +8,6 @@ branch. Everything else (CutMix, pseudo-labels, losses, DepMatch) is the trainer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ class Predictions:
     labeled_logits: torch.Tensor  # B×K×H×W student logits on the labeled images
     strong_logits: list[torch.Tensor]  # one B×K×H×W tensor per strong view
     strong_features: list[torch.Tensor]  # decoder features per strong view, for CDDP
-    weak_fp_logits: Optional[torch.Tensor] = None  # UniMatch's feature-perturbation branch on the weak view
+    weak_fp_logits: torch.Tensor | None = None  # UniMatch's feature-perturbation branch on the weak view
 
 
 class Framework:
@@ -33,7 +32,7 @@ class Framework:
     def predict(
         self,
         student: nn.Module,
-        teacher: Optional[nn.Module],
+        teacher: nn.Module | None,
         labeled: torch.Tensor,
         weak: torch.Tensor,
         strong: list[torch.Tensor],

@@ -14,6 +14,7 @@ ULDR_STRIDE = 10  # and ULDR's H//10 × W//10, 1.4 times as fine
 def loss_grids(height: int, width: int, patch_size: int = CDDP_STRIDE) -> tuple[tuple[int, int], tuple[int, int]]:
     """(CDDP grid, ULDR grid) for an input of height × width: method.md §2 for patch 14; for another
     patch size, CDDP on its patch grid and ULDR 1.4 times as fine (518 at 14: 37 and 51; 512 at 16: 32 and 44)."""
+
     def uldr(side: int) -> int:
         return side * CDDP_STRIDE // (ULDR_STRIDE * patch_size)
 

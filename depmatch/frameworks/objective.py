@@ -46,7 +46,9 @@ def semi_supervised_loss(
         view_probs = mix_with_partner(predictions.teacher_probs, box) if needs_probs else None
         view_confidence, view_pseudo_label = mix_with_partner(confidence, box), mix_with_partner(pseudo_label, box)
         view_ignore = mix_with_partner(ignore, box)
-        strong_ce.append(masked_unlabeled_ce(logits, view_pseudo_label, view_confidence, view_ignore, config.conf_threshold))
+        strong_ce.append(
+            masked_unlabeled_ce(logits, view_pseudo_label, view_confidence, view_ignore, config.conf_threshold)
+        )
         if depmatch.active:
             cddp, uldr = depmatch.view_losses(
                 logits, features, mix_with_partner(depth, box), view_probs, view_pseudo_label, view_ignore
@@ -56,7 +58,9 @@ def semi_supervised_loss(
 
     branches = list(strong_ce)
     if predictions.weak_fp_logits is not None:
-        branches.append(masked_unlabeled_ce(predictions.weak_fp_logits, pseudo_label, confidence, ignore, config.conf_threshold))
+        branches.append(
+            masked_unlabeled_ce(predictions.weak_fp_logits, pseudo_label, confidence, ignore, config.conf_threshold)
+        )
     unlabeled_sum = torch.stack(branches).sum()
     zero = loss_x.new_zeros(())
     cddp = torch.stack(cddp_total).sum() if cddp_total else zero

@@ -40,7 +40,10 @@ class UniMatchV2(Framework):
             # take no mask; the clean head pass covers the strong rows.
             num_labeled = labeled.shape[0]
             output = student(
-                torch.cat((labeled, *strong)), perturbation="complementary", clean_features=clean_features, unperturbed=num_labeled
+                torch.cat((labeled, *strong)),
+                perturbation="complementary",
+                clean_features=clean_features,
+                unperturbed=num_labeled,
             )
             labeled_logits, strong_logits = split(output["logits"], num_labeled)
             features = output["clean_features"] if clean_features else split(output["features"], num_labeled)[1]

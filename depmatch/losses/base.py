@@ -16,7 +16,10 @@ def cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def ohem_cross_entropy(
-    logits: torch.Tensor, label: torch.Tensor, thresh: float = TrainConfig.ohem_thresh, min_kept: int = TrainConfig.ohem_min_kept
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    thresh: float = TrainConfig.ohem_thresh,
+    min_kept: int = TrainConfig.ohem_min_kept,
 ) -> torch.Tensor:
     """Online hard example mining CE (the Cityscapes recipe).
 

@@ -237,8 +237,19 @@ def _accumulate_symmetric(grad, pair_grad, values, rows, cols, diagonal, alpha=1
     grad[:, cols][:, diagonal:].baddbmm_(pair_grad[:, :, diagonal:].transpose(1, 2), values[:, rows], alpha=alpha)
 
 
-def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths, with_grad,
-                intra=PAPER_INTRA):
+def _cddp_pairs(
+    features,
+    depth,
+    scaled_entropy,
+    label,
+    valid,
+    inter_weight,
+    sigma,
+    inter_threshold,
+    lengths,
+    with_grad,
+    intra=PAPER_INTRA,
+):
     """Σ_b Σ_(i,j) ω_ij (m_ij - t_ij)² over the counted pairs of CDDP, and its gradient wrt the B×N×C features.
 
     A pair of valid pixels of the same class has target t = offset + scale · exp(-Δd²/2σ²)
@@ -299,7 +310,9 @@ def _cddp_pairs(features, depth, scaled_entropy, label, valid, inter_weight, sig
                 # H/4 (the 4 is applied once at the end).
                 pair_grad = weighted.mul_(nonzero).div_(measure.clamp_min_(torch.finfo(dtype).tiny))
                 g[:, rows].addcmul_(f[:, rows], pair_grad.sum(2, keepdim=True))
-                g[:, cols][:, diagonal:].addcmul_(f[:, cols][:, diagonal:], pair_grad[:, :, diagonal:].sum(1).unsqueeze(2))
+                g[:, cols][:, diagonal:].addcmul_(
+                    f[:, cols][:, diagonal:], pair_grad[:, :, diagonal:].sum(1).unsqueeze(2)
+                )
                 _accumulate_symmetric(g, pair_grad, f, rows, cols, diagonal, alpha=-1.0)
     return total, grad.mul_(4.0) if with_grad else None
 
@@ -340,8 +353,20 @@ class _CDDPPairs(torch.autograd.Function):
     """The CDDP pair sum with its gradient computed in the forward pass, tile by tile."""
 
     @staticmethod
-    def forward(ctx, features, depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
-                backend, intra):
+    def forward(
+        ctx,
+        features,
+        depth,
+        scaled_entropy,
+        label,
+        valid,
+        inter_weight,
+        sigma,
+        inter_threshold,
+        lengths,
+        backend,
+        intra,
+    ):
         # The pair sums stay in the compute dtype under an ambient autocast (no bf16 Gram matrix).
         with torch.autocast(features.device.type, enabled=False):
             if backend == "triton":
@@ -353,8 +378,17 @@ class _CDDPPairs(torch.autograd.Function):
                 )  # fmt: skip
             else:
                 total, grad = _cddp_pairs(
-                    features.detach(), depth, scaled_entropy, label, valid, inter_weight, sigma, inter_threshold, lengths,
-                    with_grad=ctx.needs_input_grad[0], intra=intra,
+                    features.detach(),
+                    depth,
+                    scaled_entropy,
+                    label,
+                    valid,
+                    inter_weight,
+                    sigma,
+                    inter_threshold,
+                    lengths,
+                    with_grad=ctx.needs_input_grad[0],
+                    intra=intra,
                 )
         ctx.save_for_backward(grad)
         return total
@@ -381,7 +415,13 @@ class _ULDRPairs(torch.autograd.Function):
                 )  # fmt: skip
             else:
                 total, grad = _uldr_pairs(
-                    own_logit.detach(), depth, label, uncertain, margin, inter_threshold, lengths,
+                    own_logit.detach(),
+                    depth,
+                    label,
+                    uncertain,
+                    margin,
+                    inter_threshold,
+                    lengths,
                     with_grad=ctx.needs_input_grad[0],
                 )
         ctx.save_for_backward(grad)
@@ -442,7 +482,9 @@ def cddp_loss(
     class_counts = _sum_rows_by_class(valid.to(dtype), label, num_classes)  # |S_c|, B×K
     classes_present = (class_counts > 0).sum(1).clamp_min(1)  # |C_b|
     own_count = class_counts.gather(1, label)  # |S_ŷi|, B×N
-    intra_weight = torch.where(valid, 1.0 / (own_count.clamp_min(1).square() * classes_present.unsqueeze(1) * batch), 0.0)
+    intra_weight = torch.where(
+        valid, 1.0 / (own_count.clamp_min(1).square() * classes_present.unsqueeze(1) * batch), 0.0
+    )
     inter_pairs = valid.to(dtype).sum(1).square() - class_counts.square().sum(1)  # |Q_b|
     inter_pair_weight = torch.where(inter_pairs > 0, inter_weight / (inter_pairs.clamp_min(1) * batch), 0.0)
 
@@ -523,7 +565,9 @@ def uldr_loss(
         # to the front (the counts are one host read, free on the synchronous CPU). On CUDA there is
         # no host sync anywhere in the step: the kernels (or the blocks) go over all pixels and the
         # mask (the blocks: NaN depth) of the other pixels does the selection.
-        lengths, (uncertain, own_logit, grid_depth, label) = _compact(uncertain, uncertain, own_logit, grid_depth, label)
+        lengths, (uncertain, own_logit, grid_depth, label) = _compact(
+            uncertain, uncertain, own_logit, grid_depth, label
+        )
     total = _ULDRPairs.apply(own_logit, grid_depth, label, uncertain, margin, inter_threshold, lengths, backend)
     # method.md §4: 1/(B · N² · max(1, |C_U|)), N counting every grid pixel, valid or not.
     return total / (batch * num_pixels**2 * num_uncertain_classes)

@@ -256,8 +256,19 @@ def cddp_pairs(
 
 
 @cddp_pairs.register_fake
-def _(features, depth, scaled_entropy, label, inter_weight, sigma, inter_threshold, with_grad, similarity=False,
-      target_offset=0.0, target_scale=1.0):
+def _(
+    features,
+    depth,
+    scaled_entropy,
+    label,
+    inter_weight,
+    sigma,
+    inter_threshold,
+    with_grad,
+    similarity=False,
+    target_offset=0.0,
+    target_scale=1.0,
+):
     return features.new_empty(()), (features.new_empty(features.shape) if with_grad else features.new_empty(0))
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from depmatch.config import ConfigError, ModelConfig
 from depmatch.models.families import PRESETS
-from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
 from depmatch.models.hub import HubId, transformers_folder, weights_location
+from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_grid, refuse_encoder
 from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_transformers_backbone, pretrained_source
 
@@ -80,11 +80,17 @@ def _random_config(model_config: ModelConfig):
 
     encoder = model_config.encoder
     if encoder == "vit_tiny":
-        preset, shape = "dinov2_s", dict(embed_dim=model_config.tiny_embed_dim, depth=model_config.tiny_depth,
-                                          num_heads=model_config.tiny_heads)
+        preset, shape = (
+            "dinov2_s",
+            dict(
+                embed_dim=model_config.tiny_embed_dim, depth=model_config.tiny_depth, num_heads=model_config.tiny_heads
+            ),
+        )
     else:
-        preset, shape = encoder, dict(embed_dim=model_config.embed_dim, depth=model_config.depth,
-                                       num_heads=model_config.num_heads)
+        preset, shape = (
+            encoder,
+            dict(embed_dim=model_config.embed_dim, depth=model_config.depth, num_heads=model_config.num_heads),
+        )
     if preset in PRESETS:
         settings = dict(PRESETS[preset].transformers_shape)
         config = CONFIG_MAPPING[settings.pop("model_type")](**settings, drop_path_rate=model_config.drop_path)
@@ -99,8 +105,11 @@ def _random_config(model_config: ModelConfig):
         )
     if shape["embed_dim"] is not None and hasattr(config, "intermediate_size"):
         config.intermediate_size = config.intermediate_size * shape["embed_dim"] // config.hidden_size
-    for attribute, value in (("hidden_size", shape["embed_dim"]), ("num_hidden_layers", shape["depth"]),
-                             ("num_attention_heads", shape["num_heads"])):
+    for attribute, value in (
+        ("hidden_size", shape["embed_dim"]),
+        ("num_hidden_layers", shape["depth"]),
+        ("num_attention_heads", shape["num_heads"]),
+    ):
         if value is not None:
             setattr(config, attribute, value)
     config.stage_names = ["stem"] + [f"stage{block}" for block in range(1, config.num_hidden_layers + 1)]
@@ -120,7 +129,8 @@ def transformers_encoder(model_config: ModelConfig) -> TransformersBackboneEncod
     source = pretrained_source(model_config)
     if source is not None:
         backbone, layers = load_transformers_backbone(
-            source, lambda config: (_backbone_class(config), _read_blocks(config, model_config)),
+            source,
+            lambda config: (_backbone_class(config), _read_blocks(config, model_config)),
             drop_path_rate=model_config.drop_path,
         )
     else:

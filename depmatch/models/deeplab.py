@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class DeepLabV3PlusHead(nn.Module):
             _conv_bn_relu(FUSED_CHANNELS, FUSED_CHANNELS, kernel_size=3),
         )
         self.classifier = nn.Conv2d(FUSED_CHANNELS, num_classes, kernel_size=1)
-        self.channels_last: Optional[bool] = None  # None: on CUDA (depmatch/models/layout.py)
+        self.channels_last: bool | None = None  # None: on CUDA (depmatch/models/layout.py)
 
     def decode(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Encoder maps -> the fused map before the classifier, at the low-level map's size."""

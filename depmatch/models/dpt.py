@@ -8,7 +8,7 @@ merge it coarse to fine. The finest fusion output (8× the patch grid for a ViT)
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ class DPTHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(features, num_classes, kernel_size=1),
         )
-        self.channels_last: Optional[bool] = None  # None: on CUDA (depmatch/models/layout.py)
+        self.channels_last: bool | None = None  # None: on CUDA (depmatch/models/layout.py)
 
     def decode(self, feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Four encoder maps -> the finest fusion output, N×features×h×w."""

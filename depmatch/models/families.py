@@ -24,7 +24,11 @@ class EncoderPreset:
 # DINOv2's patch and position grid (518 = 37 × 14) and timm's LayerScale init, so both backends start alike.
 _DINOV2_SHARED = dict(model_type="dinov2", patch_size=14, image_size=518, layerscale_value=1e-5)
 _DINOV3_SHARED = dict(
-    model_type="dinov3_vit", patch_size=16, num_register_tokens=4, layerscale_value=1e-5, key_bias=False,
+    model_type="dinov3_vit",
+    patch_size=16,
+    num_register_tokens=4,
+    layerscale_value=1e-5,
+    key_bias=False,
 )
 
 PRESETS: dict[str, EncoderPreset] = {
@@ -55,13 +59,25 @@ PRESETS: dict[str, EncoderPreset] = {
     ),
     "dinov3_h": EncoderPreset(  # ViT-H+/16
         "vit_huge_plus_patch16_dinov3",
-        dict(_DINOV3_SHARED, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-             use_gated_mlp=True),
+        dict(
+            _DINOV3_SHARED,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            use_gated_mlp=True,
+        ),
     ),
     "dinov3_7b": EncoderPreset(
         "vit_7b_patch16_dinov3",
-        dict(_DINOV3_SHARED, hidden_size=4096, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
-             use_gated_mlp=True),
+        dict(
+            _DINOV3_SHARED,
+            hidden_size=4096,
+            intermediate_size=8192,
+            num_hidden_layers=40,
+            num_attention_heads=32,
+            use_gated_mlp=True,
+        ),
     ),
 }
 

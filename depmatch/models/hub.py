@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -31,13 +30,13 @@ class HubError(RuntimeError):
 @dataclass(frozen=True)
 class HubId:
     repo_id: str
-    revision: Optional[str] = None
+    revision: str | None = None
 
     def __str__(self) -> str:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
-def weights_location(name: Union[str, Path]) -> Union[Path, HubId]:
+def weights_location(name: str | Path) -> Path | HubId:
     """A local path when `name` exists or looks like one, else the hub id it spells.
 
     An `org/name` that is not on disk is a hub id; write `./org/name` to insist on a folder.
@@ -51,7 +50,7 @@ def weights_location(name: Union[str, Path]) -> Union[Path, HubId]:
     return _hub_id(name) or path
 
 
-def _hub_id(name: str) -> Optional[HubId]:
+def _hub_id(name: str) -> HubId | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -112,7 +111,7 @@ def _snapshot(hub_id: HubId, setting: str, patterns: list[str]) -> Path:
     return Path(folder)
 
 
-def transformers_folder(name: Union[str, Path], setting: str, example_id: str) -> Path:
+def transformers_folder(name: str | Path, setting: str, example_id: str) -> Path:
     """A local folder for `from_pretrained`: `name` itself, or the cached snapshot of the hub id it spells.
 
     A local `name` that is not a folder is a HubError naming `setting` and a hub id to try instead.
@@ -120,8 +119,9 @@ def transformers_folder(name: Union[str, Path], setting: str, example_id: str) -
     location = weights_location(name)
     if isinstance(location, Path):
         if not location.is_dir():
-            raise HubError(f"{setting}: {location} is neither a local transformers folder nor a hub repo id "
-                           f"(such as {example_id})")
+            raise HubError(
+                f"{setting}: {location} is neither a local transformers folder nor a hub repo id (such as {example_id})"
+            )
         return location
     folder = _snapshot(location, setting, _SAFE_PATTERNS)
     if not any(folder.glob("*.safetensors")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import torch
 
@@ -72,7 +72,7 @@ def round_to_patch(size: int, patch_size: int) -> int:
     return max(patch_size, (size + patch_size // 2) // patch_size * patch_size)  # halves round up
 
 
-def crop_for_patch(config: ExperimentConfig, patch_size: Optional[int]) -> ExperimentConfig:
+def crop_for_patch(config: ExperimentConfig, patch_size: int | None) -> ExperimentConfig:
     """`config` with data.crop_size (and a sliding eval.window) rounded to a ViT's patch size.
 
     `patch_size` is None for a CNN, whose crops stay as they are."""
@@ -84,7 +84,12 @@ def crop_for_patch(config: ExperimentConfig, patch_size: Optional[int]) -> Exper
         return config
     logger.warning(
         "data.crop_size %d (eval.window %s) rounded to %d (%s), the nearest multiple of %s's patch size %d",
-        config.data.crop_size, config.eval.window, crop, window, config.model.encoder, patch_size,
+        config.data.crop_size,
+        config.eval.window,
+        crop,
+        window,
+        config.model.encoder,
+        patch_size,
     )
     data = dataclasses.replace(config.data, crop_size=crop)
     return dataclasses.replace(config, data=data, eval=dataclasses.replace(config.eval, window=window))

@@ -9,16 +9,18 @@ are the same either way; only the strides differ.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def conv_layout(feature_maps: Sequence[torch.Tensor], channels_last: Optional[bool]) -> list[torch.Tensor]:
+def conv_layout(feature_maps: Sequence[torch.Tensor], channels_last: bool | None) -> list[torch.Tensor]:
     """`feature_maps` in channels_last when asked, or, with `channels_last=None`, when on CUDA."""
     return [
-        f.contiguous(memory_format=torch.channels_last) if (f.is_cuda if channels_last is None else channels_last) else f
+        f.contiguous(memory_format=torch.channels_last)
+        if (f.is_cuda if channels_last is None else channels_last)
+        else f
         for f in feature_maps
     ]
 

@@ -6,7 +6,7 @@ generator on the features' device, so a checkpoint of the RNG states resumes the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,5 +51,7 @@ def complementary_dropout(feature_maps: Sequence[torch.Tensor], unperturbed: int
     batch = feature_maps[0].shape[0] - unperturbed
     if batch % 2 or batch < 0:
         raise ValueError(f"complementary dropout needs a batch of two concatenated views, got {batch} images")
-    masks = complementary_channel_masks(batch // 2, [f.shape[1] for f in feature_maps], feature_maps[0].device, unperturbed)
+    masks = complementary_channel_masks(
+        batch // 2, [f.shape[1] for f in feature_maps], feature_maps[0].device, unperturbed
+    )
     return [f * mask.to(f.dtype)[:, :, None, None] for f, mask in zip(feature_maps, masks)]

@@ -64,7 +64,9 @@ def _timm_dinov2_pos_embed(vit: nn.Module, patches: torch.Tensor) -> torch.Tenso
     return vit.pos_drop(tokens + dinov2_position_table(vit.pos_embed, (rows, columns)))
 
 
-def _transformers_dinov2_positions(embeddings: nn.Module, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _transformers_dinov2_positions(
+    embeddings: nn.Module, tokens: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """transformers' `Dinov2Embeddings.interpolate_pos_encoding`, with DINOv2's resize."""
     patch_height, patch_width = embeddings.patch_embeddings.patch_size
     return dinov2_position_table(embeddings.position_embeddings, (height // patch_height, width // patch_width))

@@ -10,8 +10,8 @@ that lists the keys, never a silent partial load.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
@@ -32,7 +32,7 @@ class WeightsError(RuntimeError):
     """Pretrained weights are not configured, missing, unreadable, or do not fit the model."""
 
 
-def pretrained_source(config: ModelConfig) -> Optional[str]:
+def pretrained_source(config: ModelConfig) -> str | None:
     """The weights to load (a local path or a hub id), or None for an explicitly requested random init."""
     if config.pretrained:
         return config.pretrained
@@ -63,7 +63,7 @@ def read_state_dict(path: Path) -> StateDict:
     return _tensors(loaded, path)
 
 
-def _tensors(loaded: object, source: Union[Path, str]) -> StateDict:
+def _tensors(loaded: object, source: Path | str) -> StateDict:
     """The state dict inside `model`/`state_dict` wrappers, checked to hold only tensors."""
     for wrapper in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
@@ -78,10 +78,14 @@ def _listed(keys: Sequence[str]) -> str:
     return shown + (f", ... ({len(keys) - _KEYS_LISTED} more)" if len(keys) > _KEYS_LISTED else "")
 
 
-def _check_fit(path: Union[Path, str], missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
+def _check_fit(path: Path | str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
     problems = [
         f"{label}: {_listed(keys)}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
         if keys
     ]
     if problems:
@@ -92,7 +96,7 @@ def load_timm_weights(
     module: nn.Module,
     name: str,
     *,
-    convert: Optional[Callable[[StateDict], StateDict]] = None,
+    convert: Callable[[StateDict], StateDict] | None = None,
     unused_prefixes: tuple[str, ...] = (),
 ) -> None:
     """Load `model.pretrained` into a timm model: a local file, a local timm hub folder (its
@@ -115,9 +119,9 @@ def load_timm_weights(
 def fit_state_dict(
     module: nn.Module,
     state_dict: StateDict,
-    path: Union[Path, str],
+    path: Path | str,
     *,
-    convert: Optional[Callable[[StateDict], StateDict]] = None,
+    convert: Callable[[StateDict], StateDict] | None = None,
     unused_prefixes: tuple[str, ...] = (),
 ) -> None:
     """Load `state_dict` (read from `path`) into `module`, all keys and shapes matching.
