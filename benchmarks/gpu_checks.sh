@@ -115,7 +115,7 @@ for part in "$@"; do
         --crop 518 --steps 5 --warmup 3
       ;;
     ablate)
-      # issue 19's plan on scene version 4; 5 minutes, so that it fits after `perf` in a lent GPU's 15;
+      # the synthetic-gpu plan (scene version 4), stopped after about 5 minutes;
       # the records of a plan cut off there are still summarised (a rerun resumes)
       ablate=(python3 -m depmatch ablate --preset synthetic-gpu --out "$RESULTS/ablate" --no-estimate --time-limit 270)
       timeout 300 "${ablate[@]}" > "$RESULTS/ablate.log" 2>&1 ||

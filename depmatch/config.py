@@ -158,8 +158,8 @@ class CDDPConfig:
     # What the intra-class pairs compare. paper: method.md §3 exactly, δ against w = exp(-Δd²/2σ²)
     # (pixels at one depth pushed to distance 1, at different depths pulled together). The other
     # two DEVIATE FROM THE PAPER, so that same depth means similar features: similarity, the
-    # cosine similarity of the features against w; distance, δ against 1 - w (docs/results.md,
-    # issue 19). The inter-class term is the paper's in all three.
+    # cosine similarity of the features against w; distance, δ against 1 - w (method.md §3, §7).
+    # The inter-class term is the paper's in all three.
     target: str = "paper"
 
     def __post_init__(self):

@@ -209,7 +209,7 @@ def test_scene_version_4_shows_every_box_colour_in_two_labeled_scenes():
     assert box_colours_seen(4) == {0, 1, 2}
 
 
-# ---------------------------------------------------------------- the scene checker (issue 19)
+# ---------------------------------------------------------------- the scene checker
 
 
 def test_components_and_best_threshold_by_hand():

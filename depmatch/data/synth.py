@@ -12,7 +12,7 @@ to the ground's.
 
 `scene_version` picks how objects are drawn. Version 2 places each box on the ground row of
 its own disparity and draws far objects first, which gives the class away without depth
-(the bottom row alone separates the boxes). Version 3 (issue 19) removes those cues: every
+(the bottom row alone separates the boxes). Version 3 removes those cues: every
 object's bottom row, size and drawing order are drawn independently of its class, no wall
 hides an object, and each scene holds a near and a far box side by side, so that most
 training crops hold both on the CDDP grid. Its RGB correlates of depth are weak: the boxes'
@@ -48,7 +48,7 @@ MAX_DISPARITY = 20.0
 CONSTANT_DISPARITY = 5.0
 BOX_COLOURS = ((60, 150, 90), (70, 120, 170), (150, 140, 60))
 # Purple, not the light grey of scene version 1: a 4-label model took grey walls for the sky
-# near the horizon, and pseudo-labels spread that confusion (docs/results.md, the benchmark).
+# near the horizon, and pseudo-labels spread that confusion.
 EASY_WALL_COLOUR = (140.0, 70.0, 150.0)
 # data.synth.scene_version: how objects are drawn (the module docstring). A new version, not an
 # edit of an old one, whenever the scenes drawn from the same settings would change: the version
@@ -62,7 +62,7 @@ STRIPE_CONTRAST = 0.05
 # HAZE · (1 - disparity / 20), near boxes 3-18 %, far ones 26-34 %, so that far boxes are paler.
 HAZE = 0.4
 HAZE_COLOUR = (180.0, 205.0, 235.0)
-# Scene version 4 (issue 19's ground bound): version 3's shapes and depth, but a box looks like a
+# Scene version 4: version 3's shapes and depth, but a box looks like a
 # box whatever its depth. With 2 labels, version 3's models took 29-66 % of each box class's pixels
 # for ground (and 17 % of the far ones for sky), which held the ground's IoU under 80 %: its olive box
 # colour is close to the ground's browns, its blue one to the sky, its ground takes a tint, and the
