@@ -444,5 +444,10 @@ def given_keys(path: str | Path | None = None, overrides: tuple[str, ...] | list
     return dotted(values)
 
 
+def add_overrides_argument(parser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable, into `args.overrides`: the overrides `load_config` takes."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -18,20 +18,16 @@ import logging
 import sys
 from pathlib import Path
 
-from depmatch.config import ConfigError, ExperimentConfig, given_keys, load_config
+from depmatch.config import ConfigError, ExperimentConfig, add_overrides_argument, given_keys, load_config
 
 logger = logging.getLogger("depmatch.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML (configs/...); without it, the embedded synthetic default")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=100 --set depmatch.enabled=false (repeatable)",
+    add_overrides_argument(
+        parser,
+        "override a config key, e.g. --set train.steps=100 --set depmatch.enabled=false (repeatable)",
     )
     parser.add_argument(
         "--resume", metavar="CHECKPOINT", help="checkpoint folder to continue from, or 'latest' in train.output_dir"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from depmatch.ablate.plan import CONTROLS, DEFAULT_VARIANTS, PRESETS, READS_NO_DEPTH, VARIANTS, Plan
 from depmatch.ablate.report import Rule, write_report
+from depmatch.config import add_overrides_argument
 from depmatch.errors import UserError
 
 
@@ -39,13 +40,9 @@ def register(subparsers) -> None:
         choices=sorted(PRESETS),
         help="a whole synthetic ablation: " + "; ".join(f"{n}: {p.help}" for n, p in PRESETS.items()),
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run (repeatable)",
+    add_overrides_argument(
+        parser,
+        "config override for every run (repeatable)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per variant (default: 3)")
     parser.add_argument(

@@ -16,7 +16,7 @@ from pathlib import Path
 from depmatch.bench.presets import ENCODER_PRESETS, unknown_encoder
 from depmatch.bench.report import markdown_table, write_report
 from depmatch.choices import COMPILE_MODES, PAIR_BACKENDS, cuda_pair_backend
-from depmatch.config import ConfigError
+from depmatch.config import ConfigError, add_overrides_argument
 
 # --flag: (on a GPU, on the CPU), filled in when the command runs: `--help` does not wait for torch
 DEVICE_DEFAULTS = {"crop": (518, 98), "batch": (4, 2), "steps": (10, 3), "warmup": (3, 1)}
@@ -136,13 +136,9 @@ def register(subparsers) -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="also train this many steps and report mIoU")
     parser.add_argument("--shards", default="shards/synthetic", help="dataset for --train-steps (default: synthetic)")
     parser.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for every configuration, e.g. --set train.online_depth_model=DIR "
+    add_overrides_argument(
+        parser,
+        "a config override for every configuration, e.g. --set train.online_depth_model=DIR "
         "(the step then runs Depth Anything on the weak view, as the reference does)",
     )
     parser.set_defaults(func=run)
