@@ -17,7 +17,7 @@ BUILD_EPILOG = """examples:
       --val-list splits/pascal/val.txt --depth-model depth-anything/Depth-Anything-V2-Small-hf
   HF_HUB_OFFLINE=1 depmatch shards build ... --depth-model depth-anything/Depth-Anything-V2-Small-hf
       (offline: the model must already be in the Hugging Face cache, HF_HOME/hub)
-  accelerate launch --num_processes 4 -m depmatch shards build cityscapes ...
+  torchrun --nproc_per_node 4 -m depmatch shards build cityscapes ...
       (each process writes a range of the shards, depth on its own GPU; the last to finish writes the manifest)
   sbatch --array=0-15 --wrap "depmatch shards build ..."  then  depmatch shards finalize OUT
       (a SLURM array: each task writes its range; docs/shards.md, "Array builds on SLURM")

@@ -121,6 +121,12 @@ def _tar_samples(url: str) -> Iterator[dict]:
     return wds.tarfile_samples([{"url": url}])
 
 
+def reason(error: Exception) -> str:
+    """An error's own words: webdataset's read errors carry its stream objects beside the message."""
+    words = [str(arg) for arg in error.args if isinstance(arg, str)]
+    return ": ".join(words) if words else str(error)
+
+
 def read_shard(url: str, first: int, end: int, expected: int) -> Iterator[dict]:
     """Samples first..end-1 of a shard of `expected` samples. A failed read is retried from where it
     stopped; a shard still unreadable after SHARD_RETRIES tries, or shorter than expected, is lost."""
@@ -144,8 +150,8 @@ def read_shard(url: str, first: int, end: int, expected: int) -> Iterator[dict]:
         except Exception as error:
             if attempt == SHARD_RETRIES:
                 raise ShardError(
-                    f"shard {url} cannot be read ({type(error).__name__}: {error}) after {SHARD_RETRIES + 1} tries; "
-                    "restore or rebuild it (`depmatch shards verify` lists every damaged shard)"
+                    f"shard {url} cannot be read ({type(error).__name__}: {reason(error)}) after {SHARD_RETRIES + 1} "
+                    "tries; restore or rebuild it (`depmatch shards verify` lists every damaged shard)"
                 ) from error
             log.warning("reading shard %s failed (%s); trying again", url, error)
             time.sleep(RETRY_DELAY_S * (attempt + 1))
