@@ -456,7 +456,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes on any device (the CPU test of this script; without a GPU the run is always tiny)")  # fmt: skip
-    parser.add_argument("--out", default="runs/perf")
+    parser.add_argument("--out", default="runs/perf", help="folder for the tables and JSON (default: runs/perf)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for the whole suite: an item whose time limit no longer fits is skipped "
                              "(default: no limit)")  # fmt: skip

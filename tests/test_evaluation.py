@@ -86,6 +86,16 @@ def test_overlapping_windows_of_an_equivariant_model_equal_full_inference():
     assert torch.allclose(sliding, model(image)["logits"], atol=1e-6)
 
 
+def test_a_sliding_window_off_the_patch_grid_is_refused_with_a_window_that_fits():
+    from depmatch.errors import UserError
+
+    model = PixelwiseModel().eval()
+    model.grid_patch_size = 14
+    with pytest.raises(UserError, match=r"window 50 .* patch size 14; use e.g. --window 56$"):
+        predict_logits(model, random_image(60, 60), NUM_CLASSES, mode="sliding", window=50)
+    assert model.input_shapes == []  # refused before any window ran
+
+
 def test_resize_protocol_feeds_patch_multiples_and_returns_the_original_size():
     model = LocalContextModel(patch_size=8).eval()
     image = random_image(30, 45)

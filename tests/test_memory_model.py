@@ -13,7 +13,7 @@ MEASURED_GIB = {
     ("dinov2_g", "zero3"): 73.36,
 }
 # The model counts every saved tensor it knows of and no allocator slack: it comes out 5-12% above
-# these peaks (docs/benchmarks.md), on the safe side for planning.
+# these peaks (docs/benchmarks/memory-model-cpu-2026-12-06.md), on the safe side for planning.
 TOLERANCE = (0.0, 0.12)
 
 

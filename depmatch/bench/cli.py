@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         "--count-ops",
         action="store_true",
         help="instead of timing: count the aten ops one training step dispatches (a launch proxy "
-        "that runs on the CPU; docs/benchmarks.md), with the losses' pair sums and the optimizer "
+        "that runs on the CPU; docs/bench.md), with the losses' pair sums and the optimizer "
         "on their CUDA paths (--pair-backend, optim.fused=true)",
     )
     parser.add_argument(
@@ -127,7 +127,7 @@ def register(subparsers) -> None:
         help="instead of timing: per-GPU memory of the step from the model's shapes (parameters, "
         "gradients, optimizer, EMA teacher, activations with and without model.grad_checkpointing) "
         "for every --encoders (default: dinov3_s ... dinov3_7b) × backend × --gpus; writes "
-        "memory.md and memory.json (docs/benchmarks.md)",
+        "memory.md and memory.json (docs/bench.md)",
     )
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16, 64], help="GPU counts for --memory-model")
     parser.add_argument("--num-classes", type=int, default=21)

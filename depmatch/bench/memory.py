@@ -15,7 +15,7 @@ real ones. Per GPU it adds up, for plain accelerate (DDP), DeepSpeed ZeRO-2 and 
 The step is UniMatch V2 + DepMatch (method.md §5): with `batch` images per view the student runs
 with gradients on the labeled batch and on both strong views (3·batch images through the encoder),
 and the head runs a fourth time on the strong views for CDDP's clean features (5·batch head passes).
-Compared with the measured single-H200 peaks in tests/test_memory_model.py and docs/benchmarks.md.
+Compared with the measured single-H200 peaks in tests/test_memory_model.py and docs/benchmarks/memory-model-cpu-2026-12-06.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Depth computed on every training step, as the reference implementation does.
 
 The default is depth precomputed into the shards; this exists to measure what that
-saves (`train.online_depth_model`, docs/benchmarks.md). The weak view is already
+saves (`train.online_depth_model`; `depmatch bench --set train.online_depth_model=DIR`). The weak view is already
 normalised with the ImageNet statistics Depth Anything expects.
 """
 

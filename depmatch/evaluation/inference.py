@@ -24,6 +24,7 @@ from torch import nn
 
 from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS
 from depmatch.config import EvalConfig, ExperimentConfig
+from depmatch.errors import UserError
 
 AUTOCAST_DTYPES = dict(zip(INFERENCE_PRECISIONS, (torch.bfloat16, torch.float16)))
 
@@ -94,6 +95,13 @@ def _predict_sliding(
     stride_ratio: float,
     autocast_dtype: torch.dtype | None,
 ) -> torch.Tensor:
+    patch_size = getattr(model, "grid_patch_size", None)  # None: a CNN takes any size
+    if patch_size and window % patch_size:
+        fitting = max(patch_size, round(window / patch_size) * patch_size)
+        raise UserError(
+            f"the sliding window {window} (--window, eval.window) is not a multiple of the model's patch size "
+            f"{patch_size}; use e.g. --window {fitting}"
+        )
     height, width = image.shape[-2:]
     stride = max(1, int(window * stride_ratio))
     # images smaller than the window are padded with 0, the dataset mean after

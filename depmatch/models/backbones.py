@@ -18,8 +18,8 @@ from depmatch.models.layers import NUM_FEATURE_MAPS, intermediate_layers, patch_
 from depmatch.models.positions import use_dinov2_positions
 from depmatch.models.weights import load_transformers_backbone, pretrained_source
 
-# Where each backbone sits in the encoder's state dict. DINOv2's runs were saved as `encoder.dinov2.*`
-# (a Dinov2Model, whose keys Dinov2Backbone shares), so that name stays and those checkpoints still load.
+# Where each backbone sits in the encoder's state dict. DINOv2 sits at `encoder.dinov2.*`, the keys of
+# transformers' Dinov2Model (which Dinov2Backbone shares), so checkpoints with those keys load as they are.
 _MODULE_NAMES = {"dinov2": "dinov2"}
 _DEFAULT_MODULE_NAME = "backbone"
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from depmatch.errors import UserError
+
 HF_HUB_PREFIX = "hf-hub:"  # timm's marker for a hub id
 _PATH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a name ending so is a file path, never a repo
 # A transformers folder: its configs and safetensors weights; `.bin` only when a repo has no safetensors.
@@ -23,7 +25,7 @@ _SAFE_PATTERNS = ["*.json", "*.safetensors"]
 _PICKLE_PATTERNS = ["*.json", "*.bin"]
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A hub id whose files are neither in the local cache nor downloadable."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from depmatch.config import ModelConfig
+from depmatch.errors import UserError
 from depmatch.models.hub import HF_HUB_PREFIX, HubId, timm_hub_state_dict, transformers_folder, weights_location
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _KEYS_LISTED = 20  # longer key lists are cut so the error stays readable
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights are not configured, missing, unreadable, or do not fit the model."""
 
 
