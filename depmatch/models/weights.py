@@ -49,7 +49,10 @@ def pretrained_source(config: ModelConfig) -> str | None:
 def read_state_dict(path: Path) -> StateDict:
     """Tensors of a `.safetensors` or torch-pickle file; `model`/`state_dict` wrappers are unwrapped."""
     if not path.is_file():
-        raise WeightsError(f"pretrained weights file {path} does not exist")
+        raise WeightsError(
+            f"model.pretrained: weights file {path} does not exist; point model.pretrained at the file "
+            "(e.g. --set model.pretrained=/path/to/dinov2_vits14_pretrain.pth) or at a Hugging Face hub id"
+        )
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path), device="cpu")
