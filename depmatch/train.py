@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
             run_summary(config, manifest, trainer.accelerator.unwrap_model(trainer.student), trainer.accelerator),
             flush=True,
         )
-    results = trainer.train()
+    try:
+        results = trainer.train()
+    finally:
+        trainer.accelerator.state.destroy_process_group()
     if trainer.stopped_by is not None:
         # 0, not an error: under torchrun a failing worker would be restarted (--max_restarts) while
         # the job is being stopped; the SLURM script requeues on the signal it saw (launch/slurm.sbatch).

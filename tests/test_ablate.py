@@ -367,3 +367,27 @@ def test_scene_stats_measures_the_plans_synthetic_scenes(capsys):
     assert stats["scene_version"] == 4 and stats["scenes"] == 6 and 0 <= stats["both_on_grid"] <= 100
     assert main(["ablate", "--scene-stats", "--set", "data.synthesize=false"]) == 2
     assert capsys.readouterr().err.startswith("error: --scene-stats measures the synthetic scenes")
+
+
+@pytest.mark.slow
+def test_every_run_of_a_two_process_launch_trains_in_the_same_process_group(tmp_path):
+    """Under `accelerate launch` each rank trains the runs one after another: a finished run must
+    leave the launch's process group to the next one (the command closes it at its end)."""
+    import os
+    import subprocess
+    import sys
+
+    settings = [setting.replace("data.synth.labeled=2", "data.synth.labeled=4") for setting in TINY]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "depmatch", "ablate",
+        "--out", str(tmp_path / "a"), "--seeds", "1", "--variants", "base", "both", "--control", "shuffled",
+        "--steps", "2", "--no-estimate",
+        *[word for setting in (*settings, f"data.root={tmp_path / 'shards'}") for word in ("--set", setting)],
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[3/3] fixmatch-shuffled-both-s0" in done.stdout
+    assert sorted(path.name for path in (tmp_path / "a" / "records").iterdir()) == [
+        "fixmatch-shuffled-both-s0.json", "fixmatch-true-base-s0.json", "fixmatch-true-both-s0.json"]  # fmt: skip

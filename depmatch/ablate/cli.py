@@ -256,7 +256,12 @@ def train_plan(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         keep_checkpoints=args.keep_checkpoints,
     )
-    failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
+    try:
+        failed = train_runs(plan, todo, schedule, Progress(len(runs), len(runs) - len(todo)))
+    finally:
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()  # every run of a launch trained in this process's group
     if not is_main_process():
         return 0
     invocation = {

@@ -325,7 +325,10 @@ class Trainer:
             raise explained from error
         finally:
             log.close()
-            self.accelerator.end_training()
+            # The trackers are this run's; the process group is the process's, closed by its entry
+            # point, so that one process can train several runs (`depmatch ablate` under a launch).
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         return results
 
     def _save_before_failing(self, first_step: int) -> None:
