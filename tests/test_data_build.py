@@ -596,8 +596,13 @@ def test_bench_shard_mix_counts_batches_of_one_shard_and_of_list_neighbours():
     bench = load_tool("bench_shard_mix", folder="benchmarks")
     listed = list(range(64))
     # buffer 1 passes samples through in shard order, and 4 divides 8: every batch is one shard's
-    assert bench.batch_shares(bench.shards_of(listed, 8), 8, buffer=1, batch=4, batches=200, seed=0) == (1.0, 1.0)
+    drawn = bench.replacement_batches(bench.shards_of(listed, 8), 8, buffer=1, batch=4)
+    assert bench.shares(drawn, 200) == (1.0, 1.0)
+    # one epoch reader with a buffer of the whole split shuffles all 64 ids at once: a batch of one
+    # shard of 8 is rare (8 · C(8, 4) / C(64, 4) = 0.09 %)
+    assert bench.shares(bench.epoch_batches(bench.shards_of(listed, 8), 8, buffer=64, batch=4, readers=1), 16)[0] < 0.1
     # a shard of the shuffled order holds ids from all over the list: 4 ids of one run of 32 neighbours
     # among 256 are as rare as in a random batch (8 · C(32, 4) / C(256, 4) = 0.16 %)
-    mixed = shuffled_splits({"labeled": list(range(256))}, 0)["labeled"]
-    assert bench.batch_shares(bench.shards_of(mixed, 32), 32, buffer=1, batch=4, batches=200, seed=0)[1] < 0.05
+    mixed = bench.shards_of(shuffled_splits({"labeled": list(range(256))}, 0)["labeled"], 32)
+    assert bench.shares(bench.replacement_batches(mixed, 32, buffer=1, batch=4), 200)[1] < 0.05
+    assert bench.shares(bench.epoch_batches(mixed, 32, buffer=32, batch=4, readers=2), 64)[1] < 0.05
