@@ -177,7 +177,7 @@ def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_roo
     assert "did not complete within train.collective_timeout=5 s, so another rank is hung" in log
 
 
-def test_sigterm_to_every_process_of_the_job_checkpoints_both_ranks_and_exits_0(synthetic_root, tmp_path):
+def test_sigterm_to_every_process_of_the_job_checkpoints_both_ranks_which_exit_0(synthetic_root, tmp_path):
     """Preemption or `scancel` as SLURM (proctrack/cgroup) sends it: SIGTERM to the launcher, both ranks and
     their loader workers at once. torchrun passes it on to each rank's process group and gives the ranks 30 s;
     the workers ignore it, and both ranks finish the step, checkpoint and exit, before torchrun would SIGKILL

@@ -31,7 +31,8 @@ BUILD_EPILOG = """examples:
       --out shards/ade20k-1_16 --depth-model depth-anything/Depth-Anything-V2-Small-hf
   depmatch shards build folder --source mydata --split train=train:trainannot --split val=val:valannot \\
       --split test=test:testannot --labeled-list mydata/labeled.txt --num-classes 11 --label-map 11:255 \\
-      --class-names sky,building,... --palette mydata/palette.txt --out shards/mydata --no-depth
+      --class-names sky,building,pole,road,pavement,tree,sign,fence,car,pedestrian,bicyclist \\
+      --palette mydata/palette.txt --out shards/mydata --no-depth
 """
 
 LAYOUTS = {
