@@ -78,6 +78,17 @@ def test_a_block_of_one_sample_is_refused_under_the_shuffled_control(small_confi
     small_config.data.shuffle_buffer = 1
     with pytest.raises(ConfigError, match="shuffled pairs samples within a shuffle block.*raise data.shuffle_buffer"):
         build_unlabeled_loader(small_config, 0, 1)
+    # the same rule before step 1, from the manifest alone (each training split; val is not controlled)
+    from depmatch.data.preflight import preflight
+    from depmatch.data.shards import read_manifest
+
+    manifest = read_manifest(small_config.data.root)
+    with pytest.raises(ConfigError, match="the labeled split would give a block of one"):
+        preflight(small_config, manifest, world_size=1)
+    small_config.data.shuffle_buffer = 2
+    preflight(small_config, manifest, world_size=1)
+    with pytest.raises(ConfigError, match="block of one"):  # one process per labeled sample: blocks of one
+        preflight(small_config, manifest, world_size=sum(s["samples"] for s in manifest["splits"]["labeled"]["shards"]))
 
 
 def test_the_loader_serves_another_images_depth_under_the_shuffled_control(small_config):

@@ -279,15 +279,13 @@ def train_plan(args: argparse.Namespace) -> int:
 
 
 def prepare_shards(plan: Plan, todo: list) -> None:
-    """Every shard folder the runs read, once, here, before runs in parallel processes read them."""
+    """Every shard folder the runs read, built here before runs in parallel processes read them,
+    and every run's data checked (depmatch/data/preflight.py): a plan does not stop at its tenth
+    run for a reason its first line could have told."""
     from depmatch.train import prepare_dataset
 
-    configs = {}
     for run in todo:
-        config = plan.run_config(run)
-        configs.setdefault(config.data.root, config)
-    for config in configs.values():
-        prepare_dataset(config)
+        prepare_dataset(plan.run_config(run))
 
 
 def print_estimate(plan: Plan, todo: list, jobs: int, timed: int) -> None:

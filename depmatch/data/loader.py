@@ -36,6 +36,7 @@ from depmatch.data.stream import (
     SplitShards,
     batches_before,
     check_enough_samples,
+    check_pairs,
     epoch_samples,
     resampled_samples,
     single_pass_samples,
@@ -134,7 +135,9 @@ def _loader(
         start_step=start_step,
         depth_control="none" if sampling == SINGLE_PASS else checked_control(cfg.data.depth_control),
     )
-    check_pairs(settings, world_size * max(workers, 1))
+    check_pairs(
+        split, shards.counts, sampling, settings.shuffle_buffer, settings.depth_control, world_size * max(workers, 1)
+    )
     # batch_size=None: each worker yields whole batches, which is what makes batch k come from worker k % W.
     # Its own generator: making an iterator would otherwise draw from the global RNG, which a
     # resumed run restores before it builds the loaders, so resumed and unbroken runs would part.
@@ -149,22 +152,6 @@ def _loader(
         generator=torch.Generator().manual_seed(cfg.train.seed),
         worker_init_fn=ignore_stop_signals,
     )
-
-
-def check_pairs(settings: StreamSettings, readers: int) -> None:
-    """The shuffled depth control pairs samples within a group: every group needs two."""
-    if settings.depth_control != "shuffled":
-        return
-    if settings.sampling == "replacement":
-        smallest = min(settings.shards.counts)
-    else:
-        smallest = min(settings.shuffle_buffer, settings.shards.total // readers)
-    if smallest < 2:
-        raise ConfigError(
-            f"data.depth_control: shuffled pairs samples within a shuffle block (or a shard drawn with replacement), "
-            f"and the {settings.shards.name} split would give a block of one; raise data.shuffle_buffer or lower "
-            "ranks × data.workers (with replacement: rebuild with 2 or more samples per shard)"
-        )
 
 
 def data_layout(cfg: ExperimentConfig, world_size: int) -> dict:

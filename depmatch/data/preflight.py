@@ -3,7 +3,7 @@ reason that was knowable at its start.
 
 `preflight(config, manifest, world_size)` checks that every split the run reads (the training
 splits and the evaluation split) is in the manifest, that each has the shards its readers
-need, and, for a local root, that every shard of the manifest is there with its recorded size
+need (and, under the shuffled depth control, blocks of two samples or more), and, for a local root, that every shard of the manifest is there with its recorded size
 (for an http root, that curl, which reads the shards, is installed).
 Every process runs it on its own view of the data (node-local copies included), so all ranks
 stop together, before any collective.
@@ -17,7 +17,7 @@ from pathlib import Path
 from depmatch.config import ConfigError, ExperimentConfig
 from depmatch.data.roots import ShardRoot, ShardsNotFoundError
 from depmatch.data.shards import shard_urls
-from depmatch.data.stream import check_enough_samples
+from depmatch.data.stream import check_enough_samples, check_pairs, sample_counts
 
 
 def splits_read(config: ExperimentConfig) -> dict[str, bool]:
@@ -56,6 +56,10 @@ def preflight(config: ExperimentConfig, manifest: dict, world_size: int) -> None
         # Epochs and the single pass of evaluation give each reader a share of the samples.
         if one_pass or config.data.sampling == "epoch":
             check_enough_samples(manifest, split, readers)
+        if not one_pass:  # depth controls act on the training streams
+            counts = sample_counts(manifest, split)
+            data = config.data
+            check_pairs(split, counts, data.sampling, data.shuffle_buffer, data.depth_control, readers)
     root = ShardRoot.parse(config.data.root)
     if root.kind == "local":
         check_local_shards(root, manifest)

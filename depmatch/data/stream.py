@@ -98,6 +98,25 @@ def check_enough_samples(manifest: dict, split: str, readers: int) -> None:
         )
 
 
+def check_pairs(
+    split: str, counts: Sequence[int], sampling: str, buffer: int | None, depth_control: str, readers: int
+) -> None:
+    """The shuffled depth control pairs samples within a group a reader holds (a shuffle block, or a
+    shard drawn with replacement): every group needs two. `buffer` None: one shard, the default."""
+    if depth_control != "shuffled":
+        return
+    if sampling == "replacement":
+        smallest = min(counts)
+    else:
+        smallest = min(buffer or max(counts), sum(counts) // readers)
+    if smallest < 2:
+        raise ConfigError(
+            f"data.depth_control: shuffled pairs samples within a shuffle block (or a shard drawn with replacement), "
+            f"and the {split} split would give a block of one; raise data.shuffle_buffer or lower "
+            "ranks × data.workers (with replacement: rebuild with 2 or more samples per shard)"
+        )
+
+
 def derive_seed(*parts: int) -> int:
     """A 64-bit seed that depends on every part (SeedSequence mixes them well)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
