@@ -234,3 +234,36 @@ def test_a_manifest_without_sample_counts_is_one_line():
         ShardError, match=r"the manifest's val shards need a positive integer `samples` each \(got \[4, None\]\)"
     ):
         stream.check_enough_samples(manifest, "val", 2)
+
+
+def test_a_reader_cuts_its_share_into_stripes_and_each_block_takes_a_slice_of_every_stripe():
+    # 100 samples, buffer 20: 5 blocks; 4 stripes of 25 samples (by hand: 0, 25, 50, 75, 100),
+    # block b taking samples [25s + 5b, 25s + 5b + 5) of stripe s.
+    layout = stream.ReaderBlocks.of(per_epoch=100, buffer=20)
+    assert (layout.blocks, layout.stripes) == (5, 4)
+    assert [layout.run_start(s) for s in range(5)] == [0, 25, 50, 75, 100]
+    assert [layout.cut(1, b) for b in range(6)] == [25, 30, 35, 40, 45, 50]
+    assert [layout.base(b) for b in range(6)] == [0, 20, 40, 60, 80, 100]
+    assert [layout.block_at(offset) for offset in (0, 19, 20, 99)] == [0, 0, 1, 4]
+    # Uneven: 10 samples, buffer 4: 2 blocks of 2 stripes of 5, slices of 2 and 3 samples.
+    uneven = stream.ReaderBlocks.of(per_epoch=10, buffer=4)
+    assert (uneven.blocks, uneven.stripes, [uneven.base(b) for b in range(3)]) == (2, 2, [0, 4, 10])
+    # No stripes below a block of 2 per stripe, nor with a single block.
+    assert stream.ReaderBlocks.of(per_epoch=10, buffer=3).stripes == 1
+    assert stream.ReaderBlocks.of(per_epoch=30, buffer=20).stripes == 1
+
+
+def test_each_block_mixes_four_shards_and_the_epoch_still_holds_every_sample_once(tmp_path):
+    """8 shards of 24 samples, one reader, a buffer of one shard: each block of 24 holds 6 samples
+    of each of 4 stripes, so it mixes 4 shards, where a block of consecutive samples would hold 1 or 2."""
+    shards = write_shards(tmp_path, (24,) * 8)
+    samples = list(islice(stream.epoch_samples(shards, 5, 1, reader=0, readers=1, buffer=24, start=0), 192))
+    assert [position for position, _ in samples] == list(range(192))
+    numbers = [int(sample["txt"]) for _, sample in samples]
+    assert sorted(numbers) == list(range(192))
+    for block in range(8):
+        shards_in_block = {number // 24 for number in numbers[24 * block : 24 * (block + 1)]}
+        assert len(shards_in_block) >= 4, (block, shards_in_block)
+    # resumed inside block 5: the same samples from there on
+    resumed = list(islice(stream.epoch_samples(shards, 5, 1, reader=0, readers=1, buffer=24, start=130), 62))
+    assert resumed == samples[130:]
