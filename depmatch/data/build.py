@@ -29,7 +29,7 @@ import numpy as np
 from depmatch.data.classes import IGNORE_INDEX
 from depmatch.data.codec import decode_image, decode_label, encode_depth, encode_png
 from depmatch.data.layouts import TRAINING_SPLITS, ShardInputError, SourceDataset, SourceItem
-from depmatch.data.shards import depth_manifest_entry
+from depmatch.data.shards import SAMPLES_PER_SHARD, depth_manifest_entry
 from depmatch.data.writer import BuildTask, ShardPlan, plan_shards, write_dataset
 
 KEPT_IMAGE_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
@@ -135,7 +135,7 @@ def build_shards(
     source: SourceDataset,
     depth_source,
     out: Path,
-    samples_per_shard: int = 500,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
     depth_batch: int = 8,
     task: BuildTask = BuildTask(),
     shuffle_seed: int = 0,

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from depmatch.config import SynthConfig
+from depmatch.data.shards import SAMPLES_PER_SHARD
 
 BUILD_EPILOG = """examples:
   depmatch shards build pascal --source VOC2012 --out shards/pascal-92 \\
@@ -166,7 +167,13 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
         "cuda:<LOCAL_RANK or SLURM_LOCALID mod the GPU count>, or the CPU without one",
     )
     build.add_argument("--depth-png-scale", type=float, default=256.0, help="16-bit depth png value per disparity unit")
-    build.add_argument("--samples-per-shard", type=int, default=500)
+    build.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=SAMPLES_PER_SHARD,
+        help=f"samples per tar shard (default: {SAMPLES_PER_SHARD}; smaller shards let each loader reader mix more of them, "
+        "docs/shards.md, 'The shuffle buffer')",
+    )
     build.add_argument(
         "--shuffle-seed",
         type=int,

@@ -23,6 +23,10 @@ from depmatch.data.roots import (
 FORMAT_VERSION = 1
 BUILDER_VERSION = f"depmatch {__version__} (shard format {FORMAT_VERSION})"
 
+# Small enough that a loader reader's share of an epoch spans several shards to mix (docs/shards.md,
+# "The shuffle buffer"), large enough that a shard is one sequential read of tens of megabytes.
+SAMPLES_PER_SHARD = 100
+
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
