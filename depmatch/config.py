@@ -429,19 +429,23 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     return _build(ExperimentConfig, values)
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one mapping of dotted keys (`train.lr`) to its leaf values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def given_keys(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> set[str]:
     """The dotted keys that the YAML file and the overrides set, as opposed to the defaults."""
     values: dict = _read_yaml_file(Path(path)) if path is not None else {}
     for assignment in overrides:
         values = _merge(values, _dotted_to_nested(assignment))
-
-    def dotted(tree: dict, prefix: str = "") -> set[str]:
-        keys = set()
-        for key, value in tree.items():
-            keys |= dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
-        return keys
-
-    return dotted(values)
+    return set(flat_dict(values))
 
 
 def add_overrides_argument(parser, help: str) -> None:

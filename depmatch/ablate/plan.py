@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from depmatch.bench.presets import encoder_overrides
-from depmatch.config import ConfigError, ExperimentConfig, load_config, to_dict
+from depmatch.config import ConfigError, ExperimentConfig, flat_dict, load_config, to_dict
 
 # The supervised baseline through the same trainer: same model, labeled data order and
 # augmentation, and the framework's EMA teacher (train.labeled_only in depmatch/config.py).
@@ -143,16 +143,7 @@ class Plan:
 
 def flat_config(config: ExperimentConfig) -> dict:
     """The config as dotted keys, without the run's folder: what makes two runs the same run."""
-    flat: dict = {}
-
-    def walk(tree: dict, prefix: str) -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value
-
-    walk(to_dict(config), "")
+    flat = flat_dict(to_dict(config))
     flat.pop("train.output_dir")
     return flat
 

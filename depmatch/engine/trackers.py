@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import LoggerType
 
-from depmatch.config import ConfigError, ExperimentConfig, to_dict
+from depmatch.config import ConfigError, ExperimentConfig, flat_dict, to_dict
 
 # The init argument under which each tracker takes a run's name; accelerate hands every
 # tracker the project name (config.name) and nothing more.
@@ -45,16 +45,8 @@ def tracker_config(config: ExperimentConfig) -> dict[str, Any]:
     """The experiment as one flat mapping (`train.lr`: value, lists as text), which every
     tracker can store (TensorBoard's hparams take only numbers, text and booleans)."""
 
-    def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[prefix + key] = str(value) if isinstance(value, list) else value
-        return flat
-
-    return {"run_name": run_name(config), **flatten(to_dict(config))}
+    flat = flat_dict(to_dict(config))
+    return {"run_name": run_name(config), **{key: str(v) if isinstance(v, list) else v for key, v in flat.items()}}
 
 
 def start_trackers(accelerator: Accelerator, config: ExperimentConfig) -> None:
