@@ -25,6 +25,7 @@ from multiprocessing import connection, get_context
 from pathlib import Path
 
 from depmatch.ablate.plan import Plan, Run, fingerprint, flat_config
+from depmatch.data.shards import write_json_atomic
 from depmatch.errors import UserError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -70,11 +71,9 @@ def record_path(plan: Plan, run: Run) -> Path:
 
 
 def write_json(path: Path, content: dict) -> None:
-    """Through a temporary name: an interruption never leaves a half-written file to be read back."""
+    """Atomically, into a folder made if needed: an interruption never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(content, indent=1))
-    temporary.replace(path)
+    write_json_atomic(path, content)
 
 
 def done_record(plan: Plan, run: Run) -> dict | None:
