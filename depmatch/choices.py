@@ -17,15 +17,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR's pair sums
 # depmatch.cddp.target: what CDDP's intra-class pairs compare (the forms: depmatch.losses.cddp_uldr.INTRA_FORMS)
 CDDP_TARGETS = ("paper", "similarity", "distance")
+SAMPLING_MODES = ("epoch", "replacement")  # data.sampling
+DEPTH_CONTROLS = ("none", "shuffled", "random", "constant")  # data.depth_control (depmatch/data/depth_controls.py)
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...], error: type[Exception] = ValueError) -> None:
     """Raise `error` naming `key` and the choices when `value` is not one of them."""
     if value not in choices:
         raise error(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-SAMPLING_MODES = ("epoch", "replacement")  # data.sampling
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import yaml
 
 from depmatch.choices import (
     CDDP_TARGETS,
+    DEPTH_CONTROLS,
     INFERENCE_MODES,
     INFERENCE_PRECISIONS,
     LABELED_LOSSES,
@@ -114,6 +115,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_choice("data.sampling", self.sampling, SAMPLING_MODES, ConfigError)
+        check_choice("data.depth_control", self.depth_control, DEPTH_CONTROLS, ConfigError)
 
 
 @dataclass

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from depmatch.config import ConfigError
+from depmatch.config import ConfigError, load_config
 from depmatch.data.codec import DEPTH_FIELD, LABEL_FIELD, decode_depth, encode_depth, encode_png
-from depmatch.data.depth_controls import checked_control, derangement, group_transform, paired_depth
+from depmatch.data.depth_controls import derangement, group_transform, paired_depth
 from depmatch.data.loader import build_unlabeled_loader
 
 
@@ -70,7 +70,7 @@ def test_random_and_constant_keep_the_images_depth_range():
     )  # per sample, not per group
     assert group_transform("none", 0) is None
     with pytest.raises(ConfigError, match="data.depth_control"):
-        checked_control("swapped")
+        load_config(None, ["data.depth_control=swapped"])
 
 
 def test_a_block_of_one_sample_is_refused_under_the_shuffled_control(small_config):

@@ -30,18 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from depmatch.config import ConfigError
 from depmatch.data.codec import DEPTH_FIELD, decode_depth, encode_depth, image_field
 
-DEPTH_CONTROLS = ("none", "shuffled", "random", "constant")
 RANDOM_GRID = (4, 6)  # the random field's coarse grid (rows, columns), as the synthetic scenes' random control
-
-
-def checked_control(control: str) -> str:
-    """`control` if it is a known depth control; a one-line error naming the key otherwise."""
-    if control not in DEPTH_CONTROLS:
-        raise ConfigError(f"data.depth_control must be one of {', '.join(DEPTH_CONTROLS)}, got {control!r}")
-    return control
 
 
 def derangement(count: int, seed: int) -> np.ndarray:

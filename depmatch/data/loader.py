@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from depmatch.config import ConfigError, ExperimentConfig
-from depmatch.data.depth_controls import checked_control, group_transform
+from depmatch.data.depth_controls import group_transform
 from depmatch.data.samples import collate, labeled_sample, unlabeled_sample, val_sample
 from depmatch.data.shards import read_manifest, shard_urls
 from depmatch.data.stream import (
@@ -133,7 +133,7 @@ def _loader(
         # At least a shard by default, so that a block mixes samples from more than one shard.
         shuffle_buffer=cfg.data.shuffle_buffer or max(shards.counts),
         start_step=start_step,
-        depth_control="none" if sampling == SINGLE_PASS else checked_control(cfg.data.depth_control),
+        depth_control="none" if sampling == SINGLE_PASS else cfg.data.depth_control,
     )
     check_pairs(
         split, shards.counts, sampling, settings.shuffle_buffer, settings.depth_control, world_size * max(workers, 1)
