@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from depmatch.data.codec import DEPTH_FIELD, decode_depth, encode_depth, image_field
-
-RANDOM_GRID = (4, 6)  # the random field's coarse grid (rows, columns), as the synthetic scenes' random control
+from depmatch.data.synth import smooth_random_depth
 
 
 def derangement(count: int, seed: int) -> np.ndarray:
@@ -76,9 +75,7 @@ def uninformative_depth(depth: np.ndarray, control: str, rng: np.random.Generato
     """`random` or `constant` depth on the scale of `depth` (the image's own)."""
     if control == "constant":
         return np.full_like(depth, depth.mean())
-    low, high = float(depth.min()), float(depth.max())
-    coarse = rng.uniform(low, high, RANDOM_GRID).astype(np.float32)
-    return np.array(Image.fromarray(coarse).resize(depth.shape[::-1], Image.BILINEAR))
+    return smooth_random_depth(depth.shape, float(depth.min()), float(depth.max()), rng)
 
 
 def uninformative_group(group: list[dict], _group_seed: int, control: str, seed: int) -> list[dict]:

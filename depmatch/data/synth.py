@@ -254,6 +254,17 @@ def render_scene(
     return np.clip(image, 0, 255).astype(np.uint8), canvas.label, np.clip(depth, 0, MAX_DISPARITY).astype(np.float32)
 
 
+RANDOM_GRID = (4, 6)  # the random field's coarse grid (rows, columns)
+
+
+def smooth_random_depth(shape: tuple[int, int], low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth field in [low, high] of `shape`: it looks like depth and is independent of any image
+    (bilinear from a coarse grid of uniform draws; the synthetic scenes' random
+    control, and depmatch.data.depth_controls' on real data)."""
+    coarse = rng.uniform(low, high, RANDOM_GRID).astype(np.float32)
+    return np.array(Image.fromarray(coarse).resize(shape[::-1], Image.BILINEAR))
+
+
 def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
     """The stored depth: the scene's own (`true`) or a control without class information."""
     if mode == "true":
@@ -261,8 +272,7 @@ def control_depth(depth: np.ndarray, mode: str, rng: np.random.Generator) -> np.
     if mode == "constant":
         return np.full_like(depth, CONSTANT_DISPARITY)
     if mode == "random":  # smooth, so it looks like depth, but independent of the scene
-        coarse = rng.uniform(0, MAX_DISPARITY, (4, 6)).astype(np.float32)
-        return np.array(Image.fromarray(coarse).resize(depth.shape[::-1], Image.BILINEAR))
+        return smooth_random_depth(depth.shape, 0.0, MAX_DISPARITY, rng)
     raise ConfigError(f"data.synth.depth_mode must be one of {', '.join(DEPTH_MODES)}, got {mode!r}")
 
 
