@@ -133,18 +133,23 @@ def test_the_plan_puts_each_control_where_it_acts():
         real.run_config(Run("true", "all_labels", 0))
 
 
-def test_the_synthetic_presets_are_the_scene_version_4_plan():
-    preset = PRESETS["synthetic-cpu"]
-    plan = Plan(
+def preset_plan(preset, seeds=(0, 1, 2)) -> Plan:
+    """The plan `depmatch ablate --preset` trains, with these seeds."""
+    return Plan(
         config=None,
         overrides=preset.overrides,
         variants=preset.variants,
         controls=preset.controls,
         control_variants=preset.control_variants,
-        seeds=(0, 1, 2),
+        seeds=seeds,
         out="o",
         steps=preset.steps,
     )
+
+
+def test_the_synthetic_presets_are_the_scene_version_4_plan():
+    preset = PRESETS["synthetic-cpu"]
+    plan = preset_plan(preset)
     runs = plan.runs()
     # FixMatch; labeled_only, base, all_labels and six depth variants with true depth, the six with random; 3 seeds
     assert len(runs) == (3 + 6 + 6) * 3 and plan.framework == "fixmatch"
@@ -165,16 +170,7 @@ def test_the_synthetic_presets_are_the_scene_version_4_plan():
     assert (configs["uldr_l05"].depmatch.lambda_cddp, configs["uldr_l05"].depmatch.lambda_uldr) == (0.0, 0.5)
     gpu = PRESETS["synthetic-gpu"]
     assert (gpu.steps, gpu.jobs, gpu.variants, gpu.controls) == (240, 8, preset.variants, preset.controls)
-    on_gpu = Plan(
-        config=None,
-        overrides=gpu.overrides,
-        variants=gpu.variants,
-        controls=gpu.controls,
-        control_variants=gpu.control_variants,
-        seeds=(0,),
-        out="o",
-        steps=gpu.steps,
-    ).run_config(runs[0])
+    on_gpu = preset_plan(gpu, seeds=(0,)).run_config(runs[0])
     assert (on_gpu.model.encoder, on_gpu.data.crop_size, on_gpu.train.mixed_precision) == ("dinov2_s", 224, "bf16")
     assert on_gpu.data.synth.scene_version == 4 and on_gpu.data.root != configs["base"].data.root
 
@@ -269,16 +265,7 @@ def test_the_synthetic_cpu_preset_trains_the_cited_scene_version_4_runs():
     from depmatch.config import load_config
 
     preset = PRESETS["synthetic-cpu"]
-    plan = Plan(
-        config=None,
-        overrides=preset.overrides,
-        variants=preset.variants,
-        controls=preset.controls,
-        control_variants=preset.control_variants,
-        seeds=(0, 1, 2),
-        out="o",
-        steps=preset.steps,
-    )
+    plan = preset_plan(preset)
     records = read_records(ROOT / "docs" / "results" / "ablation-cpu-v4" / "runs")
     assert sorted(r["key"] for r in records) == sorted(run.key("fixmatch") for run in plan.runs())
     for record in records[::3]:  # one seed of each (depth, variant): records are sorted by cell, then seed
