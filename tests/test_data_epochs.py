@@ -42,8 +42,8 @@ def sample_number(sample, rng):
     return {"number": torch.tensor(int(sample["txt"]))}
 
 
-def rank_batches(shards, rank, count, workers=2, start_step=0, sampling="epoch"):
-    """The sample numbers of `count` batches of one of 2 ranks, read by `workers` DataLoader workers."""
+def rank_stream(shards, rank, start_step=0, sampling="epoch") -> ShardStream:
+    """One of 2 ranks' stream of numbered samples, a shard's worth to a shuffle block."""
     settings = StreamSettings(
         shards,
         stream_id=1,
@@ -55,7 +55,12 @@ def rank_batches(shards, rank, count, workers=2, start_step=0, sampling="epoch")
         shuffle_buffer=max(shards.counts),
         start_step=start_step,
     )
-    loader = DataLoader(ShardStream(settings, sample_number), batch_size=None, num_workers=workers)
+    return ShardStream(settings, sample_number)
+
+
+def rank_batches(shards, rank, count, workers=2, start_step=0, sampling="epoch"):
+    """The sample numbers of `count` batches of one of 2 ranks, read by `workers` DataLoader workers."""
+    loader = DataLoader(rank_stream(shards, rank, start_step, sampling), batch_size=None, num_workers=workers)
     return [batch["number"].tolist() for batch in islice(loader, count)]
 
 
@@ -126,18 +131,7 @@ def test_a_corrupt_sample_is_skipped_and_counted_in_its_batch(tmp_path):
     budget = CorruptSamples(max_fraction=0.5)
     numbers = []
     for rank in range(2):
-        settings = StreamSettings(
-            shards,
-            stream_id=1,
-            batch_size=BATCH,
-            seed=5,
-            rank=rank,
-            world_size=2,
-            sampling="epoch",
-            shuffle_buffer=24,
-            start_step=0,
-        )
-        for batch in islice(ShardStream(settings, sample_number), 12):  # one epoch, one reader per rank
+        for batch in islice(rank_stream(shards, rank), 12):  # one epoch, one reader per rank
             numbers += budget.add(batch)["number"].tolist()
     # Sample 30's slot is filled by the next one of its reader, the first of that reader's next epoch.
     assert len(numbers) == 96 and set(numbers) == set(range(96)) - {30}
