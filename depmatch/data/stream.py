@@ -214,9 +214,10 @@ GroupTransform = Callable[[list[dict], int], list[dict]] | None
 
 
 # A reader reads its share of an epoch in up to STRIPES runs at once, and each shuffle block takes
-# a slice of every run: a block then mixes samples of several shards (a batch of 4 from one shard
-# falls from about 40 % to under 10 % when a share spans 4 shards or more), each run still read
-# front to back, so no sample is read twice. The cost is one open shard per run.
+# a slice of every run: a block then mixes samples of several shards (on Pascal's size, 500 samples
+# a shard and 4 readers, batches of 4 from one shard fall from 36 % to 1 %:
+# docs/benchmarks/shard-mix-cpu-2026-12-06.md), each run still read front to back, so no sample is
+# read twice. The cost is one open shard per run.
 STRIPES = 4
 
 
