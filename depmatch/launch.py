@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             outcome["error"] = error
 
     with StopForwarding(psutil.Process()) as forwarding:
-        # A daemon: should this thread fail, the launcher thread must not keep the process alive.
+        # A daemon: should the main thread fail, the launcher thread must not keep the process alive.
         launcher = threading.Thread(target=launch, name="accelerate launch", daemon=True)
         launcher.start()
         while launcher.is_alive():
