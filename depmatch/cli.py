@@ -21,10 +21,19 @@ from depmatch.errors import run_reporting_user_errors
 class Command:
     module: str  # registers the command; imported only when the command is named
     help: str  # its line in `depmatch --help`
+    # The words after the command are another tool's command line, handed over unparsed in
+    # `args.passed_on`: argparse would take that tool's options as depmatch's (`--debug`) or
+    # reorder them. `depmatch COMMAND --help` alone is still depmatch's.
+    passes_on: bool = False
 
 
 COMMANDS = {
     "train": Command("depmatch.train", "train a model (no arguments: the synthetic RGB-D default on CPU)"),
+    "launch": Command(
+        "depmatch.launch",
+        "accelerate launch, with a cluster's stop signals handled: the ranks checkpoint, the job exits 0",
+        passes_on=True,
+    ),
     "shards": Command("depmatch.data.cli", "build, generate and check WebDataset shards"),
     "eval": Command("depmatch.evaluation.cli", "mIoU and per-class IoU of a checkpoint on a shard split"),
     "predict": Command("depmatch.evaluation.cli", "label maps and overlays for a folder of images"),
@@ -48,6 +57,17 @@ def _named_command(argv: list[str]) -> str | None:
         if not word.startswith("-"):
             return word
     return None
+
+
+def _split_passed_on(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`argv` for depmatch's parser, and the words it leaves to a command that `passes_on`."""
+    named = _named_command(argv)
+    if named not in COMMANDS or not COMMANDS[named].passes_on:
+        return argv, []
+    end = argv.index(named) + 1
+    if argv[end:] in (["-h"], ["--help"]):
+        return argv, []
+    return argv[:end], argv[end:]
 
 
 def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
@@ -89,7 +109,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     named = _named_command(argv)
     if named in COMMANDS:
         importlib.import_module(COMMANDS[named].module).register(subparsers)
-        for leaf in _leaf_parsers(subparsers.choices[named]):
+        # A command that passes its words on gets no flags of its own: they would be the other tool's.
+        for leaf in [] if COMMANDS[named].passes_on else _leaf_parsers(subparsers.choices[named]):
             # SUPPRESS: a flag given before the command (`depmatch --debug train`) is not reset
             _add_common_flags(leaf, default=argparse.SUPPRESS)
     for name, command in COMMANDS.items():
@@ -100,7 +121,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv, passed_on = _split_passed_on(argv)
     args = build_parser(argv).parse_args(argv)
+    args.passed_on = passed_on
     from depmatch.logs import quiet_third_party_logs
 
     if not args.verbose:

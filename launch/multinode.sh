@@ -29,12 +29,11 @@ else
     rendezvous=(--rdzv_backend static)
 fi
 
-# SIGUSR1 asks the training processes to finish their step, checkpoint and exit
-# (launch/slurm.sbatch sends it to every process of the job before the time limit). The
-# launcher must outlive it: ignored here, and so in accelerate/torchrun; depmatch.train
-# installs its own handler.
-trap '' USR1
-exec accelerate launch \
+# depmatch launch is accelerate launch that outlives a stop signal: SIGTERM (preemption,
+# scancel), SIGUSR1 (launch/slurm.sbatch's warning before the time limit) or SIGINT, to this
+# process alone or to every process of the job, reaches each rank as one request to finish its
+# step, checkpoint and exit; it waits for them, and exits 0 when they all exited 0.
+exec depmatch launch \
     --config_file "$LAUNCH_CONFIG" \
     --num_machines "$NNODES" \
     --num_processes "$((NNODES * GPUS_PER_NODE))" \

@@ -42,6 +42,14 @@ def test_a_second_sigint_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_the_first_signal_is_the_one_reported():
+    """A Ctrl-C that `depmatch launch` passes on as SIGTERM arrives after the SIGINT itself."""
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGINT"
+
+
 def test_loader_workers_ignore_the_stop_signals():
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:

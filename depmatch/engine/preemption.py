@@ -39,7 +39,9 @@ class StopSignals:
     """Within `with StopSignals() as stop:`, SIGTERM, SIGUSR1 and a first SIGINT are requests that `stop.agreed` answers."""
 
     def __init__(self):
-        self.received: str | None = None  # the signal's name, once one has arrived in this process
+        # The first signal's name, once one has arrived in this process: `depmatch launch` passes a
+        # Ctrl-C on as SIGTERM, which the rank may get after the SIGINT itself.
+        self.received: str | None = None
         self._previous: dict = {}
         self._pending: DeferredRead | None = None  # the last step's all-reduce, not read yet
 
@@ -53,7 +55,7 @@ class StopSignals:
             signal.signal(number, handler)
 
     def _note(self, number: int, frame) -> None:
-        self.received = signal.Signals(number).name
+        self.received = self.received or signal.Signals(number).name
         if number == signal.SIGINT:
             # Ctrl-C again: whoever presses it twice wants out now, checkpoint or not.
             signal.signal(number, self._previous[number])
