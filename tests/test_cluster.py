@@ -161,6 +161,42 @@ def test_a_killed_rank_is_restarted_from_the_latest_checkpoint(synthetic_root, t
     assert_same_run(tmp_path, uninterrupted)
 
 
+def test_a_shard_lost_mid_run_stops_every_rank_after_a_step_with_a_checkpoint_that_resumes_exactly(
+    synthetic_root, tmp_path, uninterrupted
+):
+    """One unlabeled shard becomes unreadable after step 3 (a `pipe:` root whose command fails for it):
+    the rank that reads it next tells the others through the step agreement, every rank runs one more
+    step, they save together, and each ends in one line, the failing rank's naming the shard. Once the
+    shard reads again, `--resume latest` finishes the run with the losses and weights of a run never
+    interrupted."""
+    trigger, lost = tmp_path / "shard-lost", "unlabeled-000005.tar"
+    script = tmp_path / "flaky-cat.sh"
+    script.write_text(f'[ -e {trigger} ] && [ "$1" = {lost} ] && exit 1\nexec cat {synthetic_root}/"$1"\n')
+    root = f"data.root=pipe:sh {script} {{name}}"
+    process = start(synthetic_root, tmp_path, root)
+    wait_until_step(process, tmp_path, 3)
+    trigger.touch()
+    status, log = finish(process, tmp_path)
+    assert status != 0, log[-3000:]
+    stopped_at = max(losses_by_step(tmp_path))
+    assert 4 <= stopped_at < STEPS, log[-3000:]
+    failed = re.search(rf"rank (\d) could not read its training data; every rank stopped after step {stopped_at}", log)
+    assert failed, log[-3000:]
+    other = 1 - int(failed[1])
+    assert f"error: rank {other}: another rank could not read its training data" in log
+    assert re.search(rf"error: .*{lost}", log), log[-3000:]
+    ranks_output = log.split("failed (exitcode")[0]  # before torchrun's report of the failed ranks
+    assert "Traceback" not in ranks_output
+    assert checkpoint_problem(checkpoint_path(tmp_path, stopped_at)) is None
+    assert (checkpoint_path(tmp_path, stopped_at) / "random_states_1.pkl").is_file()
+
+    trigger.unlink()
+    status, log = finish(start(synthetic_root, tmp_path, root), tmp_path)
+    assert status == 0, log[-3000:]
+    assert f"resumed from {checkpoint_path(tmp_path, stopped_at)} at step {stopped_at}" in log
+    assert_same_run(tmp_path, uninterrupted)
+
+
 def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(synthetic_root, tmp_path):
     """SIGSTOP on rank 1 (a wedged GPU or stuck read looks the same to its peers): rank 0 gives up
     after train.collective_timeout and says so, instead of waiting for torch's default 30 minutes."""

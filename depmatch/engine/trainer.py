@@ -45,9 +45,10 @@ from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.nonfinite import NonFiniteCount, skipped_on_device, skips_on_device
 from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
-from depmatch.engine.preemption import StopSignals
+from depmatch.engine.preemption import Agreement, StopSignals
+from depmatch.engine.read_ahead import DataFailedElsewhere, ReadAhead
 from depmatch.engine.trackers import start_trackers
-from depmatch.errors import UserError
+from depmatch.errors import EveryRankError, UserError
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
@@ -220,8 +221,9 @@ class Trainer:
             flags.append(parts["nonfinite"])
         if self.teacher is not None:
             self.teacher.update(self.accelerator.unwrap_model(self.student), self.state.step)
-        self.nonfinite.add(self.state.step, flags)
         self.state.step += 1
+        # After the count: the weights are this step's, so a failure here saves them as this step.
+        self.nonfinite.add(self.state.step - 1, flags)
         return parts
 
     # ------------------------------------------------------------------ evaluation and checkpoints
@@ -294,28 +296,32 @@ class Trainer:
             counters=self.data_counts,
         )
         self.student.train()
-        batches = self.batch_generator()
         results: dict[str, float] = {}
         first_step = self.state.step
         try:
             with StopSignals() as stop:
+                data = self._start_reading(stop)
                 while self.state.step < config.steps:
-                    log.add(self.train_step(batches))
+                    log.add(self.train_step(data.take()))
                     log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                     done = self.state.step == config.steps
-                    stopping = not done and stop.agreed(self.accelerator)
-                    if done or stopping:
+                    if not done and self.state.step + 2 <= config.steps:
+                        data.read()  # the step after next: see depmatch/engine/read_ahead.py
+                    agreement = Agreement() if done else stop.agreed(self.accelerator, data.error is not None)
+                    if done or agreement.stop:
                         self.nonfinite.flush()
                     new_best = False
                     if done or self.state.step % config.eval_every == 0:
                         results, new_best = self._evaluate(log)
-                    checkpoint_due = done or stopping or self.state.step % config.checkpoint_every == 0
+                    checkpoint_due = done or agreement.stop or self.state.step % config.checkpoint_every == 0
                     self._save(results, new_best, checkpoint_due)
-                    if stopping:
+                    if agreement.data_failed:
+                        self._report_data_failure(data.error)
+                    if agreement.signalled:
                         self._report_stop(stop.received)
                         break
         except Exception as error:
-            self._save_before_failing(first_step)
+            self._save_before_failing(first_step, error)
             rank, timeout = self.accelerator.process_index, config.collective_timeout
             # A data error (a lost shard) names its cause, even one whose message says "timed out".
             collective = isinstance(error, RuntimeError) and not isinstance(error, UserError)
@@ -331,13 +337,46 @@ class Trainer:
                 tracker.finish()
         return results
 
-    def _save_before_failing(self, first_step: int) -> None:
+    def _start_reading(self, stop: StopSignals) -> ReadAhead:
+        """The first step's batches and, when there is one, the second's; the first agreement, which
+        tells after the first step whether every rank could read the second's."""
+        data = ReadAhead(self.batch_generator(), self.config.train.grad_accum)
+        data.read()
+        if data.error is not None:
+            raise data.error  # nothing trained yet: nothing to save
+        if self.state.step + 2 <= self.config.train.steps:
+            data.read()
+        stop.agreed(self.accelerator, data.error is not None)
+        return data
+
+    def _report_data_failure(self, error: Exception | None) -> None:
+        """After the ranks saved together: this rank's read error, or one naming the rank whose read failed."""
+        saved = checkpoint_path(self.config.train.output_dir, self.state.step)
+        if error is not None:
+            logger.error(
+                "rank %d could not read its training data; every rank stopped after step %d and saved %s",
+                self.accelerator.process_index,
+                self.state.step,
+                saved,
+            )
+            raise error
+        raise DataFailedElsewhere(
+            f"rank {self.accelerator.process_index}: another rank could not read its training data (its log names "
+            f"the shard and why); every rank stopped after step {self.state.step} and saved {saved}. Fix the data, "
+            "then continue with --resume latest"
+        )
+
+    def _save_before_failing(self, first_step: int, error: Exception) -> None:
         """Keep the steps of a run that fails after training began: a checkpoint at the last finished
         step, unless it has one. A failure mid-step leaves the weights of the last finished step (the
-        optimizer steps last). Only a single process saves here: with several, the failing rank may be
-        the only one to get here, and the save is collective."""
+        optimizer steps last). With several processes the save is collective, so it is attempted only
+        for an error every rank raised at the same point (EveryRankError); any other may have stopped
+        this rank alone, and the others would never join the save."""
         step, output_dir = self.state.step, self.config.train.output_dir
-        if self.accelerator.num_processes > 1 or step == first_step or checkpoint_path(output_dir, step).exists():
+        alone = self.accelerator.num_processes == 1
+        if not (alone or isinstance(error, EveryRankError)):
+            return
+        if step == first_step or checkpoint_path(output_dir, step).exists():
             return
         try:
             self._save({}, new_best=False, checkpoint_due=True)
