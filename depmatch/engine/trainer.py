@@ -30,12 +30,14 @@ from depmatch.engine.checkpoint import (
     resume_checkpoint,
     save_best,
     save_checkpoint,
+    save_checkpoint_alone,
 )
 from depmatch.engine.compile import compile_forwards, compile_function, eager_forwards
 from depmatch.engine.distributed import (
     build_accelerator,
     explain_collective_failure,
     fused_optimizer,
+    holds_whole_state,
     input_dtype,
     prepare_student,
     shards_parameters,
@@ -94,7 +96,7 @@ class Trainer:
         layout = data_layout(config, self.accelerator.num_processes)
         checkpoint = self._resolve_resume(resume)
         if checkpoint is not None:
-            self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
+            self.state = load_checkpoint(self.accelerator, checkpoint, self.student, self.optimizer, self.teacher)
             check_same_layout(self.state.data_layout, layout)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         self.state.data_layout = layout
@@ -369,21 +371,38 @@ class Trainer:
     def _save_before_failing(self, first_step: int, error: Exception) -> None:
         """Keep the steps of a run that fails after training began: a checkpoint at the last finished
         step, unless it has one. A failure mid-step leaves the weights of the last finished step (the
-        optimizer steps last). With several processes the save is collective, so it is attempted only
-        for an error every rank raised at the same point (EveryRankError); any other may have stopped
-        this rank alone, and the others would never join the save."""
+        optimizer steps last). The save is collective where every rank can join it: one process, or an
+        error every rank raised at the same point (EveryRankError). Any other error may have stopped
+        this rank alone while the others wait for it in a collective: where each rank holds the whole
+        state (DDP) it saves by itself; a sharded run (ZeRO, FSDP) cannot, and keeps its last checkpoint."""
         step, output_dir = self.state.step, self.config.train.output_dir
-        alone = self.accelerator.num_processes == 1
-        if not (alone or isinstance(error, EveryRankError)):
-            return
         if step == first_step or checkpoint_path(output_dir, step).exists():
             return
+        who = "the run" if self.accelerator.num_processes == 1 else f"rank {self.accelerator.process_index}"
         try:
-            self._save({}, new_best=False, checkpoint_due=True)
+            if self.accelerator.num_processes == 1 or isinstance(error, EveryRankError):
+                self._save({}, new_best=False, checkpoint_due=True)
+                saved = checkpoint_path(output_dir, step)
+            elif holds_whole_state(self.accelerator):
+                saved = save_checkpoint_alone(
+                    self.accelerator, self.student, self.optimizer, self.teacher, self.state, self.config, self.classes
+                )
+                if saved is None:
+                    logger.error("%s failed after step %d; another rank saves that step's checkpoint", who, step)
+                    return
+            else:
+                logger.error(
+                    "%s failed after step %d; a sharded run (DeepSpeed ZeRO, FSDP) saves only with every rank, so it "
+                    "continues from its last periodic checkpoint with --resume latest",
+                    who,
+                    step,
+                )
+                return
             logger.error(
-                "the run failed after step %d; saved %s, continue with --resume latest once the cause is fixed",
+                "%s failed after step %d; saved %s, continue with --resume latest once the cause is fixed",
+                who,
                 step,
-                checkpoint_path(output_dir, step),
+                saved,
             )
         except Exception:  # the original failure is the one to report
             logger.exception("saving a checkpoint after the failure failed too")
