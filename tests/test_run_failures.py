@@ -7,12 +7,13 @@ import json
 import logging
 
 import pytest
+import torch
 
 from depmatch.data.stream import CorruptDataError, ShardError
 from depmatch.engine.checkpoint import resume_checkpoint
 from depmatch.engine.nonfinite import NonFiniteLossError
 from depmatch.engine.read_ahead import ReadAhead
-from depmatch.engine.trainer import Trainer
+from depmatch.engine.trainer import Trainer, seed_step
 from depmatch.errors import EveryRankError
 from depmatch.evaluation.evaluate import EvaluationFailed
 from depmatch.train import prepare_dataset
@@ -90,3 +91,14 @@ def test_a_failure_after_training_began_still_saves_the_trained_steps(five_step_
     with pytest.raises(RuntimeError, match="the evaluation broke"):
         five_step_trainer.train()
     assert resume_checkpoint(str(tmp_path), "latest") == tmp_path / "checkpoints" / "step_00000005"
+
+
+def test_each_step_draws_from_a_seed_of_the_run_the_rank_and_the_step_whatever_ran_before():
+    seed_step(7, rank=1, step=5)
+    first = torch.rand(4)
+    torch.rand(100)  # what ran before must not matter
+    seed_step(7, rank=1, step=5)
+    assert torch.equal(torch.rand(4), first)
+    for other in ((8, 1, 5), (7, 0, 5), (7, 1, 6)):
+        seed_step(*other)
+        assert not torch.equal(torch.rand(4), first), other

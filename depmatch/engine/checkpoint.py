@@ -17,8 +17,9 @@ previous complete one.
 A rank that fails alone (out of memory, a device error, a peer gone) cannot take part in a
 collective save. Where every rank holds the whole state (DDP, one process), it writes one by
 itself instead (`save_checkpoint_alone`): the consolidated weights, the EMA teacher, the
-optimizer state and the counters, marked by `saved_alone.json`. Such a checkpoint lacks the
-other ranks' random state; resuming from it restores everything else.
+optimizer state and the counters, marked by `saved_alone.json`. It lacks the ranks' random
+states, which each step seeds afresh from the step anyway (trainer.seed_step), so resuming
+from it is as exact as from any other.
 """
 
 from __future__ import annotations
@@ -268,12 +269,8 @@ def _load_saved_alone(accelerator, directory: Path, student, optimizer) -> None:
     plain_student.load_state_dict(load_file(directory / "student.safetensors"))
     optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     if accelerator.is_main_process:
-        logger.warning(
-            "%s was saved by rank %d of %d alone, after a failure: the weights, optimizer, EMA teacher and data "
-            "position are restored; each rank's random state (dropout masks) starts anew from train.seed",
-            directory,
-            saved_by["rank"],
-            saved_by["processes"],
+        logger.info(
+            "%s was saved by rank %d of %d alone, after a failure", directory, saved_by["rank"], saved_by["processes"]
         )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from itertools import repeat
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
@@ -61,6 +62,14 @@ from depmatch.models import build_model
 from depmatch.models.layers import crop_for_patch
 
 logger = logging.getLogger(__name__)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's generators (CPU and every GPU: the feature dropout masks) from the run's seed, the
+    rank and the step. A step's random draws are then a function of where the run is, not of what ran
+    before it: a resumed run draws what the uninterrupted one drew, from any checkpoint, one that a
+    rank saved alone (without the others' random states) included."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
 class Trainer:
@@ -213,6 +222,7 @@ class Trainer:
     def train_step(self, batches: Iterator[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
         """One optimizer step: the parts of its last micro-step (with "nonfinite"). Nothing in it
         waits for the device, except the host skip (see forward_backward_step)."""
+        seed_step(self.config.train.seed, self.accelerator.process_index, self.state.step)
         lr = poly_lr(self.config.optim, self.state.step, self.config.train.steps)
         set_lr(self.optimizer, lr, self.config.optim.lr_multi)
         flags = []
