@@ -18,6 +18,11 @@ class UserError(Exception):
     """A mistake in the user's input; the message names the file or key and the fix."""
 
 
+class EveryRankError(Exception):
+    """Raised by every rank of a run at the same point, after a collective told them all: the ranks
+    can still take part in one more collective, the checkpoint saved before the run ends."""
+
+
 def run_reporting_user_errors(command: Callable[[], int], debug: bool = False) -> int:
     """`command()`'s status; a user error (or a missing file) becomes one line on stderr and status 2."""
     try:

@@ -16,9 +16,10 @@ from depmatch.config import DataConfig, ExperimentConfig, save_config
 from depmatch.data.codec import encode_depth, encode_png
 from depmatch.data.normalize import image_to_tensor, normalize
 from depmatch.data.shards import depth_manifest_entry
+from depmatch.data.stream import ShardError
 from depmatch.data.writer import plan_shards, write_dataset
 from depmatch.evaluation import cli as evaluation_cli
-from depmatch.evaluation.evaluate import evaluate, format_table
+from depmatch.evaluation.evaluate import EvaluationFailed, evaluate, format_table
 from depmatch.evaluation.image_folder import ImagesNotFoundError, find_images
 from depmatch.evaluation.inference import eval_settings, predict_logits
 from depmatch.evaluation.loading import CheckpointError, exported_from, load_for_inference
@@ -311,6 +312,19 @@ def _evaluate_share(rank, world_size, port):
     assert accelerator.num_processes == world_size and result["images"] == 5
     assert torch.equal(result["confusion"], whole["confusion"]) and result["miou"] == whole["miou"]
 
+    def share_failing_on_rank_1():
+        yield share[0]
+        if accelerator.process_index == 1:
+            raise ShardError("shard val-000001.tar cannot be read")
+        yield from share[1:]
+
+    # Rank 0 evaluates on while rank 1 has failed: both reach the sums, and both raise.
+    failed_on = "this process" if accelerator.process_index == 1 else "another process"
+    with pytest.raises(
+        EvaluationFailed, match=f"process {accelerator.process_index}: the evaluation failed on {failed_on}"
+    ):
+        evaluate(model, share_failing_on_rank_1(), NUM_CLASSES, ExperimentConfig().eval, accelerator=accelerator)
+
 
 def free_port():
     with socket.socket() as probe:
@@ -319,7 +333,7 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_evaluate_sums_the_shares_of_all_processes():
+def test_evaluate_sums_the_shares_of_all_processes_and_a_failure_on_one_reaches_all():
     # spawn, not fork: forking a process whose torch thread pool has run can deadlock
     torch.multiprocessing.spawn(_evaluate_share, args=(2, free_port()), nprocs=2)
 

@@ -13,24 +13,25 @@ from sync_counter import SyncCounter
 
 from depmatch.engine.checkpoint import checkpoint_path, checkpoint_problem
 from depmatch.engine.distributed import explain_collective_failure
-from depmatch.engine.preemption import StopSignals, ignore_stop_signals
+from depmatch.engine.preemption import Agreement, StopSignals, ignore_stop_signals
 
 
-def ranks_summing(other_ranks_flag: float):
-    """An accelerator whose `reduce` adds what another rank contributed."""
-    return SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, op: tensor + other_ranks_flag)
+def ranks_summing(other_rank_signalled: float, other_rank_data_failed: float = 0.0):
+    """An accelerator whose `reduce` adds what another rank contributed: its signal and data-failure notes."""
+    other = torch.tensor([other_rank_signalled, other_rank_data_failed])
+    return SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, op: tensor + other)
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_is_noted_not_acted_on_and_the_old_handler_comes_back(number):
     before = signal.getsignal(number)
     with StopSignals() as stop:
-        assert not stop.agreed(ranks_summing(0.0))
+        assert not stop.agreed(ranks_summing(0.0)).stop
         os.kill(os.getpid(), number)  # would end the test process without the handler
         assert stop.received == signal.Signals(number).name
         # The answer comes one step late: this call reads the previous step's sum.
-        assert not stop.agreed(ranks_summing(0.0))
-        assert stop.agreed(ranks_summing(0.0))
+        assert not stop.agreed(ranks_summing(0.0)).stop
+        assert stop.agreed(ranks_summing(0.0)) == Agreement(signalled=True, data_failed=False)
     assert signal.getsignal(number) is before
 
 
@@ -65,14 +66,22 @@ def test_loader_workers_ignore_the_stop_signals():
 def test_a_signal_to_another_rank_stops_this_one_too():
     with StopSignals() as stop:
         assert stop.received is None
-        assert not stop.agreed(ranks_summing(1.0))
-        assert stop.agreed(ranks_summing(0.0))
+        assert not stop.agreed(ranks_summing(1.0)).stop
+        assert stop.agreed(ranks_summing(0.0)) == Agreement(signalled=True, data_failed=False)
+
+
+def test_a_data_failure_on_any_rank_is_agreed_one_step_later_and_is_not_a_signal():
+    with StopSignals() as stop:
+        assert stop.agreed(ranks_summing(0.0), data_failed=True) == Agreement()
+        assert stop.agreed(ranks_summing(0.0, 1.0)) == Agreement(signalled=False, data_failed=True)
+        assert stop.agreed(ranks_summing(0.0)) == Agreement(signalled=False, data_failed=True)
+        assert stop.agreed(ranks_summing(0.0)) == Agreement()
 
 
 def test_the_agreement_reads_nothing_the_step_has_just_queued():
     """Each call's all-reduce is read by the next call, with no host sync of its own."""
     with StopSignals() as stop, SyncCounter() as syncs:
-        answers = [stop.agreed(ranks_summing(other)) for other in (0.0, 1.0, 0.0, 0.0)]
+        answers = [stop.agreed(ranks_summing(other)).stop for other in (0.0, 1.0, 0.0, 0.0)]
     assert answers == [False, False, True, False]
     assert syncs.total == 0, syncs.where
 

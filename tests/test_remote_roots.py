@@ -206,24 +206,6 @@ def test_an_fsspec_root_reads_the_same_manifest_and_batches(small_config, synthe
         memory.rm("/voc", recursive=True)
 
 
-def test_a_failure_after_training_began_still_saves_the_trained_steps(small_config, tmp_path, monkeypatch):
-    from depmatch.engine.checkpoint import resume_checkpoint
-    from depmatch.engine.trainer import Trainer
-
-    small_config.train = dataclasses.replace(
-        small_config.train, steps=2, eval_every=2, checkpoint_every=100, output_dir=str(tmp_path)
-    )
-    trainer = Trainer(small_config, dataset=prepare_dataset(small_config))
-
-    def broken_evaluation():
-        raise RuntimeError("the evaluation broke")
-
-    monkeypatch.setattr(trainer, "validate", broken_evaluation)
-    with pytest.raises(RuntimeError, match="the evaluation broke"):
-        trainer.train()
-    assert resume_checkpoint(str(tmp_path), "latest") == tmp_path / "checkpoints" / "step_00000002"
-
-
 def test_an_object_store_without_its_package_is_one_line_naming_the_extra(capsys):
     import importlib.util
 

@@ -117,6 +117,7 @@ def test_nonfinite_steps_in_a_row_end_the_run_one_step_late(tmp_path, caplog):
             step(trainer, raw_batches, seed)  # 0 NaN, 1 finite (resets), 2 and 3 NaN: 3 not read yet
         with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row at step 3: lower optim.lr"):
             step(trainer, raw_batches, 4)
+    assert trainer.state.step == 5  # step 4 counted: a checkpoint saved now holds its weights under its number
     assert [record.getMessage() for record in caplog.records if "non-finite" in record.getMessage()] == [
         "non-finite loss at step 0: skipped (1 in a row)",
         "non-finite loss at step 2: skipped (1 in a row)",

@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 
 from depmatch.config import ConfigError
-from depmatch.errors import UserError
+from depmatch.errors import EveryRankError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class ShardError(UserError, RuntimeError):
         super().__init__(message)
 
 
-class CorruptDataError(ShardError):
-    """More corrupt samples than the job's budget allows."""
+class CorruptDataError(ShardError, EveryRankError):
+    """More corrupt samples than the job's budget allows (counted over all ranks, raised by each)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,13 @@ then renames the folder into place, so a node killed mid-save or a full disk lea
 the sizes and checksums against `complete.json`: a truncated, missing or altered file
 disqualifies the checkpoint, which is reported by name, and `latest` falls back to the
 previous complete one.
+
+A rank that fails alone (out of memory, a device error, a peer gone) cannot take part in a
+collective save. Where every rank holds the whole state (DDP, one process), it writes one by
+itself instead (`save_checkpoint_alone`): the consolidated weights, the EMA teacher, the
+optimizer state and the counters, marked by `saved_alone.json`. It lacks the ranks' random
+states, which each step seeds afresh from the step anyway (trainer.seed_step), so resuming
+from it is as exact as from any other.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from depmatch.config import ExperimentConfig, save_config
@@ -34,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "complete.json"
+ALONE_FILE = "saved_alone.json"  # in a checkpoint one rank wrote by itself: which one, of how many
+OPTIMIZER_FILE = "optimizer.pt"  # that checkpoint's optimizer state (accelerate's own files need every rank)
 
 
 class CheckpointError(RuntimeError):
@@ -199,6 +209,31 @@ def save_checkpoint(
     return directory
 
 
+def save_checkpoint_alone(
+    accelerator, student, optimizer, teacher, state: TrainerState, config: ExperimentConfig, classes: dict
+) -> Path | None:
+    """This rank's checkpoint of the whole state, written without any collective: for a rank that failed
+    alone while the others may wait for it. Only where every rank holds the whole state (DDP). None when
+    another rank claimed this step first: ranks failing together save once."""
+    directory = checkpoint_path(config.train.output_dir, state.step)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # The claim is a file created only if absent: one rank writes, whichever comes first.
+        os.close(os.open(directory.with_name(f".{directory.name}.claim"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
+    partial = _partial_path(directory)
+    shutil.rmtree(partial, ignore_errors=True)
+    teacher_state = teacher.model.state_dict() if teacher is not None else None
+    write_inference_files(partial, config, classes, consolidated_state_dict(accelerator, student), teacher_state)
+    torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
+    (partial / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+    saved_by = {"rank": accelerator.process_index, "processes": accelerator.num_processes}
+    (partial / ALONE_FILE).write_text(json.dumps(saved_by))
+    _publish(partial, directory)
+    return directory
+
+
 def _prune(checkpoints: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints (and anything newer); drop leftovers of killed saves."""
     complete = sorted(p for p in checkpoints.glob(f"step_*/{COMPLETE_FILE}"))
@@ -210,17 +245,33 @@ def _prune(checkpoints: Path, keep_last: int) -> None:
     # One save runs at a time and this one is published: any other hidden folder is from a killed save.
     for leftover in [*checkpoints.glob(".step_*.partial"), *checkpoints.glob(".step_*.old")]:
         shutil.rmtree(leftover, ignore_errors=True)
+    for claim in checkpoints.glob(".step_*.claim"):
+        claim.unlink(missing_ok=True)
 
 
-def load_checkpoint(accelerator, directory: Path, teacher) -> TrainerState:
+def load_checkpoint(accelerator, directory: Path, student, optimizer, teacher) -> TrainerState:
     """Restore model, optimizer and RNG states (accelerate), the EMA teacher and the counters.
 
     `directory` is checked first by `resume_checkpoint` (on one process: it reads every byte).
     """
-    accelerator.load_state(str(directory))
+    if (directory / ALONE_FILE).is_file():
+        _load_saved_alone(accelerator, directory, student, optimizer)
+    else:
+        accelerator.load_state(str(directory))
     if teacher is not None:
         teacher.model.load_state_dict(load_file(directory / "teacher.safetensors"))
     return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def _load_saved_alone(accelerator, directory: Path, student, optimizer) -> None:
+    saved_by = json.loads((directory / ALONE_FILE).read_text())
+    plain_student = accelerator.unwrap_model(student, keep_torch_compile=False)
+    plain_student.load_state_dict(load_file(directory / "student.safetensors"))
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    if accelerator.is_main_process:
+        logger.info(
+            "%s was saved by rank %d of %d alone, after a failure", directory, saved_by["rank"], saved_by["processes"]
+        )
 
 
 def save_best(

@@ -180,6 +180,12 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
 
 
+def holds_whole_state(accelerator: Accelerator) -> bool:
+    """Every rank holds the whole model and optimizer state (DDP or one process), not a shard of it: one
+    rank can save a checkpoint by itself. DeepSpeed's ZeRO stages shard the optimizer state at least."""
+    return accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
 def input_dtype(model: torch.nn.Module) -> torch.dtype:
     """DeepSpeed casts the weights to bf16/fp16 and expects inputs to match; autocast keeps fp32 inputs."""
     return next(model.parameters()).dtype

@@ -20,12 +20,13 @@ import torch
 from accelerate.utils import DistributedType
 
 from depmatch.engine.deferred import DeferredRead
+from depmatch.errors import EveryRankError
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RuntimeError, EveryRankError):
+    """Too many non-finite steps in a row; the flags are agreed, so every rank raises it after the same step."""
 
 
 def skips_on_device(accelerator, optimizer) -> bool:

@@ -16,11 +16,16 @@ DataLoader workers get the signal too. They ignore it (`ignore_stop_signals`, th
 `worker_init_fn`), since a worker killed by it would make the main process fail on the lost
 worker before it could checkpoint; they end when the main process shuts its loaders down or
 exits (torch's worker watchdog).
+
+The same all-reduce carries a second note: that this rank could not read the data of the step
+after next (depmatch/engine/read_ahead.py). All ranks then stop after the next step, whose data
+every rank holds, and save together, as for a signal.
 """
 
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +38,18 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader `worker_init_fn`: the worker leaves a stop signal to the main process."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the ranks agreed after a step: whether some rank got a stop signal, or could not read its data."""
+
+    signalled: bool = False
+    data_failed: bool = False
+
+    @property
+    def stop(self) -> bool:
+        return self.signalled or self.data_failed
 
 
 class StopSignals:
@@ -60,13 +77,23 @@ class StopSignals:
             # Ctrl-C again: whoever presses it twice wants out now, checkpoint or not.
             signal.signal(number, self._previous[number])
 
-    def agreed(self, accelerator) -> bool:
-        """Collective, once per step on every rank: True everywhere one step after any rank got a signal.
+    def agreed(self, accelerator, data_failed: bool = False) -> Agreement:
+        """Collective, once per step on every rank: on every rank, one step after any rank got a
+        signal or reported `data_failed`, an Agreement that says so.
 
         Each call starts this step's all-reduce and answers with the previous call's, read
         without waiting for this step's kernels. Every rank makes the same calls, so all get
         the same answer after the same step.
         """
-        requested = torch.full((), float(self.received is not None), device=accelerator.device)
-        previous, self._pending = self._pending, DeferredRead(accelerator.reduce(requested, "sum"))
-        return previous is not None and previous.values() > 0
+        # Filled on the device: a tensor copied from host memory would wait for the queued step.
+        notes = torch.stack(
+            [
+                torch.full((), float(note), device=accelerator.device)
+                for note in (self.received is not None, data_failed)
+            ]
+        )
+        previous, self._pending = self._pending, DeferredRead(accelerator.reduce(notes, "sum"))
+        if previous is None:
+            return Agreement()
+        signalled, data_failed = previous.values()
+        return Agreement(signalled=signalled > 0, data_failed=data_failed > 0)

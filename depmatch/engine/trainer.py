@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from itertools import repeat
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
@@ -30,12 +31,14 @@ from depmatch.engine.checkpoint import (
     resume_checkpoint,
     save_best,
     save_checkpoint,
+    save_checkpoint_alone,
 )
 from depmatch.engine.compile import compile_forwards, compile_function, eager_forwards
 from depmatch.engine.distributed import (
     build_accelerator,
     explain_collective_failure,
     fused_optimizer,
+    holds_whole_state,
     input_dtype,
     prepare_student,
     shards_parameters,
@@ -45,9 +48,10 @@ from depmatch.engine.metrics_log import MetricLog
 from depmatch.engine.nonfinite import NonFiniteCount, skipped_on_device, skips_on_device
 from depmatch.engine.online_depth import OnlineDepth
 from depmatch.engine.optim import build_optimizer, poly_lr, set_lr
-from depmatch.engine.preemption import StopSignals
+from depmatch.engine.preemption import Agreement, StopSignals
+from depmatch.engine.read_ahead import DataFailedElsewhere, ReadAhead
 from depmatch.engine.trackers import start_trackers
-from depmatch.errors import UserError
+from depmatch.errors import EveryRankError, UserError
 from depmatch.evaluation.evaluate import evaluate
 from depmatch.evaluation.inference import eval_settings
 from depmatch.frameworks import build_framework
@@ -58,6 +62,14 @@ from depmatch.models import build_model
 from depmatch.models.layers import crop_for_patch
 
 logger = logging.getLogger(__name__)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's generators (CPU and every GPU: the feature dropout masks) from the run's seed, the
+    rank and the step. A step's random draws are then a function of where the run is, not of what ran
+    before it: a resumed run draws what the uninterrupted one drew, from any checkpoint, one that a
+    rank saved alone (without the others' random states) included."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
 class Trainer:
@@ -93,7 +105,7 @@ class Trainer:
         layout = data_layout(config, self.accelerator.num_processes)
         checkpoint = self._resolve_resume(resume)
         if checkpoint is not None:
-            self.state = load_checkpoint(self.accelerator, checkpoint, self.teacher)
+            self.state = load_checkpoint(self.accelerator, checkpoint, self.student, self.optimizer, self.teacher)
             check_same_layout(self.state.data_layout, layout)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         self.state.data_layout = layout
@@ -210,6 +222,7 @@ class Trainer:
     def train_step(self, batches: Iterator[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
         """One optimizer step: the parts of its last micro-step (with "nonfinite"). Nothing in it
         waits for the device, except the host skip (see forward_backward_step)."""
+        seed_step(self.config.train.seed, self.accelerator.process_index, self.state.step)
         lr = poly_lr(self.config.optim, self.state.step, self.config.train.steps)
         set_lr(self.optimizer, lr, self.config.optim.lr_multi)
         flags = []
@@ -220,8 +233,9 @@ class Trainer:
             flags.append(parts["nonfinite"])
         if self.teacher is not None:
             self.teacher.update(self.accelerator.unwrap_model(self.student), self.state.step)
-        self.nonfinite.add(self.state.step, flags)
         self.state.step += 1
+        # After the count: the weights are this step's, so a failure here saves them as this step.
+        self.nonfinite.add(self.state.step - 1, flags)
         return parts
 
     # ------------------------------------------------------------------ evaluation and checkpoints
@@ -294,28 +308,32 @@ class Trainer:
             counters=self.data_counts,
         )
         self.student.train()
-        batches = self.batch_generator()
         results: dict[str, float] = {}
         first_step = self.state.step
         try:
             with StopSignals() as stop:
+                data = self._start_reading(stop)
                 while self.state.step < config.steps:
-                    log.add(self.train_step(batches))
+                    log.add(self.train_step(data.take()))
                     log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                     done = self.state.step == config.steps
-                    stopping = not done and stop.agreed(self.accelerator)
-                    if done or stopping:
+                    if not done and self.state.step + 2 <= config.steps:
+                        data.read()  # the step after next: see depmatch/engine/read_ahead.py
+                    agreement = Agreement() if done else stop.agreed(self.accelerator, data.error is not None)
+                    if done or agreement.stop:
                         self.nonfinite.flush()
                     new_best = False
                     if done or self.state.step % config.eval_every == 0:
                         results, new_best = self._evaluate(log)
-                    checkpoint_due = done or stopping or self.state.step % config.checkpoint_every == 0
+                    checkpoint_due = done or agreement.stop or self.state.step % config.checkpoint_every == 0
                     self._save(results, new_best, checkpoint_due)
-                    if stopping:
+                    if agreement.data_failed:
+                        self._report_data_failure(data.error)
+                    if agreement.signalled:
                         self._report_stop(stop.received)
                         break
         except Exception as error:
-            self._save_before_failing(first_step)
+            self._save_before_failing(first_step, error)
             rank, timeout = self.accelerator.process_index, config.collective_timeout
             # A data error (a lost shard) names its cause, even one whose message says "timed out".
             collective = isinstance(error, RuntimeError) and not isinstance(error, UserError)
@@ -331,20 +349,70 @@ class Trainer:
                 tracker.finish()
         return results
 
-    def _save_before_failing(self, first_step: int) -> None:
+    def _start_reading(self, stop: StopSignals) -> ReadAhead:
+        """The first step's batches and, when there is one, the second's; the first agreement, which
+        tells after the first step whether every rank could read the second's."""
+        data = ReadAhead(self.batch_generator(), self.config.train.grad_accum)
+        data.read()
+        if data.error is not None:
+            raise data.error  # nothing trained yet: nothing to save
+        if self.state.step + 2 <= self.config.train.steps:
+            data.read()
+        stop.agreed(self.accelerator, data.error is not None)
+        return data
+
+    def _report_data_failure(self, error: Exception | None) -> None:
+        """After the ranks saved together: this rank's read error, or one naming the rank whose read failed."""
+        saved = checkpoint_path(self.config.train.output_dir, self.state.step)
+        if error is not None:
+            logger.error(
+                "rank %d could not read its training data; every rank stopped after step %d and saved %s",
+                self.accelerator.process_index,
+                self.state.step,
+                saved,
+            )
+            raise error
+        raise DataFailedElsewhere(
+            f"rank {self.accelerator.process_index}: another rank could not read its training data (its log names "
+            f"the shard and why); every rank stopped after step {self.state.step} and saved {saved}. Fix the data, "
+            "then continue with --resume latest"
+        )
+
+    def _save_before_failing(self, first_step: int, error: Exception) -> None:
         """Keep the steps of a run that fails after training began: a checkpoint at the last finished
         step, unless it has one. A failure mid-step leaves the weights of the last finished step (the
-        optimizer steps last). Only a single process saves here: with several, the failing rank may be
-        the only one to get here, and the save is collective."""
+        optimizer steps last). The save is collective where every rank can join it: one process, or an
+        error every rank raised at the same point (EveryRankError). Any other error may have stopped
+        this rank alone while the others wait for it in a collective: where each rank holds the whole
+        state (DDP) it saves by itself; a sharded run (ZeRO, FSDP) cannot, and keeps its last checkpoint."""
         step, output_dir = self.state.step, self.config.train.output_dir
-        if self.accelerator.num_processes > 1 or step == first_step or checkpoint_path(output_dir, step).exists():
+        if step == first_step or checkpoint_path(output_dir, step).exists():
             return
+        who = "the run" if self.accelerator.num_processes == 1 else f"rank {self.accelerator.process_index}"
         try:
-            self._save({}, new_best=False, checkpoint_due=True)
+            if self.accelerator.num_processes == 1 or isinstance(error, EveryRankError):
+                self._save({}, new_best=False, checkpoint_due=True)
+                saved = checkpoint_path(output_dir, step)
+            elif holds_whole_state(self.accelerator):
+                saved = save_checkpoint_alone(
+                    self.accelerator, self.student, self.optimizer, self.teacher, self.state, self.config, self.classes
+                )
+                if saved is None:
+                    logger.error("%s failed after step %d; another rank saves that step's checkpoint", who, step)
+                    return
+            else:
+                logger.error(
+                    "%s failed after step %d; a sharded run (DeepSpeed ZeRO, FSDP) saves only with every rank, so it "
+                    "continues from its last periodic checkpoint with --resume latest",
+                    who,
+                    step,
+                )
+                return
             logger.error(
-                "the run failed after step %d; saved %s, continue with --resume latest once the cause is fixed",
+                "%s failed after step %d; saved %s, continue with --resume latest once the cause is fixed",
+                who,
                 step,
-                checkpoint_path(output_dir, step),
+                saved,
             )
         except Exception:  # the original failure is the one to report
             logger.exception("saving a checkpoint after the failure failed too")

@@ -8,6 +8,7 @@ and prints the per-class table on the main process.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,9 +22,16 @@ from tqdm import tqdm
 from depmatch.config import EvalConfig
 from depmatch.data.loader import build_val_loader
 from depmatch.data.normalize import normalize
+from depmatch.errors import EveryRankError, UserError
 from depmatch.evaluation.inference import eval_settings, inference_options, predict_logits
 from depmatch.evaluation.loading import load_for_inference, resolve_weights
 from depmatch.metrics import confusion_matrix, miou_from_confusion
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationFailed(UserError, EveryRankError):
+    """Raised by every process of an evaluation when one of them could not evaluate its share."""
 
 
 def evaluate(
@@ -51,6 +59,7 @@ def evaluate(
     # counts stay on the device so that the loop never waits for the host
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     image_count = torch.zeros((), dtype=torch.long, device=device)
+    failed = torch.zeros((), dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -58,11 +67,23 @@ def evaluate(
             logits = predict_logits(model, normalize(batch["image"].to(device)), num_classes, **options)
             confusion += confusion_matrix(logits.argmax(dim=1), batch["label"].to(device), num_classes)
             image_count += 1
+    except Exception:
+        if accelerator is None or accelerator.num_processes == 1:
+            raise
+        # The other processes are on their way to the sums below: meet them there, so that all
+        # learn of the failure together instead of waiting for this one until the timeout.
+        logger.exception("process %d could not evaluate its share of the split", accelerator.process_index)
+        failed += 1
     finally:
         model.train(was_training)
     if accelerator is not None:
         confusion = accelerator.reduce(confusion, reduction="sum")
         image_count = accelerator.reduce(image_count, reduction="sum")
+        if accelerator.reduce(failed, reduction="sum").item():
+            raise EvaluationFailed(
+                f"process {accelerator.process_index}: the evaluation failed on "
+                f"{'this process' if failed.item() else 'another process'}, whose log says why"
+            )
     miou, per_class = miou_from_confusion(confusion)
     return {"miou": miou, "per_class": per_class.tolist(), "confusion": confusion.cpu(), "images": int(image_count)}
 

@@ -1,7 +1,8 @@
 """Feature perturbations of UniMatch (channel dropout) and UniMatch V2 (complementary dropout).
 
 Both act on the encoder feature maps before the head. Random draws use torch's default
-generator on the features' device, so a checkpoint of the RNG states resumes them exactly.
+generator on the features' device, which the trainer seeds at every step from the run's seed,
+the rank and the step (trainer.seed_step), so a resumed run draws the same masks.
 """
 
 from __future__ import annotations
