@@ -310,8 +310,8 @@ class Trainer:
         self.student.train()
         results: dict[str, float] = {}
         first_step = self.state.step
-        try:
-            with StopSignals() as stop:
+        with StopSignals() as stop:
+            try:
                 data = self._start_reading(stop)
                 while self.state.step < config.steps:
                     log.add(self.train_step(data.take()))
@@ -332,21 +332,23 @@ class Trainer:
                     if agreement.signalled:
                         self._report_stop(stop.received)
                         break
-        except Exception as error:
-            self._save_before_failing(first_step, error)
-            rank, timeout = self.accelerator.process_index, config.collective_timeout
-            # A data error (a lost shard) names its cause, even one whose message says "timed out".
-            collective = isinstance(error, RuntimeError) and not isinstance(error, UserError)
-            explained = explain_collective_failure(error, rank, self.state.step, timeout) if collective else None
-            if explained is None:
-                raise
-            raise explained from error
-        finally:
-            log.close()
-            # The trackers are this run's; the process group is the process's, closed by its entry
-            # point, so that one process can train several runs (`depmatch ablate` under a launch).
-            for tracker in self.accelerator.trackers:
-                tracker.finish()
+            except Exception as error:
+                # Still within StopSignals: a SIGTERM now (torchrun stopping the other ranks after this
+                # failure) is noted, not obeyed, so it does not cut the save short.
+                self._save_before_failing(first_step, error)
+                rank, timeout = self.accelerator.process_index, config.collective_timeout
+                # A data error (a lost shard) names its cause, even one whose message says "timed out".
+                collective = isinstance(error, RuntimeError) and not isinstance(error, UserError)
+                explained = explain_collective_failure(error, rank, self.state.step, timeout) if collective else None
+                if explained is None:
+                    raise
+                raise explained from error
+            finally:
+                log.close()
+                # The trackers are this run's; the process group is the process's, closed by its entry
+                # point, so that one process can train several runs (`depmatch ablate` under a launch).
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
         return results
 
     def _start_reading(self, stop: StopSignals) -> ReadAhead:
