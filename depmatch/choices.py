@@ -19,6 +19,8 @@ PAIR_BACKENDS = ("compact", "blocked", "triton")  # the paths of CDDP's and ULDR
 CDDP_TARGETS = ("paper", "similarity", "distance")
 SAMPLING_MODES = ("epoch", "replacement")  # data.sampling
 DEPTH_CONTROLS = ("none", "shuffled", "random", "constant")  # data.depth_control (depmatch/data/depth_controls.py)
+# The image files `shards build` takes from a dataset folder and `predict --images` segments: what PIL reads
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...], error: type[Exception] = ValueError) -> None:

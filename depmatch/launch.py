@@ -27,6 +27,7 @@ import sys
 import threading
 
 from depmatch.errors import UserError
+from depmatch.signals import SignalHandlers
 
 DESCRIPTION = """\
 `accelerate launch` with the same arguments, for a cluster's stop signals: SIGTERM, SIGINT
@@ -129,27 +130,18 @@ def _status(error: BaseException | None) -> int:
     raise error
 
 
-class StopForwarding:
+class StopForwarding(SignalHandlers):
     """Within `with StopForwarding(psutil.Process()) as forwarding:`, the signals of `FORWARDED` become
     requests to this process's children; `pass_on()` gives them to children started since."""
 
     def __init__(self, process):
+        super().__init__(FORWARDED)
         self._process = process
         self._requests: dict[signal.Signals, None] = {}  # ordered: the first request goes first
         self._given: set[tuple[int, signal.Signals]] = set()  # (pid, request) already sent
         self._interrupts = 0
-        self._previous: dict = {}
 
-    def __enter__(self) -> StopForwarding:
-        for number in FORWARDED:
-            self._previous[number] = signal.signal(number, self._note)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _note(self, number: int, frame) -> None:
+    def on_signal(self, number: int) -> None:
         if number == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:

@@ -137,7 +137,7 @@ def test_predict_on_an_empty_folder(checkpoint_without_weights, tmp_path):
     folder.mkdir()
     assert_one_line_error(
         depmatch("predict", "--checkpoint", checkpoint_without_weights, "--images", folder, "--out", tmp_path / "out"),
-        f"{folder} holds no images (files ending .png, .jpg, .jpeg",
+        f"{folder} holds no images (files ending .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp",
         "pass --images",
     )
     assert not (tmp_path / "out").exists()

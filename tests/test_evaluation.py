@@ -395,13 +395,16 @@ def test_eval_split_picks_the_evaluation_split_of_the_build(tmp_path, stand_in_b
         assert (results["split"], results["images"]) == (split, images)
 
 
-def test_a_folder_without_image_files_is_no_input(tmp_path):
-    for name in ("notes.txt", "scan.tif", "photo.png.bak"):
+def test_a_folder_without_image_files_is_no_input_and_predict_takes_what_shards_build_takes(tmp_path):
+    for name in ("notes.txt", "scan.pdf", "photo.png.bak"):
         (tmp_path / name).write_text("x")
     with pytest.raises(ImagesNotFoundError, match=f"{tmp_path} holds no images"):
         find_images(tmp_path)
-    (tmp_path / "photo.JPG").write_text("x")
-    assert find_images(tmp_path) == [tmp_path / "photo.JPG"]
+    for name in ("photo.JPG", "scan.tiff", "street.webp", "aerial.bmp"):
+        (tmp_path / name).write_text("x")
+    assert find_images(tmp_path) == [
+        tmp_path / name for name in ("aerial.bmp", "photo.JPG", "scan.tiff", "street.webp")
+    ]
 
 
 def test_eval_reads_the_checkpoints_own_shards_by_default_and_says_so(tmp_path, stand_in_build_model, capsys):

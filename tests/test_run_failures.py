@@ -67,7 +67,7 @@ def test_a_failed_read_trains_the_step_already_read_then_saves_and_raises_it(fiv
     """The batches of step 4 cannot be read (read after step 2): step 3, read already, trains; the run
     saves step 3 and raises the read's own error."""
     trainer = five_step_trainer
-    batches = trainer.batch_generator
+    batches = trainer.loader_batches
 
     def lost_before_step_4():
         for index, pair in enumerate(batches()):
@@ -75,7 +75,7 @@ def test_a_failed_read_trains_the_step_already_read_then_saves_and_raises_it(fiv
                 raise ShardError("shard unlabeled-000005.tar cannot be read")
             yield pair
 
-    trainer.batch_generator = lost_before_step_4
+    trainer.loader_batches = lost_before_step_4
     with caplog.at_level(logging.ERROR), pytest.raises(ShardError, match="unlabeled-000005.tar"):
         trainer.train()
     assert logged_steps(tmp_path) == [1, 2, 3]

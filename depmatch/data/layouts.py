@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from depmatch.choices import IMAGE_SUFFIXES
 from depmatch.data.classes import (
     ADE20K_NUM_CLASSES,
     CAMVID_CLASSES,
@@ -38,7 +39,6 @@ from depmatch.data.classes import (
 )
 from depmatch.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TRAINING_SPLITS = ("labeled", "unlabeled")  # every other split is an evaluation split
 TRAIN_POOL = "train"  # the split folder whose images are divided into labeled and unlabeled
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from depmatch.engine.deferred import DeferredRead
+from depmatch.signals import SignalHandlers
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -52,30 +53,21 @@ class Agreement:
         return self.signalled or self.data_failed
 
 
-class StopSignals:
+class StopSignals(SignalHandlers):
     """Within `with StopSignals() as stop:`, SIGTERM, SIGUSR1 and a first SIGINT are requests that `stop.agreed` answers."""
 
     def __init__(self):
+        super().__init__(STOP_SIGNALS)
         # The first signal's name, once one has arrived in this process: `depmatch launch` passes a
         # Ctrl-C on as SIGTERM, which the rank may get after the SIGINT itself.
         self.received: str | None = None
-        self._previous: dict = {}
         self._pending: DeferredRead | None = None  # the last step's all-reduce, not read yet
 
-    def __enter__(self) -> StopSignals:
-        for number in STOP_SIGNALS:
-            self._previous[number] = signal.signal(number, self._note)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _note(self, number: int, frame) -> None:
+    def on_signal(self, number: int) -> None:
         self.received = self.received or signal.Signals(number).name
         if number == signal.SIGINT:
             # Ctrl-C again: whoever presses it twice wants out now, checkpoint or not.
-            signal.signal(number, self._previous[number])
+            signal.signal(number, self.previous[number])
 
     def agreed(self, accelerator, data_failed: bool = False) -> Agreement:
         """Collective, once per step on every rank: on every rank, one step after any rank got a

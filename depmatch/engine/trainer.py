@@ -132,8 +132,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def batch_generator(self) -> Iterator[tuple[dict, dict]]:
-        """(labeled, unlabeled) micro-batches on the device, continuing from the checkpointed position."""
+    def loader_batches(self) -> Iterator[tuple[dict, dict]]:
+        """(labeled, unlabeled) micro-batches as the loaders give them, continuing from the checkpointed position."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         consumed = self.state.step * self.config.train.grad_accum
         labeled = build_labeled_loader(self.config, rank, world, start_step=consumed)
@@ -141,11 +141,16 @@ class Trainer:
             unlabeled = repeat({})
         else:
             unlabeled = build_unlabeled_loader(self.config, rank, world, start_step=consumed)
-        for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
-            yield (
-                self.to_device(self.corrupt_samples.add(labeled_batch)),
-                self.to_device(self.corrupt_samples.add(unlabeled_batch)),
-            )
+        return zip(labeled, unlabeled)
+
+    def batch_generator(self) -> Iterator[tuple[dict, dict]]:
+        """(labeled, unlabeled) micro-batches on the device, continuing from the checkpointed position."""
+        return map(self.on_device, self.loader_batches())
+
+    def on_device(self, batches: tuple[dict, dict]) -> tuple[dict, dict]:
+        """A (labeled, unlabeled) pair from the loaders, its samples counted (data_counts), on the device."""
+        labeled, unlabeled = batches
+        return self.to_device(self.corrupt_samples.add(labeled)), self.to_device(self.corrupt_samples.add(unlabeled))
 
     def data_counts(self) -> dict[str, int]:
         """The job's samples read and corrupt ones skipped; stops the run past data.max_bad_fraction."""
@@ -314,7 +319,8 @@ class Trainer:
             try:
                 data = self._start_reading(stop)
                 while self.state.step < config.steps:
-                    log.add(self.train_step(data.take()))
+                    # Counted and moved to the device as the step takes them, as without the read-ahead.
+                    log.add(self.train_step(map(self.on_device, data.take())))
                     log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                     done = self.state.step == config.steps
                     if not done and self.state.step + 2 <= config.steps:
@@ -354,7 +360,7 @@ class Trainer:
     def _start_reading(self, stop: StopSignals) -> ReadAhead:
         """The first step's batches and, when there is one, the second's; the first agreement, which
         tells after the first step whether every rank could read the second's."""
-        data = ReadAhead(self.batch_generator(), self.config.train.grad_accum)
+        data = ReadAhead(self.loader_batches(), self.config.train.grad_accum)
         data.read()
         if data.error is not None:
             raise data.error  # nothing trained yet: nothing to save

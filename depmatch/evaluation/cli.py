@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from depmatch.choices import INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
+from depmatch.choices import IMAGE_SUFFIXES, INFERENCE_MODES, INFERENCE_PRECISIONS, WEIGHTS_CHOICES
 from depmatch.data.shards import ShardsNotFoundError, read_manifest, shard_urls
 from depmatch.evaluation.checkpoint_dir import checkpoint_config, checkpoint_data_root
 from depmatch.evaluation.image_folder import find_images
@@ -121,10 +121,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "predict",
         _run_predict,
-        description="Segment every PNG/JPEG image in a folder: writes <stem>_label.png (palette PNG of class "
+        description="Segment every image in a folder: writes <stem>_label.png (palette PNG of class "
         "indices) and <stem>_overlay.png (image blended with the class colours).",
     )
-    predict_parser.add_argument("--images", required=True, help="folder of .png/.jpg images, any size")
+    predict_parser.add_argument(
+        "--images", required=True, help=f"folder of images ({', '.join(IMAGE_SUFFIXES)}), any size"
+    )
     predict_parser.add_argument("--out", required=True, help="folder for the label maps and overlays")
     predict_parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1, ...")
     predict_parser.add_argument(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from depmatch.choices import IMAGE_SUFFIXES
 from depmatch.errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class ImagesNotFoundError(UserError, FileNotFoundError):
@@ -15,10 +14,10 @@ class ImagesNotFoundError(UserError, FileNotFoundError):
 
 
 def find_images(directory: Path) -> list[Path]:
-    """PNG/JPEG files in `directory`, sorted; two files with the same stem are an error
+    """The image files in `directory` (IMAGE_SUFFIXES, any case), sorted; two files with the same stem are an error
     because their outputs would overwrite each other."""
     if not directory.is_dir():
-        raise ImagesNotFoundError(f"{directory} is not a directory; pass --images a folder of .png/.jpg images")
+        raise ImagesNotFoundError(f"{directory} is not a directory; pass --images a folder of images")
     images = sorted(path for path in directory.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ImagesNotFoundError(

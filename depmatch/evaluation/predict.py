@@ -1,6 +1,6 @@
 """`depmatch predict`: label maps and overlays for a folder of images.
 
-For every PNG/JPEG image `<stem>` it writes `<stem>_label.png`, a palette ("P" mode)
+For every image `<stem>` it writes `<stem>_label.png`, a palette ("P" mode)
 PNG whose pixel values are class indices and whose palette is the class colours, and
 `<stem>_overlay.png`, the image blended with the coloured labels.
 """
