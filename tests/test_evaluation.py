@@ -324,6 +324,10 @@ def _evaluate_share(rank, world_size, port):
         EvaluationFailed, match=f"process {accelerator.process_index}: the evaluation failed on {failed_on}"
     ):
         evaluate(model, share_failing_on_rank_1(), NUM_CLASSES, ExperimentConfig().eval, accelerator=accelerator)
+    # Both leave together, the group closed: a process exiting while gloo's threads still serve its
+    # peer can abort ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def free_port():
