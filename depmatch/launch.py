@@ -72,21 +72,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Launch as `accelerate launch` would with `args.passed_on`; the ranks' status (0: all exited 0)."""
     import psutil
-    from accelerate.commands.launch import launch_command, launch_command_parser
 
-    launch_args = _parse(launch_command_parser(), args.passed_on)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
-        lambda record: not record.getMessage().startswith(CHILD_THREAD_WARNING)
-    )
     outcome: dict = {}
-
-    def launch() -> None:
-        try:
-            launch_command(launch_args)
-        except BaseException as error:  # SystemExit included: it carries the launcher's status
-            outcome["error"] = error
-
+    # The handlers come first: importing accelerate and torch takes seconds, and a stop signal then
+    # must not end the launcher with the default action.
     with StopForwarding(psutil.Process()) as forwarding:
+        from accelerate.commands.launch import launch_command, launch_command_parser
+
+        launch_args = _parse(launch_command_parser(), args.passed_on)
+        if forwarding.received:
+            # Ranks started now would get the request before their own handlers exist, and die of it.
+            _say(f"depmatch launch: {forwarding.received.name} before any rank started: nothing launched")
+            return 128 + forwarding.received
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+            lambda record: not record.getMessage().startswith(CHILD_THREAD_WARNING)
+        )
+
+        def launch() -> None:
+            try:
+                launch_command(launch_args)
+            except BaseException as error:  # SystemExit included: it carries the launcher's status
+                outcome["error"] = error
+
         # A daemon: should the main thread fail, the launcher thread must not keep the process alive.
         launcher = threading.Thread(target=launch, name="accelerate launch", daemon=True)
         launcher.start()
@@ -140,8 +147,10 @@ class StopForwarding(SignalHandlers):
         self._requests: dict[signal.Signals, None] = {}  # ordered: the first request goes first
         self._given: set[tuple[int, signal.Signals]] = set()  # (pid, request) already sent
         self._interrupts = 0
+        self.received: signal.Signals | None = None  # the first signal this process got
 
     def on_signal(self, number: int) -> None:
+        self.received = self.received or signal.Signals(number)
         if number == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:

@@ -49,6 +49,32 @@ class FakeChild:
         self.received.append(number)
 
 
+def test_a_stop_signal_before_any_rank_started_launches_nothing(monkeypatch, capfd):
+    """A SIGTERM while accelerate is still being imported and the options parsed: the launcher neither
+    dies of it nor starts ranks that would get it before their own handlers exist."""
+    import accelerate.commands.launch as accelerate_launch
+
+    import depmatch.launch as launch
+
+    parse = launch._parse
+
+    def parse_then_signalled(parser, words):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return parse(parser, words)
+
+    started, missed = [], []
+    monkeypatch.setattr(launch, "_parse", parse_then_signalled)
+    monkeypatch.setattr(accelerate_launch, "launch_command", started.append)
+    # Where the launcher's handler is missing, this one gets the signal (instead of ending pytest).
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: missed.append(number))
+    try:
+        status = launch.run(SimpleNamespace(passed_on=["--num_processes", "1", "-m", "depmatch.train"]))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert missed == [] and started == [] and status == 128 + signal.SIGTERM
+    assert "depmatch launch: SIGTERM before any rank started: nothing launched" in capfd.readouterr().err
+
+
 def test_each_child_gets_each_request_once_and_never_sigint():
     """A Ctrl-C becomes SIGTERM (the rank may have the SIGINT itself, and a second one is its "interrupt
     now"); a child started after the request gets it too; SIGUSR1 is passed on as itself."""
