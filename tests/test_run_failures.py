@@ -26,7 +26,7 @@ def failing_after(items: int, error: Exception):
 
 
 def test_read_ahead_hands_out_whole_steps_and_keeps_a_failed_read_for_later():
-    data = ReadAhead(failing_after(5, ShardError("shard unlabeled-000005.tar cannot be read")), micro_steps=2)
+    data = ReadAhead(failing_after(5, ShardError("shard unlabeled-000005.tar cannot be read")), micro_steps=2, steps=9)
     data.read()
     data.read()
     assert data.error is None
@@ -37,6 +37,15 @@ def test_read_ahead_hands_out_whole_steps_and_keeps_a_failed_read_for_later():
     assert list(data.take()) == [2, 3]
     with pytest.raises(ShardError, match="unlabeled-000005.tar"):
         data.take()
+
+
+def test_read_ahead_reads_no_step_past_the_run():
+    source = iter(range(10))
+    data = ReadAhead(source, micro_steps=2, steps=2)
+    for _ in range(3):
+        data.read()
+    assert [list(data.take()), list(data.take())] == [[0, 1], [2, 3]]
+    assert next(source) == 4  # the third read took nothing
 
 
 def test_only_errors_every_rank_raises_together_let_several_ranks_save():

@@ -25,20 +25,23 @@ class DataFailedElsewhere(UserError):
 
 
 class ReadAhead:
-    """Steps of `micro_steps` micro-batches from `micro_batches`, read by `read()` and handed out by `take()`."""
+    """`steps` steps of `micro_steps` micro-batches from `micro_batches`, read by `read()` and handed out
+    by `take()`."""
 
-    def __init__(self, micro_batches: Iterator, micro_steps: int):
+    def __init__(self, micro_batches: Iterator, micro_steps: int, steps: int):
         self._source = micro_batches
         self._micro_steps = micro_steps
+        self._unread = steps  # the steps of the run not read yet: none is read past its end
         self._steps: deque[list] = deque()
         self.error: Exception | None = None  # the read that failed; nothing is read after it
 
     def read(self) -> None:
-        """Read one more step's micro-batches; a failure is kept in `error`, not raised."""
-        if self.error is not None:
+        """Read one more step's micro-batches, unless all are read; a failure is kept in `error`, not raised."""
+        if self.error is not None or self._unread == 0:
             return
         try:
             self._steps.append([next(self._source) for _ in range(self._micro_steps)])
+            self._unread -= 1
         except Exception as error:
             self.error = error
             logger.error("could not read the training data: %s", error)

@@ -323,8 +323,7 @@ class Trainer:
                     log.add(self.train_step(map(self.on_device, data.take())))
                     log.step(self.state.step, self.optimizer.param_groups[0]["lr"])
                     done = self.state.step == config.steps
-                    if not done and self.state.step + 2 <= config.steps:
-                        data.read()  # the step after next: see depmatch/engine/read_ahead.py
+                    data.read()  # the step after next: see depmatch/engine/read_ahead.py
                     agreement = Agreement() if done else stop.agreed(self.accelerator, data.error is not None)
                     if done or agreement.stop:
                         self.nonfinite.flush()
@@ -360,12 +359,12 @@ class Trainer:
     def _start_reading(self, stop: StopSignals) -> ReadAhead:
         """The first step's batches and, when there is one, the second's; the first agreement, which
         tells after the first step whether every rank could read the second's."""
-        data = ReadAhead(self.loader_batches(), self.config.train.grad_accum)
+        steps_left = self.config.train.steps - self.state.step
+        data = ReadAhead(self.loader_batches(), self.config.train.grad_accum, steps_left)
         data.read()
         if data.error is not None:
             raise data.error  # nothing trained yet: nothing to save
-        if self.state.step + 2 <= self.config.train.steps:
-            data.read()
+        data.read()
         stop.agreed(self.accelerator, data.error is not None)
         return data
 
