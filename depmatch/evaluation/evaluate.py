@@ -59,7 +59,7 @@ def evaluate(
     # counts stay on the device so that the loop never waits for the host
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     image_count = torch.zeros((), dtype=torch.long, device=device)
-    failed = torch.zeros((), dtype=torch.long, device=device)
+    failed = False  # this process could not evaluate its share
     was_training = model.training
     model.eval()
     try:
@@ -73,16 +73,18 @@ def evaluate(
         # The other processes are on their way to the sums below: meet them there, so that all
         # learn of the failure together instead of waiting for this one until the timeout.
         logger.exception("process %d could not evaluate its share of the split", accelerator.process_index)
-        failed += 1
+        failed = True
     finally:
         model.train(was_training)
     if accelerator is not None:
         confusion = accelerator.reduce(confusion, reduction="sum")
-        image_count = accelerator.reduce(image_count, reduction="sum")
-        if accelerator.reduce(failed, reduction="sum").item():
+        # The image count and the failures in one all-reduce.
+        counts = accelerator.reduce(torch.stack([image_count, torch.full_like(image_count, failed)]), reduction="sum")
+        image_count, failures = counts
+        if failures.item():
             raise EvaluationFailed(
                 f"process {accelerator.process_index}: the evaluation failed on "
-                f"{'this process' if failed.item() else 'another process'}, whose log says why"
+                f"{'this process' if failed else 'another process'}, whose log says why"
             )
     miou, per_class = miou_from_confusion(confusion)
     return {"miou": miou, "per_class": per_class.tolist(), "confusion": confusion.cpu(), "images": int(image_count)}
