@@ -169,13 +169,14 @@ def _fp32_contiguous(state_dict: dict) -> dict:
 
 
 def write_inference_files(
-    directory: Path, config: ExperimentConfig, classes: dict, student_state: dict, teacher_state: dict | None
+    directory: Path, config: ExperimentConfig, classes: dict, student_state: dict, teacher
 ) -> None:
-    """The files eval, predict and export read: consolidated weights, config, classes."""
+    """The files eval, predict and export read: consolidated weights (the EMA teacher's when there is
+    one), config, classes."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_fp32_contiguous(student_state), directory / "student.safetensors")
-    if teacher_state is not None:
-        save_file(_fp32_contiguous(teacher_state), directory / "teacher.safetensors")
+    if teacher is not None:
+        save_file(_fp32_contiguous(teacher.model.state_dict()), directory / "teacher.safetensors")
     save_config(config, directory / "config.yaml")
     (directory / "classes.json").write_text(json.dumps(classes, indent=1))
 
@@ -197,8 +198,7 @@ def save_checkpoint(
     partial = _fresh_partial(accelerator, directory)
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        teacher_state = teacher.model.state_dict() if teacher is not None else None
-        write_inference_files(partial, config, classes, student_state, teacher_state)
+        write_inference_files(partial, config, classes, student_state, teacher)
         (partial / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
     # Every rank's own files (its RNG state, its ZeRO or FSDP shards) are written before any is counted.
     accelerator.wait_for_everyone()
@@ -224,8 +224,7 @@ def save_checkpoint_alone(
         return None
     partial = _partial_path(directory)
     shutil.rmtree(partial, ignore_errors=True)
-    teacher_state = teacher.model.state_dict() if teacher is not None else None
-    write_inference_files(partial, config, classes, consolidated_state_dict(accelerator, student), teacher_state)
+    write_inference_files(partial, config, classes, consolidated_state_dict(accelerator, student), teacher)
     torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
     (partial / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
     saved_by = {"rank": accelerator.process_index, "processes": accelerator.num_processes}
@@ -282,8 +281,7 @@ def save_best(
         directory = Path(config.train.output_dir) / "best"
         partial = _partial_path(directory)
         shutil.rmtree(partial, ignore_errors=True)
-        teacher_state = teacher.model.state_dict() if teacher is not None else None
-        write_inference_files(partial, config, classes, student_state, teacher_state)
+        write_inference_files(partial, config, classes, student_state, teacher)
         (partial / "best.json").write_text(json.dumps({"step": state.step, "model": state.best_model, "miou": miou}))
         _publish(partial, directory)
     accelerator.wait_for_everyone()
